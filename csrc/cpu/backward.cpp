@@ -1,0 +1,122 @@
+// CPU backward. Per token tile (in parallel): grad_mixed = grad_out blocks @ up, the forward's
+// mixed recomputed from the saved hidden (cheap next to saving it), grad_hidden = G^T grad_mixed,
+// and grad_x = grad_hidden blocks @ down. Then the weight gradients, which reduce over every token:
+// one GEMM per block (down, up, full mixing) or one pass per output block (the other gates).
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/sum.h>
+#include <torch/library.h>
+
+#include <array>
+
+#include "../checks.h"
+#include "gate.h"
+#include "matmul.h"
+#include "operands.h"
+#include "parallel.h"
+
+namespace nanomoe::cpu {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+using Grads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+enum Input { kX, kDown, kMix, kUp, kBias, kMixLeft, kMixRight, kNumInputs };
+
+Grads linear_backward_cpu(const Tensor& grad_out_in, const Tensor& x_in, const Tensor& down_in,
+                          const Tensor& mix_in, const Tensor& up_in, const OptTensor& left_in,
+                          const OptTensor& right_in, const Tensor& hidden_in,
+                          std::array<bool, kNumInputs> needs) {
+  const LinearDims dims =
+      check_linear_args(x_in, down_in, mix_in, up_in, std::nullopt, left_in, right_in);
+  check_backward_args(dims, x_in, grad_out_in, hidden_in);
+  check_cpu_dtype(x_in);
+  TORCH_CHECK_VALUE(!(needs[kMixLeft] || needs[kMixRight]) || dims.mixing == Mixing::kDiagonalOuter,
+                    "nanomoe.linear_backward: gradients of mix_left / mix_right asked for, but the "
+                    "mixing is not diagonal_outer");
+
+  const Weights w(down_in, mix_in, up_in, left_in, right_in);
+  const Tensor &down = w.down, &up = w.up;
+  const Tensor hidden = hidden_in.detach().contiguous();
+  const Tensor x_rows = rows_of(x_in, dims.in_features);
+  const Tensor grad_rows = rows_of(grad_out_in, dims.out_features);
+
+  const bool need_gate = needs[kMix] || needs[kMixLeft] || needs[kMixRight];
+  const bool need_grad_hidden = needs[kX] || needs[kDown];
+  const bool need_grad_mixed = need_grad_hidden || need_gate;
+  const int64_t tokens = dims.tokens, r = dims.rank, n_b = dims.in_block, m_b = dims.out_block;
+  const auto opts = x_in.options();
+  const Tensor grad_mixed =
+      need_grad_mixed ? at::empty({tokens, dims.out_blocks, r}, opts) : Tensor();
+  const Tensor mixed = needs[kUp] ? at::empty({tokens, dims.out_blocks, r}, opts) : Tensor();
+  const Tensor grad_hidden =
+      need_grad_hidden ? at::empty({tokens, dims.in_blocks, r}, opts) : Tensor();
+  const Tensor grad_x = needs[kX] ? at::empty(x_in.sizes(), opts) : Tensor();
+  const Tensor grad_x_rows = needs[kX] ? grad_x.view({tokens, dims.in_features}) : Tensor();
+  Tensor grad_down, grad_mix, grad_up, grad_bias, grad_left, grad_right;
+
+  AT_DISPATCH_FLOATING_TYPES_AND(
+      at::kBFloat16, x_in.scalar_type(), "nanomoe_linear_backward_cpu", [&] {
+        const auto gate = Gate<scalar_t>::make(dims, w, /*transposed=*/false);
+        const auto gate_t = need_grad_hidden ? Gate<scalar_t>::make(dims, w, /*transposed=*/true)
+                                             : Gate<scalar_t>{};
+
+        for_each_token_tile(tokens, [&](int64_t begin, int64_t end) {
+          const int64_t rows = end - begin;
+          const Tensor grad_tile = grad_rows.narrow(0, begin, rows);
+          if (need_grad_mixed) {
+            const Tensor grad_mixed_tile = grad_mixed.narrow(0, begin, rows);
+            for_each_block(dims.out_blocks, [&](int64_t i) {
+              matmul_into(grad_mixed_tile.select(1, i), grad_tile.narrow(1, i * m_b, m_b), up[i]);
+            });
+          }
+          if (needs[kUp]) {
+            apply_gate(gate, hidden.narrow(0, begin, rows), mixed.narrow(0, begin, rows));
+          }
+          if (need_grad_hidden) {
+            apply_gate(gate_t, grad_mixed.narrow(0, begin, rows),
+                       grad_hidden.narrow(0, begin, rows));
+          }
+          if (needs[kX]) {
+            const Tensor grad_hidden_tile = grad_hidden.narrow(0, begin, rows);
+            const Tensor grad_x_tile = grad_x_rows.narrow(0, begin, rows);
+            for_each_block(dims.in_blocks, [&](int64_t j) {
+              matmul_into(grad_x_tile.narrow(1, j * n_b, n_b), grad_hidden_tile.select(1, j),
+                          down[j]);
+            });
+          }
+        });
+
+        if (needs[kDown]) {
+          grad_down = at::empty_like(down);
+          for (int64_t j = 0; j < dims.in_blocks; ++j) {
+            matmul_into(grad_down[j], grad_hidden.select(1, j).t(), x_rows.narrow(1, j * n_b, n_b));
+          }
+        }
+        if (needs[kUp]) {
+          grad_up = at::empty_like(up);
+          for (int64_t i = 0; i < dims.out_blocks; ++i) {
+            matmul_into(grad_up[i], grad_rows.narrow(1, i * m_b, m_b).t(), mixed.select(1, i));
+          }
+        }
+        if (need_gate) {
+          grad_mix = needs[kMix] ? at::empty_like(w.mix) : Tensor();
+          grad_left = needs[kMixLeft] ? at::empty_like(w.mix_left) : Tensor();
+          grad_right = needs[kMixRight] ? at::empty_like(w.mix_right) : Tensor();
+          gate_backward(gate, hidden, grad_mixed, grad_mix, grad_left, grad_right);
+        }
+      });
+  if (needs[kBias]) grad_bias = grad_rows.sum(0);
+  return {grad_x, grad_down, grad_mix, grad_up, grad_bias, grad_left, grad_right};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(nanomoe, CPU, m) {
+  m.impl("linear_backward", &linear_backward_cpu);
+}
+
+}  // namespace nanomoe::cpu

@@ -1,0 +1,32 @@
+// Operands as the CPU kernels consume them: detached from autograd (worker threads do not inherit
+// the caller's dispatch state) and laid out for strided GEMMs.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+namespace nanomoe::cpu {
+
+// The weights, contiguous. They are small next to the activations, so one copy per call at most.
+struct Weights {
+  at::Tensor down, mix, up;
+  at::Tensor mix_left, mix_right;  // undefined unless diagonal_outer
+
+  Weights(const at::Tensor& down_in, const at::Tensor& mix_in, const at::Tensor& up_in,
+          const std::optional<at::Tensor>& left_in, const std::optional<at::Tensor>& right_in)
+      : down(down_in.detach().contiguous()),
+        mix(mix_in.detach().contiguous()),
+        up(up_in.detach().contiguous()),
+        mix_left(left_in ? left_in->detach().contiguous() : at::Tensor()),
+        mix_right(right_in ? right_in->detach().contiguous() : at::Tensor()) {}
+};
+
+// An activation (..., features) as a (tokens, features) matrix with unit stride along features;
+// copies only when its layout cannot be viewed that way.
+inline at::Tensor rows_of(const at::Tensor& t, int64_t features) {
+  at::Tensor rows = t.detach().reshape({-1, features});
+  return rows.stride(1) == 1 ? rows : rows.contiguous();
+}
+
+}  // namespace nanomoe::cpu

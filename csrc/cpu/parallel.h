@@ -1,0 +1,53 @@
+// How the CPU kernels split work across threads.
+//
+// Large batches are cut into token tiles that run in parallel; inside a tile, the block loops run
+// sequentially, so one tile's activations stay in its core's cache from the down-projection to the
+// up-projection. Batches too small to feed every thread (latency-bound calls, where the weights
+// dominate) run as one tile whose block loops run in parallel instead.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+
+#include <algorithm>
+
+namespace nanomoe::cpu {
+
+// Largest tile: big enough that per-GEMM call overhead is amortized, small enough that a tile's
+// input rows and intermediates fit in a core's L2.
+constexpr int64_t kMaxTileTokens = 256;
+// Batches up to this many tokens run as one tile with parallel block loops.
+constexpr int64_t kSmallBatchTokens = 64;
+
+// Runs fn(begin, end) over the token tiles of [0, tokens).
+template <typename F>
+void for_each_token_tile(int64_t tokens, const F& fn) {
+  if (tokens == 0) return;
+  const int64_t threads = at::get_num_threads();
+  if (tokens <= kSmallBatchTokens || threads == 1) {
+    for (int64_t begin = 0; begin < tokens; begin += kMaxTileTokens) {
+      fn(begin, std::min(tokens, begin + kMaxTileTokens));
+    }
+    return;
+  }
+  const int64_t per_thread = (tokens + threads - 1) / threads;
+  const int64_t tile = std::min(kMaxTileTokens, (per_thread + 7) / 8 * 8);
+  const int64_t num_tiles = (tokens + tile - 1) / tile;
+  at::parallel_for(0, num_tiles, 1, [&](int64_t first, int64_t last) {
+    // Worker threads do not inherit the caller's dispatch state: keep autograd out of the views
+    // and GEMMs made here.
+    at::AutoDispatchBelowADInplaceOrView guard;
+    for (int64_t t = first; t < last; ++t) fn(t * tile, std::min(tokens, (t + 1) * tile));
+  });
+}
+
+// Runs fn(block) for every block; in parallel only when not already inside a parallel tile loop.
+template <typename F>
+void for_each_block(int64_t blocks, const F& fn) {
+  at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    for (int64_t b = first; b < last; ++b) fn(b);
+  });
+}
+
+}  // namespace nanomoe::cpu

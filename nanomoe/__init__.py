@@ -1,0 +1,18 @@
+"""nanomoe: NanoMoE layers, a parameter-efficient replacement for ``nn.Linear``.
+
+See SPEC.md for the definition. The compiled operator library is required; importing fails loudly
+without it rather than falling back to the slow reference.
+"""
+
+import torch  # noqa: F401  (the operator library links against torch: load it first)
+
+from nanomoe import _library
+
+_library.load()
+
+from nanomoe import budget, reference  # noqa: E402
+from nanomoe._ops import nanomoe_linear  # noqa: E402
+from nanomoe.layers import LowRankLinear, NanoMoELinear  # noqa: E402
+
+__all__ = ["LowRankLinear", "NanoMoELinear", "budget", "nanomoe_linear", "reference"]
+__version__ = "0.1.0"

@@ -1,0 +1,221 @@
+"""Parameter and multiply-add counts, and the largest rank that fits a budget (SPEC section 5).
+
+Counts are exact and per layer; multiply-adds are per token. Every compressed layer the library
+offers (NanoMoE in each variant, low-rank) is counted here, next to dense ``nn.Linear``, so
+comparisons "at the same parameter or FLOP budget" use one source of truth.
+"""
+
+from dataclasses import dataclass
+from typing import Callable, Literal, Tuple, Union
+
+Mixing = Literal["scalar", "diagonal", "diagonal_outer", "full"]
+MIXINGS: Tuple[Mixing, ...] = ("scalar", "diagonal", "diagonal_outer", "full")
+BlockCount = Union[int, Tuple[int, int]]
+Metric = Literal["params", "macs"]
+
+
+def block_pair(num_blocks: BlockCount) -> Tuple[int, int]:
+    """``(K_out, K_in)`` from an int ``K`` (both) or a pair."""
+    if isinstance(num_blocks, int):
+        pair = (num_blocks, num_blocks)
+    elif (
+        isinstance(num_blocks, tuple)
+        and len(num_blocks) == 2
+        and all(isinstance(k, int) for k in num_blocks)
+    ):
+        pair = (num_blocks[0], num_blocks[1])
+    else:
+        raise ValueError(f"num_blocks must be an int or a pair (K_out, K_in), got {num_blocks!r}")
+    if min(pair) < 1:
+        raise ValueError(f"num_blocks must be >= 1, got {num_blocks!r}")
+    return pair
+
+
+def check_layer(
+    in_features: int, out_features: int, rank: int, num_blocks: BlockCount, mixing: str
+) -> Tuple[int, int]:
+    """Validate a NanoMoE configuration; returns ``(K_out, K_in)``. Raises ``ValueError``."""
+    if mixing not in MIXINGS:
+        raise ValueError(f"unknown mixing {mixing!r}; choose one of {', '.join(MIXINGS)}")
+    if in_features < 1 or out_features < 1:
+        raise ValueError(f"features must be >= 1, got in={in_features}, out={out_features}")
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    k_out, k_in = block_pair(num_blocks)
+    if in_features % k_in:
+        raise ValueError(f"K_in={k_in} blocks do not divide in_features={in_features}")
+    if out_features % k_out:
+        raise ValueError(f"K_out={k_out} blocks do not divide out_features={out_features}")
+    return k_out, k_in
+
+
+def gate_shapes(mixing: Mixing, k_out: int, k_in: int, rank: int) -> Tuple[Tuple[int, ...], ...]:
+    """Shapes of the gate tensors ``mix`` (and ``mix_left``, ``mix_right``) of a variant."""
+    if mixing == "scalar":
+        return ((k_out, k_in),)
+    if mixing == "diagonal":
+        return ((k_out, k_in, rank),)
+    if mixing == "diagonal_outer":
+        return ((k_out, k_in, rank),) * 3
+    return ((k_out, k_in, rank, rank),)
+
+
+def nanomoe_params(
+    in_features: int,
+    out_features: int,
+    rank: int,
+    num_blocks: BlockCount = 4,
+    mixing: Mixing = "scalar",
+    bias: bool = True,
+) -> int:
+    """Parameters of ``NanoMoELinear``: ``rank * (in + out)``, the gate tensors, and the bias."""
+    k_out, k_in = check_layer(in_features, out_features, rank, num_blocks, mixing)
+    gate = 0
+    for shape in gate_shapes(mixing, k_out, k_in, rank):
+        size = 1
+        for dim in shape:
+            size *= dim
+        gate += size
+    return rank * (in_features + out_features) + gate + (out_features if bias else 0)
+
+
+def nanomoe_macs(
+    in_features: int,
+    out_features: int,
+    rank: int,
+    num_blocks: BlockCount = 4,
+    mixing: Mixing = "scalar",
+) -> int:
+    """Multiply-adds per token: the projections, ``rank * (in + out)``, plus the mixing."""
+    k_out, k_in = check_layer(in_features, out_features, rank, num_blocks, mixing)
+    per_pair = {"scalar": rank, "diagonal": rank, "diagonal_outer": 3 * rank, "full": rank * rank}
+    return rank * (in_features + out_features) + k_out * k_in * per_pair[mixing]
+
+
+def lowrank_params(in_features: int, out_features: int, rank: int, bias: bool = True) -> int:
+    """Parameters of ``LowRankLinear``: ``rank * (in + out)`` plus the bias."""
+    return lowrank_macs(in_features, out_features, rank) + (out_features if bias else 0)
+
+
+def lowrank_macs(in_features: int, out_features: int, rank: int) -> int:
+    """Multiply-adds per token of ``LowRankLinear``."""
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    return rank * (in_features + out_features)
+
+
+def dense_params(in_features: int, out_features: int, bias: bool = True) -> int:
+    """Parameters of ``nn.Linear``."""
+    return in_features * out_features + (out_features if bias else 0)
+
+
+def dense_macs(in_features: int, out_features: int) -> int:
+    """Multiply-adds per token of ``nn.Linear``."""
+    return in_features * out_features
+
+
+def _largest_rank(cost: Callable[[int], int], budget: int, what: str) -> int:
+    """Largest ``rank >= 1`` with ``cost(rank) <= budget``; ``cost`` grows with rank."""
+    if cost(1) > budget:
+        raise ValueError(f"{what}: even rank 1 costs {cost(1)}, over the budget of {budget}")
+    low, high = 1, 2
+    while cost(high) <= budget:
+        low, high = high, high * 2
+    while high - low > 1:  # cost(low) fits, cost(high) does not
+        middle = (low + high) // 2
+        low, high = (middle, high) if cost(middle) <= budget else (low, middle)
+    return low
+
+
+def nanomoe_rank_for_budget(
+    in_features: int,
+    out_features: int,
+    budget: int,
+    num_blocks: BlockCount = 4,
+    mixing: Mixing = "scalar",
+    bias: bool = True,
+    metric: Metric = "params",
+) -> int:
+    """Largest NanoMoE rank whose parameters (or multiply-adds per token) stay within ``budget``."""
+
+    def cost(rank: int) -> int:
+        if metric == "macs":
+            return nanomoe_macs(in_features, out_features, rank, num_blocks, mixing)
+        return nanomoe_params(in_features, out_features, rank, num_blocks, mixing, bias)
+
+    _check_metric(metric)
+    return _largest_rank(cost, budget, f"NanoMoE {mixing} with {num_blocks} blocks")
+
+
+def lowrank_rank_for_budget(
+    in_features: int,
+    out_features: int,
+    budget: int,
+    bias: bool = True,
+    metric: Metric = "params",
+) -> int:
+    """Largest low-rank rank whose parameters (or multiply-adds per token) fit ``budget``."""
+
+    def cost(rank: int) -> int:
+        if metric == "macs":
+            return lowrank_macs(in_features, out_features, rank)
+        return lowrank_params(in_features, out_features, rank, bias)
+
+    _check_metric(metric)
+    return _largest_rank(cost, budget, "low-rank")
+
+
+@dataclass(frozen=True)
+class Config:
+    """One NanoMoE configuration and what it costs."""
+
+    num_blocks: Tuple[int, int]  # (K_out, K_in)
+    rank: int
+    params: int
+    macs: int
+
+
+def feasible_configs(
+    in_features: int,
+    out_features: int,
+    budget: int,
+    mixing: Mixing = "scalar",
+    bias: bool = True,
+    metric: Metric = "params",
+) -> list[Config]:
+    """Every block pair ``(K_out, K_in)`` that divides the layer, with the largest rank in budget.
+
+    A smaller rank at the same block counts is feasible too but never more expressive, so each pair
+    appears once, at its largest rank. Pairs where even rank 1 is over budget are left out.
+    Sorted by ``(K_out, K_in)``.
+    """
+    _check_metric(metric)
+    configs = []
+    for k_out in _divisors(out_features):
+        for k_in in _divisors(in_features):
+            try:
+                rank = nanomoe_rank_for_budget(
+                    in_features, out_features, budget, (k_out, k_in), mixing, bias, metric
+                )
+            except ValueError:
+                continue
+            configs.append(
+                Config(
+                    num_blocks=(k_out, k_in),
+                    rank=rank,
+                    params=nanomoe_params(
+                        in_features, out_features, rank, (k_out, k_in), mixing, bias
+                    ),
+                    macs=nanomoe_macs(in_features, out_features, rank, (k_out, k_in), mixing),
+                )
+            )
+    return configs
+
+
+def _divisors(value: int) -> list[int]:
+    return [k for k in range(1, value + 1) if value % k == 0]
+
+
+def _check_metric(metric: str) -> None:
+    if metric not in ("params", "macs"):
+        raise ValueError(f"metric must be 'params' or 'macs', got {metric!r}")

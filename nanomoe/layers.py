@@ -1,0 +1,163 @@
+"""``NanoMoELinear`` and ``LowRankLinear``: drop-in replacements for ``nn.Linear``."""
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from nanomoe._ops import nanomoe_linear
+from nanomoe.budget import BlockCount, Mixing, check_layer, gate_shapes
+
+
+class NanoMoELinear(nn.Module):
+    """A NanoMoE layer (SPEC section 2): ``y_i = sum_j up[i] G_ij down[j] x_j + bias_i``.
+
+    The input is split into ``K_in`` blocks, each projected down to ``rank`` features by its own
+    ``down[j]``; the blocks are mixed by a learned gate ``G_ij`` (``mixing``: ``"scalar"``,
+    ``"diagonal"``, ``"diagonal_outer"`` or ``"full"``); each of the ``K_out`` output blocks is
+    projected up by its own ``up[i]``. The equivalent weight can have rank ``rank * min(K_out,
+    K_in)`` for about the parameters of a rank-``rank`` factorization.
+
+    Args:
+        in_features, out_features: as in ``nn.Linear``.
+        rank: the width each block is projected to (not the rank of the whole weight).
+        num_blocks: ``K`` for ``K_out = K_in = K``, or a pair ``(K_out, K_in)``.
+        mixing: the gate variant.
+        bias, device, dtype: as in ``nn.Linear``.
+    """
+
+    mix_left: Optional[Tensor]
+    mix_right: Optional[Tensor]
+    bias: Optional[Tensor]
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        num_blocks: BlockCount = 4,
+        mixing: Mixing = "scalar",
+        bias: bool = True,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        super().__init__()
+        k_out, k_in = check_layer(in_features, out_features, rank, num_blocks, mixing)
+        factory = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.num_blocks = (k_out, k_in)
+        self.mixing = mixing
+        self.down = nn.Parameter(torch.empty(k_in, rank, in_features // k_in, **factory))
+        self.up = nn.Parameter(torch.empty(k_out, out_features // k_out, rank, **factory))
+        shapes = gate_shapes(mixing, k_out, k_in, rank)
+        self.mix = nn.Parameter(torch.empty(shapes[0], **factory))
+        has_outer = mixing == "diagonal_outer"
+        self.mix_left = nn.Parameter(torch.empty(shapes[1], **factory)) if has_outer else None
+        self.mix_right = nn.Parameter(torch.empty(shapes[2], **factory)) if has_outer else None
+        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Default initialization (SPEC section 4).
+
+        Entries of the equivalent weight get, in expectation, ``nn.Linear``'s variance
+        ``1 / (3 in_features)``. Every factor is uniform and zero-mean; ``down[j]`` as an
+        ``nn.Linear`` over its block (variance ``1 / (3 n_b)``), each gate ``G_ij`` with total
+        energy ``sum_ab E[G_ab^2] = rank`` (split evenly between the diagonal and the outer product
+        for diagonal_outer), and ``up`` with variance ``1 / (rank K_in)``, so that
+        ``Var W = rank * Var(up) * Var(down) = 1 / (3 in_features)``. Random gates make the
+        equivalent weight full-rank (``rank * min(K_out, K_in)``) from the start.
+        """
+        k_in = self.num_blocks[1]
+        _uniform_(self.down, 1.0 / (3 * self.down.shape[2]))
+        _uniform_(self.up, 1.0 / (self.rank * k_in))
+        if self.mixing == "scalar" or self.mixing == "diagonal":
+            _uniform_(self.mix, 1.0)
+        elif self.mixing == "full":
+            _uniform_(self.mix, 1.0 / self.rank)
+        else:  # diag(mix) carries half the energy, mix_left mix_right^T the other half
+            assert self.mix_left is not None and self.mix_right is not None
+            _uniform_(self.mix, 0.5)
+            _uniform_(self.mix_left, 1.0 / math.sqrt(2 * self.rank))
+            _uniform_(self.mix_right, 1.0 / math.sqrt(2 * self.rank))
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return nanomoe_linear(
+            x, self.down, self.mix, self.up, self.bias, self.mix_left, self.mix_right
+        )
+
+    @torch.jit.unused
+    def to_dense(self) -> Tensor:
+        """The equivalent ``(out_features, in_features)`` weight (differentiable)."""
+        eye = torch.eye(self.in_features, dtype=self.down.dtype, device=self.down.device)
+        return nanomoe_linear(
+            eye, self.down, self.mix, self.up, None, self.mix_left, self.mix_right
+        ).T
+
+    def extra_repr(self) -> str:
+        k_out, k_in = self.num_blocks
+        blocks = f"{k_out}" if k_out == k_in else f"({k_out}, {k_in})"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"rank={self.rank}, num_blocks={blocks}, mixing={self.mixing!r}, "
+            f"bias={self.bias is not None}"
+        )
+
+
+class LowRankLinear(nn.Module):
+    """Low-rank factorization ``y = up (down x) + bias``: the baseline NanoMoE is measured against.
+
+    ``down`` is ``(rank, in_features)`` and ``up`` is ``(out_features, rank)``, both laid out like
+    ``nn.Linear`` weights; the product has ``nn.Linear``'s default variance, as in NanoMoELinear.
+    """
+
+    bias: Optional[Tensor]
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        bias: bool = True,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        super().__init__()
+        check_layer(in_features, out_features, rank, 1, "scalar")
+        factory = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.down = nn.Parameter(torch.empty(rank, in_features, **factory))
+        self.up = nn.Parameter(torch.empty(out_features, rank, **factory))
+        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        _uniform_(self.down, 1.0 / (3 * self.in_features))
+        _uniform_(self.up, 1.0 / self.rank)
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return nn.functional.linear(nn.functional.linear(x, self.down), self.up, self.bias)
+
+    @torch.jit.unused
+    def to_dense(self) -> Tensor:
+        """The equivalent ``(out_features, in_features)`` weight."""
+        return self.up @ self.down
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"rank={self.rank}, bias={self.bias is not None}"
+        )
+
+
+def _uniform_(tensor: Tensor, variance: float) -> None:
+    """Fill with a zero-mean uniform distribution of the given variance."""
+    bound = math.sqrt(3.0 * variance)
+    nn.init.uniform_(tensor, -bound, bound)

@@ -1,0 +1,101 @@
+"""The CPU forward kernel against the float64 reference, over many shapes, layouts and dtypes."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from support import CPU_DTYPES, assert_close_to, make_case, reference64
+
+import nanomoe
+from nanomoe.budget import MIXINGS
+
+
+def run(case):
+    return torch.ops.nanomoe.linear(*case.args())
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    lead=st.sampled_from([(0,), (1,), (3,), (17,), (2, 5), (70,), (3, 0, 2), ()]),
+    k_out=st.integers(1, 4),
+    k_in=st.integers(1, 4),
+    n_b=st.integers(1, 9),
+    m_b=st.integers(1, 9),
+    rank=st.integers(1, 12),
+    mixing=st.sampled_from(MIXINGS),
+    dtype=st.sampled_from(CPU_DTYPES),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_matches_reference(lead, k_out, k_in, n_b, m_b, rank, mixing, dtype, bias, seed) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    case = make_case(lead, k_out, k_in, n_b, m_b, rank, mixing, dtype, bias, generator)
+    assert_close_to(run(case), reference64(case), dtype, f"{mixing} {dtype}")
+
+
+@pytest.mark.parametrize("mixing", MIXINGS)
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_many_tokens_run_in_parallel_tiles(mixing: str, dtype: torch.dtype) -> None:
+    # More tokens than one tile, an odd count, so the tile loop and its ragged end are exercised.
+    case = make_case((1001,), 3, 2, 24, 20, 7, mixing, dtype)
+    assert_close_to(run(case), reference64(case), dtype, mixing)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "sliced", "expanded", "channels_first"])
+@pytest.mark.parametrize("mixing", MIXINGS)
+def test_non_contiguous_input(layout: str, mixing: str) -> None:
+    case = make_case((6, 5), 2, 3, 4, 5, 3, mixing, torch.float32)
+    base = case.x
+    if layout == "transposed":  # features not the fastest-moving dim
+        x = base.transpose(0, 1).contiguous().transpose(0, 1)
+    elif layout == "sliced":  # every other token of a larger batch
+        x = torch.cat([base, base], dim=1)[:, ::2]
+    elif layout == "expanded":  # one token broadcast over the batch: stride 0
+        x = base[:1, :1].expand(6, 5, -1)
+    else:
+        x = base.permute(2, 0, 1).contiguous().permute(1, 2, 0)
+    assert not x.is_contiguous()
+    case.x = x
+    assert_close_to(run(case), reference64(case), torch.float32, layout)
+
+
+def test_parameters_may_be_non_contiguous() -> None:
+    case = make_case((9,), 2, 3, 4, 5, 3, "full", torch.float64)
+    case.down = case.down.transpose(1, 2).contiguous().transpose(1, 2)
+    case.mix = case.mix.transpose(2, 3).contiguous().transpose(2, 3)
+    case.up = case.up.permute(2, 1, 0).contiguous().permute(2, 1, 0)
+    assert_close_to(run(case), reference64(case), torch.float64)
+
+
+@pytest.mark.parametrize("mixing", MIXINGS)
+def test_same_result_for_any_thread_count(mixing: str) -> None:
+    case = make_case((300,), 4, 4, 16, 16, 8, mixing, torch.float32)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = run(case)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(single, run(case))
+
+
+def test_functional_and_module_agree_with_op() -> None:
+    layer = nanomoe.NanoMoELinear(12, 8, 3, (2, 3), "diagonal_outer")
+    x = torch.randn(4, 12)
+    expected = torch.ops.nanomoe.linear(
+        x, layer.down, layer.mix, layer.up, layer.bias, layer.mix_left, layer.mix_right
+    )
+    assert torch.equal(layer(x), expected)
+    functional = nanomoe.nanomoe_linear(
+        x, layer.down, layer.mix, layer.up, layer.bias, layer.mix_left, layer.mix_right
+    )
+    assert torch.equal(functional, expected)
+
+
+def test_training_forward_returns_hidden() -> None:
+    case = make_case((4, 3), 2, 3, 4, 5, 6, "diagonal", torch.float64)
+    out, hidden = torch.ops.nanomoe.linear_forward(*case.args())
+    assert torch.equal(out, run(case))
+    x_blocks = case.x.reshape(12, 3, 4)
+    expected = torch.einsum("tjn,jrn->tjr", x_blocks, case.down)
+    torch.testing.assert_close(hidden, expected)
