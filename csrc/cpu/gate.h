@@ -1,16 +1,19 @@
 // The mixing step on the CPU: dst_d = sum_s G_ds src_s for every token, where src and dst are
 // (tokens, blocks, rank) activations. The forward mixes hidden into mixed (d = output block i,
 // s = input block j); the backward applies the transposed gate, G_ij^T, to push grad_mixed back
-// to grad_hidden (d = j, s = i). Storage is scalar_t; every sum is taken in acc_t.
+// to grad_hidden (d = j, s = i). Storage is scalar_t; every sum is taken in acc_t (bfloat16 tiles
+// are converted to float at the edges, so the loops in gate_rows.cpp see only float / double).
 #pragma once
 
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 
-#include <vector>
+#include <type_traits>
 
 #include "../checks.h"
+#include "gate_rows.h"
 #include "matmul.h"
 #include "operands.h"
 #include "parallel.h"
@@ -28,77 +31,65 @@ inline at::Tensor full_mix_matrix(const at::Tensor& mix) {
 // transposing swaps the roles of mix_left and mix_right.
 template <typename scalar_t>
 struct Gate {
+  using acc_t = at::opmath_type<scalar_t>;
   Mixing mixing;
-  int64_t rank;
-  int64_t dst_blocks, src_blocks;
-  const scalar_t* mix;             // scalar, diagonal and diagonal_outer: contiguous mix
-  const scalar_t* left;            // diagonal_outer only
-  const scalar_t* right;           // diagonal_outer only
-  int64_t dst_stride, src_stride;  // elements between consecutive dst / src blocks in mix
-  at::Tensor matrix;               // full only: (K_dst * r, K_src * r)
+  at::Tensor mix, left, right;  // acc_t copies (the weights themselves when scalar_t is acc_t)
+  GateRows<acc_t> rows;         // scalar, diagonal, diagonal_outer
+  at::Tensor matrix;            // full only: (K_dst * r, K_src * r)
 
   static Gate make(const LinearDims& dims, const Weights& w, bool transposed) {
-    const at::Tensor &mix = w.mix, &mix_left = w.mix_left, &mix_right = w.mix_right;
+    const auto acc = c10::CppTypeToScalarType<acc_t>::value;
     Gate g{};
     g.mixing = dims.mixing;
-    g.rank = dims.rank;
-    g.dst_blocks = transposed ? dims.in_blocks : dims.out_blocks;
-    g.src_blocks = transposed ? dims.out_blocks : dims.in_blocks;
-    g.mix = mix.data_ptr<scalar_t>();
-    g.dst_stride = transposed ? mix.stride(1) : mix.stride(0);
-    g.src_stride = transposed ? mix.stride(0) : mix.stride(1);
-    if (dims.mixing == Mixing::kDiagonalOuter) {
-      g.left = (transposed ? mix_right : mix_left).data_ptr<scalar_t>();
-      g.right = (transposed ? mix_left : mix_right).data_ptr<scalar_t>();
-    }
     if (dims.mixing == Mixing::kFull) {
-      const at::Tensor forward = full_mix_matrix(mix);
+      const at::Tensor forward = full_mix_matrix(w.mix);
       g.matrix = transposed ? forward.t() : forward;
+      return g;
     }
+    g.mix = w.mix.to(acc);
+    const bool outer = dims.mixing == Mixing::kDiagonalOuter;
+    if (outer) {
+      g.left = (transposed ? w.mix_right : w.mix_left).to(acc);
+      g.right = (transposed ? w.mix_left : w.mix_right).to(acc);
+    }
+    g.rows.variant = dims.mixing == Mixing::kScalar ? 0 : outer ? 2 : 1;
+    g.rows.rank = dims.rank;
+    g.rows.dst_blocks = transposed ? dims.in_blocks : dims.out_blocks;
+    g.rows.src_blocks = transposed ? dims.out_blocks : dims.in_blocks;
+    g.rows.dst_stride = transposed ? w.mix.stride(1) : w.mix.stride(0);
+    g.rows.src_stride = transposed ? w.mix.stride(0) : w.mix.stride(1);
+    g.rows.mix = g.mix.template const_data_ptr<acc_t>();
+    g.rows.left = outer ? g.left.template const_data_ptr<acc_t>() : nullptr;
+    g.rows.right = outer ? g.right.template const_data_ptr<acc_t>() : nullptr;
     return g;
   }
 };
+
+// t in acc_t: itself when it already is, else a converted copy.
+template <typename acc_t>
+at::Tensor as_acc(const at::Tensor& t) {
+  return t.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+}
 
 // dst = G src for a tile. src: (tokens, src_blocks, r), dst: (tokens, dst_blocks, r), both
 // contiguous.
 template <typename scalar_t>
 void apply_gate(const Gate<scalar_t>& g, const at::Tensor& src, const at::Tensor& dst) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t tokens = src.size(0), r = g.rank;
+  using acc_t = typename Gate<scalar_t>::acc_t;
+  const int64_t tokens = src.size(0);
   if (g.mixing == Mixing::kFull) {
-    matmul_into(dst.view({tokens, g.dst_blocks * r}), src.view({tokens, g.src_blocks * r}),
-                g.matrix.t());
+    matmul_into(dst.view({tokens, dst.size(1) * dst.size(2)}),
+                src.view({tokens, src.size(1) * src.size(2)}), g.matrix.t());
     return;
   }
-  const scalar_t* src_data = src.const_data_ptr<scalar_t>();
-  scalar_t* dst_data = dst.mutable_data_ptr<scalar_t>();
-  const int64_t src_row = g.src_blocks * r, dst_row = g.dst_blocks * r;
-  for_each_block(g.dst_blocks, [&](int64_t d) {
-    std::vector<acc_t> acc(r);
-    for (int64_t t = 0; t < tokens; ++t) {
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      for (int64_t s = 0; s < g.src_blocks; ++s) {
-        const scalar_t* x = src_data + t * src_row + s * r;
-        const int64_t pair = d * g.dst_stride + s * g.src_stride;
-        if (g.mixing == Mixing::kScalar) {
-          const acc_t w = g.mix[pair];
-          for (int64_t c = 0; c < r; ++c) acc[c] += w * acc_t(x[c]);
-          continue;
-        }
-        const scalar_t* w = g.mix + pair;
-        for (int64_t c = 0; c < r; ++c) acc[c] += acc_t(w[c]) * acc_t(x[c]);
-        if (g.mixing == Mixing::kDiagonalOuter) {
-          const scalar_t* left = g.left + pair;
-          const scalar_t* right = g.right + pair;
-          acc_t dot = 0;
-          for (int64_t c = 0; c < r; ++c) dot += acc_t(right[c]) * acc_t(x[c]);
-          for (int64_t c = 0; c < r; ++c) acc[c] += acc_t(left[c]) * dot;
-        }
-      }
-      scalar_t* y = dst_data + t * dst_row + d * r;
-      for (int64_t c = 0; c < r; ++c) y[c] = scalar_t(acc[c]);
-    }
+  const at::Tensor src_acc = as_acc<acc_t>(src);
+  const bool same = std::is_same_v<scalar_t, acc_t>;
+  const at::Tensor dst_acc = same ? dst : at::empty(dst.sizes(), src_acc.options());
+  for_each_block(g.rows.dst_blocks, [&](int64_t d) {
+    gate_rows(g.rows, src_acc.const_data_ptr<acc_t>(), dst_acc.mutable_data_ptr<acc_t>(), tokens,
+              d);
   });
+  if (!same) dst.copy_(dst_acc);
 }
 
 // Gradients of the forward gate's tensors, summed over every token, given the forward's input
@@ -108,68 +99,31 @@ template <typename scalar_t>
 void gate_backward(const Gate<scalar_t>& g, const at::Tensor& hidden, const at::Tensor& grad_mixed,
                    const at::Tensor& grad_mix, const at::Tensor& grad_left,
                    const at::Tensor& grad_right) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t tokens = hidden.size(0), r = g.rank;
+  using acc_t = typename Gate<scalar_t>::acc_t;
+  const int64_t tokens = hidden.size(0);
   if (g.mixing == Mixing::kFull) {
-    const int64_t k_out = g.dst_blocks, k_in = g.src_blocks;
+    const int64_t k_out = grad_mixed.size(1), k_in = hidden.size(1), r = hidden.size(2);
     const at::Tensor matrix =
         at::mm(grad_mixed.view({tokens, k_out * r}).t(), hidden.view({tokens, k_in * r}));
     grad_mix.copy_(matrix.view({k_out, r, k_in, r}).permute({0, 2, 1, 3}));
     return;
   }
-  const scalar_t* src = hidden.const_data_ptr<scalar_t>();
-  const scalar_t* grad_dst = grad_mixed.const_data_ptr<scalar_t>();
-  const int64_t src_row = g.src_blocks * r, dst_row = g.dst_blocks * r;
-  const int64_t per_pair = g.mixing == Mixing::kScalar ? 1 : r;
-  const bool outer = g.mixing == Mixing::kDiagonalOuter;
-  for_each_block(g.dst_blocks, [&](int64_t d) {
-    std::vector<acc_t> acc_mix(g.src_blocks * per_pair, 0);
-    std::vector<acc_t> acc_left(outer ? g.src_blocks * r : 0, 0);
-    std::vector<acc_t> acc_right(outer ? g.src_blocks * r : 0, 0);
-    for (int64_t t = 0; t < tokens; ++t) {
-      const scalar_t* gy = grad_dst + t * dst_row + d * r;
-      for (int64_t s = 0; s < g.src_blocks; ++s) {
-        const scalar_t* x = src + t * src_row + s * r;
-        if (g.mixing == Mixing::kScalar) {
-          acc_t dot = 0;
-          for (int64_t c = 0; c < r; ++c) dot += acc_t(gy[c]) * acc_t(x[c]);
-          acc_mix[s] += dot;
-          continue;
-        }
-        acc_t* am = acc_mix.data() + s * r;
-        for (int64_t c = 0; c < r; ++c) am[c] += acc_t(gy[c]) * acc_t(x[c]);
-        if (outer) {
-          const int64_t pair = d * g.dst_stride + s * g.src_stride;
-          acc_t right_x = 0, left_gy = 0;
-          for (int64_t c = 0; c < r; ++c) {
-            right_x += acc_t(g.right[pair + c]) * acc_t(x[c]);
-            left_gy += acc_t(g.left[pair + c]) * acc_t(gy[c]);
-          }
-          acc_t* al = acc_left.data() + s * r;
-          acc_t* ar = acc_right.data() + s * r;
-          for (int64_t c = 0; c < r; ++c) {
-            al[c] += right_x * acc_t(gy[c]);
-            ar[c] += left_gy * acc_t(x[c]);
-          }
-        }
-      }
-    }
-    // grad tensors are contiguous and shaped like mix, so pair offsets carry over.
-    for (int64_t s = 0; s < g.src_blocks; ++s) {
-      const int64_t pair = d * g.dst_stride + s * g.src_stride;
-      for (int64_t c = 0; c < per_pair; ++c) {
-        if (grad_mix.defined()) {
-          grad_mix.mutable_data_ptr<scalar_t>()[pair + c] = scalar_t(acc_mix[s * per_pair + c]);
-        }
-        if (grad_left.defined()) {
-          grad_left.mutable_data_ptr<scalar_t>()[pair + c] = scalar_t(acc_left[s * r + c]);
-        }
-        if (grad_right.defined()) {
-          grad_right.mutable_data_ptr<scalar_t>()[pair + c] = scalar_t(acc_right[s * r + c]);
-        }
-      }
-    }
+  const at::Tensor src = as_acc<acc_t>(hidden), grad_dst = as_acc<acc_t>(grad_mixed);
+  const bool outer = g.rows.variant == 2;
+  const at::Tensor acc_mix = at::empty(g.mix.sizes(), src.options());
+  const at::Tensor acc_left = outer ? at::empty(g.mix.sizes(), src.options()) : at::Tensor();
+  const at::Tensor acc_right = outer ? at::empty(g.mix.sizes(), src.options()) : at::Tensor();
+  for_each_block(g.rows.dst_blocks, [&](int64_t d) {
+    // For the forward gate, block d's pairs are contiguous in mix at d * dst_stride.
+    const int64_t offset = d * g.rows.dst_stride;
+    gate_rows_backward(g.rows, src.const_data_ptr<acc_t>(), grad_dst.const_data_ptr<acc_t>(),
+                       tokens, d, acc_mix.mutable_data_ptr<acc_t>() + offset,
+                       outer ? acc_left.mutable_data_ptr<acc_t>() + offset : nullptr,
+                       outer ? acc_right.mutable_data_ptr<acc_t>() + offset : nullptr);
   });
+  if (grad_mix.defined()) grad_mix.copy_(acc_mix);
+  if (grad_left.defined()) grad_left.copy_(acc_left);
+  if (grad_right.defined()) grad_right.copy_(acc_right);
 }
 
 }  // namespace nanomoe::cpu

@@ -1,0 +1,37 @@
+// The mixing step's inner loops on float / double rows (bfloat16 is converted at the tile edges).
+// They are compiled once per x86 vector ISA (AVX-512, AVX2+FMA, baseline) and the best one is
+// picked when the library loads, so no -march flag is needed at build time.
+#pragma once
+
+#include <cstdint>
+
+namespace nanomoe::cpu {
+
+// The gate of one direction (forward G or transposed G^T), over acc_t copies of its tensors.
+// variant: 0 scalar, 1 diagonal, 2 diagonal_outer (full mixing is a GEMM, not done here).
+template <typename acc_t>
+struct GateRows {
+  int variant;
+  int64_t rank, dst_blocks, src_blocks;
+  int64_t dst_stride, src_stride;  // elements between consecutive dst / src blocks in mix
+  const acc_t* mix;
+  const acc_t* left;   // diagonal_outer only
+  const acc_t* right;  // diagonal_outer only
+};
+
+// dst[t, d, :] = sum_s G_ds src[t, s, :] for tokens t in [0, tokens) and one dst block d.
+void gate_rows(const GateRows<float>& g, const float* src, float* dst, int64_t tokens, int64_t d);
+void gate_rows(const GateRows<double>& g, const double* src, double* dst, int64_t tokens,
+               int64_t d);
+
+// For one forward dst block d, sums over tokens the gradients of its gate tensors, given src
+// (hidden) and grad_dst (grad_mixed): grad_mix[s, :per_pair], grad_left[s, :r], grad_right[s, :r]
+// (contiguous over s; grad_left/right null unless diagonal_outer).
+void gate_rows_backward(const GateRows<float>& g, const float* src, const float* grad_dst,
+                        int64_t tokens, int64_t d, float* grad_mix, float* grad_left,
+                        float* grad_right);
+void gate_rows_backward(const GateRows<double>& g, const double* src, const double* grad_dst,
+                        int64_t tokens, int64_t d, double* grad_mix, double* grad_left,
+                        double* grad_right);
+
+}  // namespace nanomoe::cpu
