@@ -41,12 +41,20 @@ cuda_sources = sources("csrc/cuda/*.cu") + sources("csrc/cuda/*.cpp")
 cxx_flags = ["-O3", "-fvisibility=hidden"]
 
 if want_cuda() and cuda_sources:
-    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        if not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+        elif torch.cuda.get_device_capability() < (8, 0):
+            # The kernels use bfloat16 tensor cores and cp.async, both new in sm_80.
+            raise RuntimeError(
+                "nanomoe's CUDA kernels need a GPU of compute capability 8.0 or newer "
+                f"(this one is {torch.cuda.get_device_capability()}); build with NANOMOE_CUDA=0 "
+                "for the CPU kernels only"
+            )
     extension = CUDAExtension(
         "nanomoe._C",
         cpu_sources + cuda_sources,
-        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
     )
     print(f"nanomoe: building CPU + CUDA kernels for {os.environ.get('TORCH_CUDA_ARCH_LIST')}")
 else:

@@ -1,175 +1,268 @@
-"""Forward and forward+backward time of NanoMoE on the CPU, side by side with its baselines.
+"""Forward and forward+backward speed of NanoMoE on the CPU or CUDA, beside its baselines.
 
 For each size and dtype, one run times: ``nn.Linear`` (dense), ``LowRankLinear`` at the same rank
-(two BLAS matmuls), and, for every mixing variant, the pure-PyTorch reference and the compiled
-kernel. Every time is also printed as a ratio to low-rank measured in the same run, because this
-machine is shared and noisy: ratios taken side by side are what carry over.
+(two BLAS or cuBLAS matmuls), and, for every mixing variant, the pure-PyTorch reference and the
+compiled kernel. The forward is timed under ``torch.no_grad()`` (the inference path);
+forward+backward computes the gradients of the input and of every parameter. Every time is also
+printed as a ratio to low-rank measured in the same run: ratios taken side by side are what carry
+over between machines.
 
-    python benchmarks/speed.py                         # default sizes (see SIZES)
-    python benchmarks/speed.py --sizes 4096x1024x1024x64x8 --dtypes float32
+Each row also says what the forward moves and computes: its bytes (x read, y written, parameters
+read, in the dtype), the bandwidth that makes, also as a fraction of the measured copy bandwidth
+(``dst.copy_(src)``, read + write: the ceiling of a kernel that streams its data once), and its
+arithmetic rate (2 * multiply-adds per token * tokens / time, counted by ``nanomoe.budget``). On
+CUDA also the peak memory forward+backward allocates beyond its inputs and parameters, as a ratio
+to the reference. float32 runs with TF32 off, so every layer computes in full float32.
+
+    python benchmarks/speed.py                       # the default device, its sizes and dtypes
+    python benchmarks/speed.py --device cpu --sizes 4096x1024x1024x64x8 --dtypes float32
 """
 
 import argparse
 import json
-import platform
-import statistics
-import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
-from torch import nn
+from plot import plot_rows
+from report import Row, describe, machine_info, print_table
+from timing import copy_gb_per_s, cuda_peak_extra_mib, median_ms
+from torch import Tensor, nn
 from tqdm import tqdm
 
 import nanomoe
-from nanomoe.budget import MIXINGS
+from nanomoe.budget import (
+    MIXINGS,
+    dense_macs,
+    dense_params,
+    lowrank_macs,
+    lowrank_params,
+    nanomoe_macs,
+    nanomoe_params,
+)
 from nanomoe.reference import nanomoe_linear_reference
 
-# tokens x in_features x out_features x rank x blocks: two throughput sizes, two latency sizes.
-SIZES = ("4096x1024x1024x64x8", "8192x2048x2048x128x8", "1x4096x4096x256x8", "16x4096x4096x256x8")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# tokens x in_features x out_features x rank x blocks. CPU: two throughput sizes, two latency sizes.
+# CUDA: the target size first (H100, bfloat16), three more throughput sizes, one latency size.
+SIZES = {
+    "cpu": (
+        "4096x1024x1024x64x8",
+        "8192x2048x2048x128x8",
+        "1x4096x4096x256x8",
+        "16x4096x4096x256x8",
+    ),
+    "cuda": (
+        "65536x4096x4096x128x8",
+        "16384x4096x4096x128x8",
+        "65536x1024x1024x64x8",
+        "8192x4096x4096x256x8",
+        "1x4096x4096x256x8",
+    ),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_DTYPES = {"cpu": ("float32", "bfloat16"), "cuda": ("bfloat16", "float16", "float32")}
+COPY_MIB = {"cpu": 256, "cuda": 1024}
+
+
+class Shape(NamedTuple):
+    tokens: int
+    in_features: int
+    out_features: int
+    rank: int
+    blocks: int
 
 
 @dataclass
-class Row:
-    size: str
-    dtype: str
-    layer: str
-    forward_ms: float
-    forward_backward_ms: float
-    forward_vs_lowrank: float = 0.0
-    forward_backward_vs_lowrank: float = 0.0
+class Layer:
+    name: str
+    module: nn.Module
+    forward: Callable[[Tensor], Tensor]
+    params: int  # parameter count, from nanomoe.budget
+    macs: int  # multiply-adds per token, from nanomoe.budget
 
 
-def median_ms(fn: Callable[[], None], repeats: int, budget_s: float) -> float:
-    """Median wall time of fn after one warm-up call, stopping early once budget_s is spent."""
-    fn()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < repeats and (len(times) < 3 or time.perf_counter() - start < budget_s):
-        begin = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - begin)
-    return 1e3 * statistics.median(times)
+@dataclass(frozen=True)
+class Setup:
+    device: torch.device
+    repeats: int
+    budget_s: float
+    copy_gb_per_s: float
 
 
-def time_layer(
-    forward: Callable[[torch.Tensor], torch.Tensor],
-    x: torch.Tensor,
-    params: list[torch.Tensor],
-    repeats: int,
-    budget_s: float,
-) -> tuple[float, float]:
-    def forward_only() -> None:
-        with torch.no_grad():
-            forward(x)
-
-    grad_out: Optional[torch.Tensor] = None
-
-    def forward_backward() -> None:
-        nonlocal grad_out
-        out = forward(x)
-        grad_out = torch.ones_like(out) if grad_out is None else grad_out
-        torch.autograd.backward(out, grad_out, inputs=[x, *params])
-
-    return median_ms(forward_only, repeats, budget_s), median_ms(
-        forward_backward, repeats, budget_s
-    )
+def reference_name(mixing: str) -> str:
+    return f"reference {mixing}"
 
 
-def layers_for(
-    in_features: int, out_features: int, rank: int, blocks: int, dtype: torch.dtype
-) -> dict[str, tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]]:
-    factory = {"dtype": dtype}
-    dense = nn.Linear(in_features, out_features, **factory)
-    lowrank = nanomoe.LowRankLinear(in_features, out_features, rank, **factory)
-    layers = {"nn.Linear": (dense, dense), "LowRankLinear": (lowrank, lowrank)}
+def kernel_name(mixing: str) -> str:
+    return f"nanomoe {mixing}"
+
+
+def _reference(layer: nanomoe.NanoMoELinear, x: Tensor) -> Tensor:
+    gate = (layer.mix_left, layer.mix_right)
+    return nanomoe_linear_reference(x, layer.down, layer.mix, layer.up, layer.bias, *gate)
+
+
+def layers_for(shape: Shape, dtype: torch.dtype, device: torch.device) -> list[Layer]:
+    n, m, rank, blocks = shape.in_features, shape.out_features, shape.rank, shape.blocks
+    factory = {"dtype": dtype, "device": device}
+    dense = nn.Linear(n, m, **factory)
+    lowrank = nanomoe.LowRankLinear(n, m, rank, **factory)
+    layers = [
+        Layer("nn.Linear", dense, dense, dense_params(n, m), dense_macs(n, m)),
+        Layer(
+            "LowRankLinear", lowrank, lowrank, lowrank_params(n, m, rank), lowrank_macs(n, m, rank)
+        ),
+    ]
     for mixing in MIXINGS:
-        layer = nanomoe.NanoMoELinear(in_features, out_features, rank, blocks, mixing, **factory)
-
-        def reference(x: torch.Tensor, layer: nanomoe.NanoMoELinear = layer) -> torch.Tensor:
-            gate = (layer.mix_left, layer.mix_right)
-            return nanomoe_linear_reference(x, layer.down, layer.mix, layer.up, layer.bias, *gate)
-
-        layers[f"reference {mixing}"] = (layer, reference)
-        layers[f"nanomoe {mixing}"] = (layer, layer)
+        layer = nanomoe.NanoMoELinear(n, m, rank, blocks, mixing, **factory)
+        params = nanomoe_params(n, m, rank, blocks, mixing)
+        macs = nanomoe_macs(n, m, rank, blocks, mixing)
+        layers.append(
+            Layer(reference_name(mixing), layer, partial(_reference, layer), params, macs)
+        )
+        layers.append(Layer(kernel_name(mixing), layer, layer, params, macs))
     return layers
 
 
-def run(sizes: list[str], dtypes: list[str], repeats: int, budget_s: float) -> list[Row]:
+def layer_calls(
+    layer: Layer, x: Tensor, grad_out: Tensor
+) -> tuple[Callable[[], object], Callable[[], object]]:
+    """The two timed calls: the forward without autograd, and forward+backward to every input."""
+    inputs = [x, *layer.module.parameters()]
+
+    def forward() -> None:
+        with torch.no_grad():
+            layer.forward(x)
+
+    def forward_backward() -> None:
+        torch.autograd.grad(layer.forward(x), inputs, grad_out)
+
+    return forward, forward_backward
+
+
+def measure_layer(layer: Layer, x: Tensor, grad_out: Tensor, row: Row, setup: Setup) -> None:
+    """Fill in row's times (and peak memory on CUDA); a call that cannot run marks it skipped."""
+    forward, forward_backward = layer_calls(layer, x, grad_out)
+    try:
+        row.forward_ms = median_ms(setup.device, forward, setup.repeats, setup.budget_s)
+        row.forward_backward_ms = median_ms(
+            setup.device, forward_backward, setup.repeats, setup.budget_s
+        )
+        if setup.device.type == "cuda":
+            row.peak_memory_mib = cuda_peak_extra_mib(forward_backward)
+    except (torch.cuda.OutOfMemoryError, NotImplementedError) as error:
+        first_line = (str(error).splitlines() or [""])[0]
+        row.skipped = f"{type(error).__name__}: {first_line[:120]}"
+
+
+def add_rates(row: Row, copy_gb_per_s: float) -> None:
+    """The forward's bandwidth, its fraction of the copy bandwidth, and its arithmetic rate."""
+    if row.forward_ms is None:
+        return
+    seconds = row.forward_ms * 1e-3
+    row.forward_gb_per_s = row.forward_bytes / seconds / 1e9
+    row.forward_copy_fraction = row.forward_gb_per_s / copy_gb_per_s
+    row.forward_tflop_per_s = row.forward_flops / seconds / 1e12
+
+
+def _ratio(value: Optional[float], base: Optional[float]) -> Optional[float]:
+    return None if value is None or not base else value / base
+
+
+def add_ratios(rows: list[Row]) -> None:
+    """Times as ratios to LowRankLinear; peak memory of reference and kernel to the reference."""
+    by_layer = {row.layer: row for row in rows}
+    lowrank = by_layer["LowRankLinear"]
+    for row in rows:
+        row.forward_vs_lowrank = _ratio(row.forward_ms, lowrank.forward_ms)
+        row.forward_backward_vs_lowrank = _ratio(
+            row.forward_backward_ms, lowrank.forward_backward_ms
+        )
+    for mixing in MIXINGS:
+        reference = by_layer[reference_name(mixing)].peak_memory_mib
+        for name in (reference_name(mixing), kernel_name(mixing)):
+            row = by_layer[name]
+            row.peak_memory_vs_reference = _ratio(row.peak_memory_mib, reference)
+
+
+def measure_size(size: str, dtype_name: str, setup: Setup, progress: tqdm) -> list[Row]:
+    """Every layer at one size and dtype, on the same input."""
+    shape = Shape(*(int(v) for v in size.split("x")))
+    dtype, device = DTYPES[dtype_name], setup.device
+    x = torch.randn(shape.tokens, shape.in_features, dtype=dtype, device=device, requires_grad=True)
+    grad_out = torch.ones(shape.tokens, shape.out_features, dtype=dtype, device=device)
+    element = dtype.itemsize
+    rows: list[Row] = []
+    for layer in layers_for(shape, dtype, device):
+        progress.set_postfix_str(f"{size} {dtype_name} {layer.name}")
+        moved = (shape.tokens * (shape.in_features + shape.out_features) + layer.params) * element
+        row = Row(size, dtype_name, layer.name, moved, 2 * layer.macs * shape.tokens)
+        measure_layer(layer, x, grad_out, row, setup)
+        add_rates(row, setup.copy_gb_per_s)
+        rows.append(row)
+        progress.update()
+    add_ratios(rows)
+    return rows
+
+
+def run(sizes: list[str], dtypes: list[str], setup: Setup) -> list[Row]:
     rows: list[Row] = []
     jobs = [(size, dtype) for size in sizes for dtype in dtypes]
     progress = tqdm(total=len(jobs) * (2 + 2 * len(MIXINGS)), desc="timing", unit="layer")
     for size, dtype_name in jobs:
-        tokens, n, m, rank, blocks = (int(v) for v in size.split("x"))
-        dtype = DTYPES[dtype_name]
-        x = torch.randn(tokens, n, dtype=dtype, requires_grad=True)
-        measured: list[Row] = []
-        for name, (module, forward) in layers_for(n, m, rank, blocks, dtype).items():
-            progress.set_postfix_str(f"{size} {dtype_name} {name}")
-            params = list(module.parameters())
-            fwd, fwd_bwd = time_layer(forward, x, params, repeats, budget_s)
-            measured.append(Row(size, dtype_name, name, fwd, fwd_bwd))
-            progress.update()
-        lowrank = next(r for r in measured if r.layer == "LowRankLinear")
-        for row in measured:
-            row.forward_vs_lowrank = row.forward_ms / lowrank.forward_ms
-            row.forward_backward_vs_lowrank = row.forward_backward_ms / lowrank.forward_backward_ms
-        rows += measured
+        rows += measure_size(size, dtype_name, setup, progress)
     progress.close()
     return rows
 
 
-def print_table(rows: list[Row]) -> None:
-    header = f"{'size (BxNxMxRxK)':<22}{'dtype':<10}{'layer':<26}{'fwd ms':>9}{'x lowrank':>10}"
-    header += f"{'fwd+bwd ms':>12}{'x lowrank':>10}"
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        print(
-            f"{r.size:<22}{r.dtype:<10}{r.layer:<26}{r.forward_ms:>9.3f}{r.forward_vs_lowrank:>10.2f}"
-            f"{r.forward_backward_ms:>12.3f}{r.forward_backward_vs_lowrank:>10.2f}"
-        )
+def pick_device(choice: str) -> torch.device:
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available")
+    return torch.device(choice)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", nargs="+", default=list(SIZES), help="BxNxMxRxK")
-    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--sizes", nargs="+", help="BxNxMxRxK (default: per device, see SIZES)")
+    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), help="default: per device")
     parser.add_argument("--repeats", type=int, default=15, help="timed calls per measurement")
     parser.add_argument("--budget", type=float, default=1.0, help="seconds per measurement")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/speed-cpu.json"))
-    args = parser.parse_args()
+    parser.add_argument("--copy-mib", type=int, help="copy bandwidth buffer (default: per device)")
+    parser.add_argument("--out", type=Path, help="default: benchmarks/results/speed-DEVICE.json")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    device = pick_device(args.device)
+    kind = device.type
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if kind == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # float32 in full precision for every layer
+    copy_mib = args.copy_mib or COPY_MIB[kind]
+    bandwidth = copy_gb_per_s(device, copy_mib, args.repeats, args.budget)
+    setup = Setup(device, args.repeats, args.budget, bandwidth)
+    info = machine_info(device, args.threads, bandwidth, copy_mib)
+    print(describe(info))
 
-    rows = run(args.sizes, args.dtypes, args.repeats, args.budget)
-    print_table(rows)
-    machine = {
-        "processor": platform.processor() or platform.machine(),
-        "cpu": _cpu_name(),
-        "threads": args.threads,
-        "torch": torch.__version__,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps({"machine": machine, "rows": [asdict(r) for r in rows]}, indent=1)
-    )
-    print(
-        f"\nwrote {args.out} ({machine['cpu']}, {args.threads} threads, torch {torch.__version__})"
-    )
-
-
-def _cpu_name() -> str:
+    rows = run(args.sizes or list(SIZES[kind]), args.dtypes or list(DEFAULT_DTYPES[kind]), setup)
+    print_table(rows, device)
+    out = args.out or Path(f"benchmarks/results/speed-{kind}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": info, "rows": [asdict(r) for r in rows]}, indent=1))
+    print(f"\nwrote {out} ({describe(info)})")
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+        plot_rows([asdict(r) for r in rows], out.with_suffix(".png"), describe(info))
+        print(f"wrote {out.with_suffix('.png')}")
+    except ModuleNotFoundError as error:  # matplotlib is optional
+        print(f"no plot: {error.name} is not installed")
 
 
 if __name__ == "__main__":

@@ -118,7 +118,7 @@ LinearDims check_linear_args(const at::Tensor& x, const at::Tensor& down, const 
 }
 
 void check_backward_args(const LinearDims& dims, const at::Tensor& x, const at::Tensor& grad_out,
-                         const at::Tensor& hidden) {
+                         const at::Tensor& hidden, bool wants_outer_grads) {
   check_same_placement(x, grad_out, "grad_out");
   check_same_placement(x, hidden, "hidden");
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
@@ -130,12 +130,21 @@ void check_backward_args(const LinearDims& dims, const at::Tensor& x, const at::
   TORCH_CHECK_VALUE(hidden.sizes() == at::IntArrayRef(hidden_shape),
                     "nanomoe.linear_backward: hidden must have shape ",
                     at::IntArrayRef(hidden_shape), " but has shape ", hidden.sizes());
+  TORCH_CHECK_VALUE(!wants_outer_grads || dims.mixing == Mixing::kDiagonalOuter,
+                    "nanomoe.linear_backward: gradients of mix_left / mix_right asked for, but the "
+                    "mixing is not diagonal_outer");
 }
 
 void check_cpu_dtype(const at::Tensor& x) {
   const auto dtype = x.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16,
                    "nanomoe.linear on CPU supports float32, float64 and bfloat16, got ", dtype);
+}
+
+void check_cuda_dtype(const at::Tensor& x) {
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+                   "nanomoe.linear on CUDA supports float32, float16 and bfloat16, got ", dtype);
 }
 
 }  // namespace nanomoe

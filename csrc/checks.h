@@ -38,11 +38,14 @@ LinearDims check_linear_args(const at::Tensor& x, const at::Tensor& down, const 
                              const std::optional<at::Tensor>& mix_right);
 
 // The backward's extra arguments: grad_out shaped like the output, hidden as linear_forward made
-// it.
+// it, and gradients of mix_left / mix_right asked for only where the mixing has them.
 void check_backward_args(const LinearDims& dims, const at::Tensor& x, const at::Tensor& grad_out,
-                         const at::Tensor& hidden);
+                         const at::Tensor& hidden, bool wants_outer_grads);
 
 // Dtypes the CPU kernels implement; raises TypeError otherwise.
 void check_cpu_dtype(const at::Tensor& x);
+
+// Dtypes the CUDA kernels implement; raises TypeError otherwise.
+void check_cuda_dtype(const at::Tensor& x);
 
 }  // namespace nanomoe

@@ -10,8 +10,11 @@ from nanomoe.budget import gate_shapes
 from nanomoe.reference import nanomoe_linear_reference
 
 # Relative error allowed against the float64 reference (SPEC section 3).
-TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}
+TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+# The gradients of nanomoe.linear, in the order of its arguments.
+NAMES = ("x", "down", "mix", "up", "bias", "mix_left", "mix_right")
 
 
 @dataclass
@@ -89,12 +92,28 @@ def assert_close_to(
 ) -> None:
     """Relative error within TOLERANCE[dtype].
 
-    For bfloat16, intermediates are rounded to bfloat16 (as in a chain of bfloat16 matmuls), so
-    where the sum cancels no implementation meets a pointwise relative bound: there the error is
-    measured against ``magnitude``, the same sums taken over absolute values of their terms (the
-    standard bound for a rounded dot product). float32 and float64 are held to plain relative error.
+    For bfloat16 and float16, intermediates are rounded to that dtype (as in a chain of half
+    precision matmuls), so where the sum cancels no implementation meets a pointwise relative bound:
+    there the error is measured against ``magnitude``, the same sums taken over absolute values of
+    their terms (the standard bound for a rounded dot product). float32 and float64 are held to
+    plain relative error.
     """
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
     assert actual.dtype == dtype, f"{what}: dtype {actual.dtype} != {dtype}"
-    error = relative_error(actual, expected, magnitude if dtype == torch.bfloat16 else None)
+    error = relative_error(actual, expected, magnitude if dtype in HALF_DTYPES else None)
     assert error <= TOLERANCE[dtype], f"{what}: relative error {error:.3g} > {TOLERANCE[dtype]}"
+
+
+def grads_of(fn, case: Case, grad_out: Tensor, wanted: tuple[str, ...] = NAMES) -> dict:
+    """Gradients of ``fn(*case.args())`` by autograd, for the tensors named in ``wanted``.
+
+    Every tensor present in ``case`` gets an entry: its gradient, or None if not asked for. The
+    leaves are detached views, so ``fn`` sees each tensor's exact layout (strides, offset).
+    """
+    leaves = case.map(torch.Tensor.detach)
+    for name in wanted:
+        tensor = getattr(leaves, name)
+        if tensor is not None:
+            tensor.requires_grad_()
+    fn(*leaves.args()).backward(grad_out)
+    return {name: getattr(leaves, name).grad for name in NAMES if getattr(leaves, name) is not None}

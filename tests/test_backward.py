@@ -4,22 +4,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from support import CPU_DTYPES, Case, assert_close_to, magnitude, make_case
+from support import CPU_DTYPES, NAMES, assert_close_to, grads_of, magnitude, make_case
 
 from nanomoe.budget import MIXINGS
 from nanomoe.reference import nanomoe_linear_reference
-
-NAMES = ("x", "down", "mix", "up", "bias", "mix_left", "mix_right")
-
-
-def grads_of(fn, case: Case, grad_out: torch.Tensor, wanted: tuple[str, ...] = NAMES):
-    leaves = case.map(lambda t: t.detach().clone())
-    for name in wanted:
-        tensor = getattr(leaves, name)
-        if tensor is not None:
-            tensor.requires_grad_()
-    fn(*leaves.args()).backward(grad_out)
-    return {name: getattr(leaves, name).grad for name in NAMES if getattr(leaves, name) is not None}
 
 
 @pytest.mark.parametrize("mixing", MIXINGS)

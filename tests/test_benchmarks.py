@@ -1,20 +1,56 @@
-"""The benchmark script runs end to end (on tiny sizes; timings are not asserted)."""
+"""The benchmark script runs end to end (on tiny sizes on the CPU; timings are not asserted)."""
 
 import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_speed_script_runs(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def speed_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, Any]]:
+    """One run of benchmarks/speed.py at 5 tokens, 12 in, 8 out, rank 2, K 2: stdout and JSON."""
+    tmp_path = tmp_path_factory.mktemp("speed")
     out = tmp_path / "speed.json"
-    command = [sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--sizes", "5x12x8x2x2"]
-    command += ["--repeats", "1", "--budget", "0", "--out", str(out)]
+    command = [sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--device", "cpu"]
+    command += ["--sizes", "5x12x8x2x2", "--repeats", "1", "--budget", "0", "--copy-mib", "1"]
+    command += ["--out", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    rows = json.loads(out.read_text())["rows"]
+    return result.stdout, json.loads(out.read_text())
+
+
+def test_speed_script_runs(speed_run) -> None:
+    stdout, report = speed_run
+    assert report["machine"]["device"] == "cpu"
+    assert report["machine"]["copy_gb_per_s"] > 0
+    rows = report["rows"]
     layers = {row["layer"] for row in rows}
     assert {"nn.Linear", "LowRankLinear", "nanomoe full", "reference scalar"} <= layers
-    assert all(row["forward_ms"] > 0 for row in rows)
+    assert {row["dtype"] for row in rows} == {"float32", "bfloat16"}
+    assert all(row["skipped"] is None for row in rows)
+    for field in ("forward_ms", "forward_backward_ms", "forward_bytes", "forward_flops"):
+        assert all(row[field] > 0 for row in rows), field
+    for field in ("forward_gb_per_s", "forward_copy_fraction", "forward_tflop_per_s"):
+        assert all(row[field] > 0 for row in rows), field
+    assert "GB/s" in stdout and "GFLOP/s" in stdout
+
+
+def test_speed_counts_bytes_and_flops(speed_run) -> None:
+    """The forward's bytes (x, y, parameters) and FLOPs follow from the size and the dtype."""
+    rows = {row["layer"]: row for row in speed_run[1]["rows"] if row["dtype"] == "float32"}
+    io = 5 * (12 + 8)
+    assert rows["nn.Linear"]["forward_bytes"] == 4 * (io + 12 * 8 + 8)
+    assert rows["nn.Linear"]["forward_flops"] == 2 * 5 * 12 * 8
+    assert rows["LowRankLinear"]["forward_bytes"] == 4 * (io + 2 * (12 + 8) + 8)
+    assert rows["LowRankLinear"]["forward_vs_lowrank"] == 1.0
+    # scalar: down + up + a (2, 2) gate + bias; K_out K_in r extra multiply-adds per token
+    assert rows["nanomoe scalar"]["forward_bytes"] == 4 * (io + 2 * (12 + 8) + 2 * 2 + 8)
+    assert rows["nanomoe scalar"]["forward_flops"] == 2 * 5 * (2 * (12 + 8) + 2 * 2 * 2)
+    assert rows["reference full"]["forward_bytes"] == rows["nanomoe full"]["forward_bytes"]
+    bfloat16 = {r["layer"]: r for r in speed_run[1]["rows"] if r["dtype"] == "bfloat16"}
+    assert 2 * bfloat16["nanomoe full"]["forward_bytes"] == rows["nanomoe full"]["forward_bytes"]

@@ -32,11 +32,8 @@ Grads linear_backward_cpu(const Tensor& grad_out_in, const Tensor& x_in, const T
                           std::array<bool, kNumInputs> needs) {
   const LinearDims dims =
       check_linear_args(x_in, down_in, mix_in, up_in, std::nullopt, left_in, right_in);
-  check_backward_args(dims, x_in, grad_out_in, hidden_in);
+  check_backward_args(dims, x_in, grad_out_in, hidden_in, needs[kMixLeft] || needs[kMixRight]);
   check_cpu_dtype(x_in);
-  TORCH_CHECK_VALUE(!(needs[kMixLeft] || needs[kMixRight]) || dims.mixing == Mixing::kDiagonalOuter,
-                    "nanomoe.linear_backward: gradients of mix_left / mix_right asked for, but the "
-                    "mixing is not diagonal_outer");
 
   const Weights w(down_in, mix_in, up_in, left_in, right_in);
   const Tensor &down = w.down, &up = w.up;
