@@ -8,16 +8,18 @@ TORCH_VERSION := 2.13.0
 DEPS := $(VENV)/.deps-$(TORCH_VERSION)
 BUILT := $(VENV)/.built
 CPP_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
+EXAMPLE_SOURCES := $(wildcard examples/cpp/*.cpp examples/cpp/*.h)
 NVCC ?= $(shell command -v nvcc 2>/dev/null)
 export MAX_JOBS ?= 2
 
-.PHONY: demo test build lint format cuda-check bench clean
+.PHONY: demo test build lint format cuda-check deploy-check bench clean
 
 demo: $(BUILT)
 	$(PY) benchmarks/speed.py
 
 test: lint cuda-check $(BUILT)
 	$(PY) -m pytest tests
+	$(MAKE) deploy-check
 
 build: $(BUILT)
 
@@ -33,14 +35,14 @@ $(BUILT): $(DEPS) setup.py pyproject.toml $(CPP_SOURCES)
 	touch $@
 
 lint: $(DEPS)
-	$(VENV)/bin/ruff check nanomoe tests benchmarks setup.py
-	$(VENV)/bin/ruff format --check nanomoe tests benchmarks setup.py
-	$(VENV)/bin/clang-format --dry-run --Werror $(filter %.cpp %.h %.cu %.cuh,$(CPP_SOURCES))
+	$(VENV)/bin/ruff check nanomoe tests benchmarks examples setup.py
+	$(VENV)/bin/ruff format --check nanomoe tests benchmarks examples setup.py
+	$(VENV)/bin/clang-format --dry-run --Werror $(filter %.cpp %.h %.cu %.cuh,$(CPP_SOURCES)) $(EXAMPLE_SOURCES)
 
 format: $(DEPS)
-	$(VENV)/bin/ruff format nanomoe tests benchmarks setup.py
-	$(VENV)/bin/ruff check --fix nanomoe tests benchmarks setup.py
-	$(VENV)/bin/clang-format -i $(filter %.cpp %.h %.cu %.cuh,$(CPP_SOURCES))
+	$(VENV)/bin/ruff format nanomoe tests benchmarks examples setup.py
+	$(VENV)/bin/ruff check --fix nanomoe tests benchmarks examples setup.py
+	$(VENV)/bin/clang-format -i $(filter %.cpp %.h %.cu %.cuh,$(CPP_SOURCES)) $(EXAMPLE_SOURCES)
 
 # Compile-only check of the CUDA code, so it never rots on machines without a GPU: every kernel
 # (.cu, CUDA headers only) with nvcc for sm_80 and sm_90 and the macros torch's build passes; then
@@ -66,6 +68,20 @@ cuda-check: $(DEPS)
 	  $(CXX) -std=c++20 -fsyntax-only -Icsrc $$torch_includes -Ibuild/stand-in \
 	    $$cuda_include $$f || exit 1; \
 	done
+
+# Deployment without Python (README, "Deploy"): build and install the op library with CMake, build
+# the example programs against the installed package as a downstream project would, and let ctest
+# compare their outputs (TorchScript, AOTInductor, a training step) with Python's.
+TORCH_PREFIX = $$($(PY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')
+deploy-check: $(BUILT)
+	cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$(TORCH_PREFIX)" >/dev/null
+	cmake --build build/cmake -j $(MAX_JOBS)
+	cmake --install build/cmake --prefix build/install >/dev/null
+	cmake -S examples/cpp -B build/example -DCMAKE_BUILD_TYPE=Release \
+	  -DCMAKE_PREFIX_PATH="$(CURDIR)/build/install;$(TORCH_PREFIX)" \
+	  -DPython3_EXECUTABLE=$(CURDIR)/$(PY) >/dev/null
+	cmake --build build/example -j $(MAX_JOBS)
+	ctest --test-dir build/example --output-on-failure
 
 bench: $(BUILT)
 	$(PY) benchmarks/speed.py
