@@ -1,0 +1,5 @@
+"""``python -m nanomoe compare ...``: the same as the ``nanomoe`` command."""
+
+from nanomoe.cli import main
+
+main()

@@ -1,0 +1,218 @@
+"""Training runs of the comparison: one model per (task, layer type, budget, learning rate, seed).
+
+Every layer type gets the same budget of trials: the learning rate is tuned on a small grid by
+held-out (validation) quality with the first seed, and the best one is then trained with every seed
+and reported on the test split. Dense ``nn.Linear`` has no budget and runs once per task.
+"""
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from nanomoe.compare import LinearFactory
+from nanomoe.compare.layers import describe_layer, layer_factory
+from nanomoe.compare.tasks import Task
+
+CURVE_POINTS = 50  # training-loss samples kept per run, for the loss-curve plot
+
+
+@dataclass(frozen=True)
+class Settings:
+    kinds: tuple[str, ...]
+    budgets: tuple[float, ...]  # fractions of each dense layer's parameters (or multiply-adds)
+    budget_kind: str  # "params" or "flops"
+    learning_rates: tuple[float, ...]
+    seeds: tuple[int, ...]
+    num_blocks: int
+    steps: Optional[int] = None  # None: each task's own default
+
+
+@dataclass
+class Run:
+    """One trained model and what was measured on it."""
+
+    task: str
+    kind: str
+    budget: float
+    learning_rate: float
+    seed: int
+    layers: list[dict]  # describe_layer of every compared layer
+    params: int  # of the compared layers
+    macs: int  # per row through the compared layers
+    model_params: int
+    steps: int
+    train_loss: float  # mean over the last tenth of training
+    val: dict[str, float]
+    test: dict[str, float]
+    step_ms: float
+    memory_mib: float  # parameters + Adam state + activations saved by one training step
+    curve: list[tuple[int, float]] = field(default_factory=list)
+
+
+class RecordingFactory:
+    """A LinearFactory that remembers every layer it made: the layers under comparison."""
+
+    def __init__(self, make: LinearFactory) -> None:
+        self.make = make
+        self.made: list[nn.Module] = []
+
+    def __call__(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
+        layer = self.make(in_features, out_features, bias)
+        self.made.append(layer)
+        return layer
+
+
+def saved_activation_bytes(task: Task, model: nn.Module, batch: tuple) -> int:
+    """Bytes of the tensors autograd saves for the backward of one training step."""
+    total = 0
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        task.loss(model, *batch)
+    return total
+
+
+def memory_mib(task: Task, model: nn.Module, batch: tuple) -> float:
+    """Training memory that differs between layer types: parameters, their gradients and Adam's
+    two moments (4 copies), plus one step's saved activations. Exact, so comparable run to run."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    return (4 * params + saved_activation_bytes(task, model, batch)) / 2**20
+
+
+def train(task: Task, factory: LinearFactory, learning_rate: float, seed: int, steps: int) -> Run:
+    """Trains one model from scratch and measures it."""
+    recorder = RecordingFactory(factory)
+    torch.manual_seed(seed)
+    model = task.build(recorder, seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
+    batches = task.train_batches(seed)
+    losses: list[float] = []
+    every = max(1, steps // CURVE_POINTS)
+    curve: list[tuple[int, float]] = []
+    warmup = min(5, steps // 10)  # first steps pay one-off costs (allocation, lazy init)
+    started = time.perf_counter()
+    first_batch: Optional[tuple] = None
+    for step in range(steps):
+        if step == warmup:
+            started = time.perf_counter()
+        batch = next(batches)
+        first_batch = first_batch or batch
+        model.train()
+        loss = task.loss(model, *batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if step % every == 0 or step == steps - 1:
+            curve.append((step + 1, losses[-1]))
+    elapsed = time.perf_counter() - started
+    assert first_batch is not None, "steps must be >= 1"
+    tail = losses[-max(1, steps // 10) :]
+    layers = [describe_layer(layer) for layer in recorder.made]
+    return Run(
+        task=task.name,
+        kind="",
+        budget=math.nan,
+        learning_rate=learning_rate,
+        seed=seed,
+        layers=layers,
+        params=sum(layer["params"] for layer in layers),
+        macs=sum(layer["macs"] for layer in layers),
+        model_params=sum(p.numel() for p in model.parameters()),
+        steps=steps,
+        train_loss=sum(tail) / len(tail),
+        val=task.evaluate(model, "val"),
+        test=task.evaluate(model, "test"),
+        step_ms=1e3 * elapsed / max(1, steps - warmup),
+        memory_mib=memory_mib(task, model, first_batch),
+        curve=curve,
+    )
+
+
+def quality(task: Task, scores: dict[str, float]) -> float:
+    """The held-out metric as a number to maximize; a diverged run scores worst."""
+    value = scores[task.metric]
+    if not math.isfinite(value):
+        return -math.inf
+    return value if task.higher_is_better else -value
+
+
+def configurations(settings: Settings) -> list[tuple[str, float]]:
+    """(layer type, budget) pairs: dense once (at budget 1), every other type at every budget."""
+    pairs: list[tuple[str, float]] = []
+    for kind in settings.kinds:
+        budgets = (1.0,) if kind == "dense" else settings.budgets
+        pairs += [(kind, budget) for budget in budgets]
+    return pairs
+
+
+def run_count(settings: Settings, tasks: int) -> int:
+    per_config = len(settings.learning_rates) + len(settings.seeds) - 1
+    return tasks * len(configurations(settings)) * per_config
+
+
+def labelled_run(
+    task: Task,
+    config: tuple[str, float, LinearFactory],
+    rate: float,
+    seed: int,
+    steps: int,
+    progress: Optional[tqdm],
+) -> Run:
+    """One training run of a configuration (kind, budget, factory), labelled with it and counted
+    on the progress bar."""
+    kind, budget, factory = config
+    if progress is not None:
+        progress.set_postfix_str(f"{task.name} {kind} {budget:g} lr={rate:g} seed={seed}")
+    run = train(task, factory, rate, seed, steps)
+    run.kind, run.budget = kind, budget
+    if progress is not None:
+        progress.update()
+    return run
+
+
+def compare_task(task: Task, settings: Settings, progress: Optional[tqdm] = None) -> list[Run]:
+    """Every configuration of one task: tune the learning rate, then train every seed with it.
+    The tuning run of the first seed at the chosen rate is reused as that seed's result."""
+    steps = settings.steps or task.steps
+    runs: list[Run] = []
+    for kind, budget in configurations(settings):
+        factory = layer_factory(kind, budget, settings.budget_kind, settings.num_blocks)
+        config = (kind, budget, factory)
+        first = settings.seeds[0]
+        tuning = [
+            labelled_run(task, config, rate, first, steps, progress)
+            for rate in settings.learning_rates
+        ]
+        best = max(tuning, key=lambda run: quality(task, run.val))
+        runs.append(best)
+        runs += [
+            labelled_run(task, config, best.learning_rate, seed, steps, progress)
+            for seed in settings.seeds[1:]
+        ]
+    return runs
+
+
+def compare(
+    tasks: list[Task],
+    settings: Settings,
+    on_task_done: Optional[Callable[[list[Run]], None]] = None,
+) -> list[Run]:
+    """The whole comparison, with a progress bar over every training run."""
+    runs: list[Run] = []
+    with tqdm(total=run_count(settings, len(tasks)), desc="training", unit="run") as progress:
+        for task in tasks:
+            task_runs = compare_task(task, settings, progress)
+            runs += task_runs
+            if on_task_done is not None:
+                on_task_done(runs)
+    return runs

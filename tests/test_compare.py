@@ -1,0 +1,102 @@
+"""`nanomoe compare` end to end on a tiny setting: the outputs, the tuning protocol, determinism."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nanomoe.compare.cli import main
+from nanomoe.compare.runner import Settings, compare, run_count
+from nanomoe.compare.tasks import make_task
+
+KINDS = ["dense", "lowrank", "monarch", "nanomoe-scalar", "nanomoe-full"]
+
+
+def test_cli_writes_table_json_and_plots(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    argv = [
+        "--tasks",
+        "teacher",
+        "digits",
+        "--kinds",
+        *KINDS,
+        "--budgets",
+        "0.5",
+        "0.25",
+        "--num-blocks",
+        "2",
+    ]
+    argv += ["--lrs", "1e-3", "1e-2", "--seeds", "0", "1", "--size", "tiny", "--steps", "4"]
+    main([*argv, "--out", str(tmp_path)])
+    summary = json.loads((tmp_path / "compare.json").read_text())["summary"]
+    # dense once per task, every other layer type at every budget
+    expected = {
+        (task, kind, budget)
+        for task in ("teacher", "digits")
+        for kind in KINDS
+        for budget in ((1.0,) if kind == "dense" else (0.5, 0.25))
+    }
+    assert {(row["task"], row["kind"], row["budget"]) for row in summary} == expected
+    assert all(row["seeds"] == 2 for row in summary)
+    assert all(row["learning_rate"] in (1e-3, 1e-2) for row in summary)
+    assert "nanomoe-full" in capsys.readouterr().out
+    for name in ("compare.txt", "compare-teacher.png", "curves-digits.png"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+def test_tuning_protocol_and_budgets(tmp_path: Path) -> None:
+    """Each configuration runs every learning rate once, then the best with the other seeds; the
+    compared layers of every run stay within their budget."""
+    settings = Settings(
+        ("dense", "lowrank", "nanomoe-diagonal"),
+        (0.25,),
+        "params",
+        (1e-3, 3e-3, 1e-2),
+        (0, 1, 2),
+        num_blocks=4,
+        steps=3,
+    )
+    runs = compare([make_task("teacher", "tiny")], settings)
+    assert len(runs) == 3 * 3  # (dense, lowrank, nanomoe) x 3 seeds reported
+    assert run_count(settings, 1) == 3 * (3 + 3 - 1)
+    dense_params = next(run.params for run in runs if run.kind == "dense")
+    for run in runs:
+        assert run.kind == "dense" or run.params <= 0.25 * dense_params
+        assert run.step_ms > 0 and run.memory_mib > 0 and run.curve
+
+
+def test_same_seed_same_result() -> None:
+    settings = Settings(
+        ("lowrank", "nanomoe-scalar"), (0.25,), "params", (3e-3,), (0,), num_blocks=4, steps=5
+    )
+    first, second = (compare([make_task("digits", "tiny")], settings) for _ in range(2))
+    assert [(r.val, r.test, r.train_loss) for r in first] == [
+        (r.val, r.test, r.train_loss) for r in second
+    ]
+
+
+def test_module_entry_point(tmp_path: Path) -> None:
+    command = [
+        sys.executable,
+        "-m",
+        "nanomoe",
+        "compare",
+        "--tasks",
+        "teacher",
+        "--kinds",
+        "dense",
+        "--size",
+        "tiny",
+        "--steps",
+        "2",
+        "--lrs",
+        "1e-3",
+        "--seeds",
+        "0",
+        "--out",
+        str(tmp_path),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "compare.json").exists()
