@@ -114,7 +114,7 @@ def dense_macs(in_features: int, out_features: int) -> int:
     return in_features * out_features
 
 
-def _largest_rank(cost: Callable[[int], int], budget: int, what: str) -> int:
+def largest_rank(cost: Callable[[int], int], budget: int, what: str) -> int:
     """Largest ``rank >= 1`` with ``cost(rank) <= budget``; ``cost`` grows with rank."""
     if cost(1) > budget:
         raise ValueError(f"{what}: even rank 1 costs {cost(1)}, over the budget of {budget}")
@@ -144,7 +144,7 @@ def nanomoe_rank_for_budget(
         return nanomoe_params(in_features, out_features, rank, num_blocks, mixing, bias)
 
     _check_metric(metric)
-    return _largest_rank(cost, budget, f"NanoMoE {mixing} with {num_blocks} blocks")
+    return largest_rank(cost, budget, f"NanoMoE {mixing} with {num_blocks} blocks")
 
 
 def lowrank_rank_for_budget(
@@ -162,7 +162,7 @@ def lowrank_rank_for_budget(
         return lowrank_params(in_features, out_features, rank, bias)
 
     _check_metric(metric)
-    return _largest_rank(cost, budget, "low-rank")
+    return largest_rank(cost, budget, "low-rank")
 
 
 @dataclass(frozen=True)

@@ -70,17 +70,17 @@ class NanoMoELinear(nn.Module):
         equivalent weight full-rank (``rank * min(K_out, K_in)``) from the start.
         """
         k_in = self.num_blocks[1]
-        _uniform_(self.down, 1.0 / (3 * self.down.shape[2]))
-        _uniform_(self.up, 1.0 / (self.rank * k_in))
+        uniform_with_variance_(self.down, 1.0 / (3 * self.down.shape[2]))
+        uniform_with_variance_(self.up, 1.0 / (self.rank * k_in))
         if self.mixing == "scalar" or self.mixing == "diagonal":
-            _uniform_(self.mix, 1.0)
+            uniform_with_variance_(self.mix, 1.0)
         elif self.mixing == "full":
-            _uniform_(self.mix, 1.0 / self.rank)
+            uniform_with_variance_(self.mix, 1.0 / self.rank)
         else:  # diag(mix) carries half the energy, mix_left mix_right^T the other half
             assert self.mix_left is not None and self.mix_right is not None
-            _uniform_(self.mix, 0.5)
-            _uniform_(self.mix_left, 1.0 / math.sqrt(2 * self.rank))
-            _uniform_(self.mix_right, 1.0 / math.sqrt(2 * self.rank))
+            uniform_with_variance_(self.mix, 0.5)
+            uniform_with_variance_(self.mix_left, 1.0 / math.sqrt(2 * self.rank))
+            uniform_with_variance_(self.mix_right, 1.0 / math.sqrt(2 * self.rank))
         if self.bias is not None:
             bound = 1.0 / math.sqrt(self.in_features)
             nn.init.uniform_(self.bias, -bound, bound)
@@ -136,8 +136,8 @@ class LowRankLinear(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        _uniform_(self.down, 1.0 / (3 * self.in_features))
-        _uniform_(self.up, 1.0 / self.rank)
+        uniform_with_variance_(self.down, 1.0 / (3 * self.in_features))
+        uniform_with_variance_(self.up, 1.0 / self.rank)
         if self.bias is not None:
             bound = 1.0 / math.sqrt(self.in_features)
             nn.init.uniform_(self.bias, -bound, bound)
@@ -157,7 +157,7 @@ class LowRankLinear(nn.Module):
         )
 
 
-def _uniform_(tensor: Tensor, variance: float) -> None:
+def uniform_with_variance_(tensor: Tensor, variance: float) -> None:
     """Fill with a zero-mean uniform distribution of the given variance."""
     bound = math.sqrt(3.0 * variance)
     nn.init.uniform_(tensor, -bound, bound)

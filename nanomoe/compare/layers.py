@@ -19,9 +19,9 @@ from nanomoe.budget import (
     MIXINGS,
     Metric,
     Mixing,
-    _largest_rank,
     dense_macs,
     dense_params,
+    largest_rank,
     lowrank_macs,
     lowrank_params,
     lowrank_rank_for_budget,
@@ -30,7 +30,7 @@ from nanomoe.budget import (
     nanomoe_rank_for_budget,
 )
 from nanomoe.compare import LinearFactory
-from nanomoe.layers import LowRankLinear, NanoMoELinear, _uniform_
+from nanomoe.layers import LowRankLinear, NanoMoELinear, uniform_with_variance_
 
 LAYER_KINDS: Tuple[str, ...] = (
     "dense",
@@ -125,8 +125,8 @@ class Monarch(nn.Module):
         expected variance, averaged over entries, is ``(width / blocks^2) * blocks / width *
         blocks / (3 in_features) = 1 / (3 in_features)``.
         """
-        _uniform_(self.left, self.blocks / (3 * self.in_features))
-        _uniform_(self.right, self.blocks / self.width)
+        uniform_with_variance_(self.left, self.blocks / (3 * self.in_features))
+        uniform_with_variance_(self.right, self.blocks / self.width)
         if self.bias is not None:
             bound = 1.0 / math.sqrt(self.in_features)
             nn.init.uniform_(self.bias, -bound, bound)
@@ -264,7 +264,7 @@ def _monarch_width_for_budget(
             f"Monarch with {blocks} blocks: even width {blocks} costs {cost(1)}, "
             f"over the budget of {limit}"
         )
-    return blocks * _largest_rank(cost, limit, "Monarch")
+    return blocks * largest_rank(cost, limit, "Monarch")
 
 
 def describe_layer(module: nn.Module) -> LayerInfo:
