@@ -75,21 +75,19 @@ at::Tensor as_acc(const at::Tensor& t) {
 // contiguous.
 template <typename scalar_t>
 void apply_gate(const Gate<scalar_t>& g, const at::Tensor& src, const at::Tensor& dst) {
-  using acc_t = typename Gate<scalar_t>::acc_t;
   const int64_t tokens = src.size(0);
   if (g.mixing == Mixing::kFull) {
     matmul_into(dst.view({tokens, dst.size(1) * dst.size(2)}),
                 src.view({tokens, src.size(1) * src.size(2)}), g.matrix.t());
     return;
   }
-  const at::Tensor src_acc = as_acc<acc_t>(src);
-  const bool same = std::is_same_v<scalar_t, acc_t>;
-  const at::Tensor dst_acc = same ? dst : at::empty(dst.sizes(), src_acc.options());
-  for_each_block(g.rows.dst_blocks, [&](int64_t d) {
-    gate_rows(g.rows, src_acc.const_data_ptr<acc_t>(), dst_acc.mutable_data_ptr<acc_t>(), tokens,
-              d);
-  });
-  if (!same) dst.copy_(dst_acc);
+  // Rows are read and written in place; bfloat16 is converted row by row inside gate_rows.
+  const at::Tensor src_rows = src.contiguous();
+  const bool in_place = dst.is_contiguous();
+  const at::Tensor dst_rows = in_place ? dst : at::empty(dst.sizes(), dst.options());
+  gate_rows(g.rows, src_rows.const_data_ptr<scalar_t>(), dst_rows.mutable_data_ptr<scalar_t>(),
+            tokens);
+  if (!in_place) dst.copy_(dst_rows);
 }
 
 // Gradients of the forward gate's tensors, summed over every token, given the forward's input

@@ -4,7 +4,6 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/addmm.h>
 #include <ATen/ops/mm.h>
 
 namespace nanomoe::cpu {
@@ -12,12 +11,6 @@ namespace nanomoe::cpu {
 // out = a @ b
 inline void matmul_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
   at::mm_out(out, a, b);
-}
-
-// out = a @ b + bias, bias broadcast over rows
-inline void matmul_bias_into(at::Tensor out, const at::Tensor& bias, const at::Tensor& a,
-                             const at::Tensor& b) {
-  at::addmm_out(out, bias, a, b);
 }
 
 }  // namespace nanomoe::cpu
