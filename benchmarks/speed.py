@@ -28,7 +28,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from plot import plot_rows
 from report import Row, describe, machine_info, print_table
-from timing import copy_gb_per_s, cuda_peak_extra_mib, median_ms
+from timing import copy_gb_per_s, cuda_peak_extra_mib, interleaved_wall_median_ms, median_ms
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -157,6 +157,18 @@ def measure_layer(layer: Layer, x: Tensor, grad_out: Tensor, row: Row, setup: Se
         row.skipped = f"{type(error).__name__}: {first_line[:120]}"
 
 
+def measure_interleaved(
+    layers: list[Layer], x: Tensor, grad_out: Tensor, rows: list[Row], setup: Setup
+) -> None:
+    """CPU: the layers' forwards timed in rounds, one call of each per round, then their
+    forward+backwards likewise, so that the machine's noise hits every layer alike."""
+    calls = [layer_calls(layer, x, grad_out) for layer in layers]
+    forwards = interleaved_wall_median_ms([c[0] for c in calls], setup.repeats, setup.budget_s)
+    both = interleaved_wall_median_ms([c[1] for c in calls], setup.repeats, setup.budget_s)
+    for row, forward_ms, forward_backward_ms in zip(rows, forwards, both):
+        row.forward_ms, row.forward_backward_ms = forward_ms, forward_backward_ms
+
+
 def add_rates(row: Row, copy_gb_per_s: float) -> None:
     """The forward's bandwidth, its fraction of the copy bandwidth, and its arithmetic rate."""
     if row.forward_ms is None:
@@ -194,15 +206,22 @@ def measure_size(size: str, dtype_name: str, setup: Setup, progress: tqdm) -> li
     x = torch.randn(shape.tokens, shape.in_features, dtype=dtype, device=device, requires_grad=True)
     grad_out = torch.ones(shape.tokens, shape.out_features, dtype=dtype, device=device)
     element = dtype.itemsize
-    rows: list[Row] = []
-    for layer in layers_for(shape, dtype, device):
-        progress.set_postfix_str(f"{size} {dtype_name} {layer.name}")
+    layers = layers_for(shape, dtype, device)
+    rows = []
+    for layer in layers:
         moved = (shape.tokens * (shape.in_features + shape.out_features) + layer.params) * element
-        row = Row(size, dtype_name, layer.name, moved, 2 * layer.macs * shape.tokens)
-        measure_layer(layer, x, grad_out, row, setup)
+        rows.append(Row(size, dtype_name, layer.name, moved, 2 * layer.macs * shape.tokens))
+    if device.type == "cpu":
+        progress.set_postfix_str(f"{size} {dtype_name}, all layers in rounds")
+        measure_interleaved(layers, x, grad_out, rows, setup)
+        progress.update(len(layers))
+    else:
+        for layer, row in zip(layers, rows):
+            progress.set_postfix_str(f"{size} {dtype_name} {layer.name}")
+            measure_layer(layer, x, grad_out, row, setup)
+            progress.update()
+    for row in rows:
         add_rates(row, setup.copy_gb_per_s)
-        rows.append(row)
-        progress.update()
     add_ratios(rows)
     return rows
 
