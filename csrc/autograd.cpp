@@ -8,6 +8,7 @@
 #include <array>
 
 #include "checks.h"
+#include "operator_io.h"
 
 namespace nanomoe {
 namespace {
@@ -16,8 +17,6 @@ using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-constexpr size_t kNumInputs = 7;  // x, down, mix, up, bias, mix_left, mix_right
 
 Tensor linear_op(const Tensor& x, const Tensor& down, const Tensor& mix, const Tensor& up,
                  const OptTensor& bias, const OptTensor& mix_left, const OptTensor& mix_right) {
@@ -39,8 +38,6 @@ std::tuple<Tensor, Tensor> linear_forward_op(const Tensor& x, const Tensor& down
                            const OptTensor&, const OptTensor&, const OptTensor&)>();
   return op.call(x, down, mix, up, bias, mix_left, mix_right);
 }
-
-using Grads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
 Grads linear_backward_op(const Tensor& grad_out, const Tensor& x, const Tensor& down,
                          const Tensor& mix, const Tensor& up, const OptTensor& mix_left,

@@ -2,6 +2,8 @@
 
 #include <c10/util/Exception.h>
 
+#include "operator_io.h"
+
 namespace nanomoe {
 namespace {
 
@@ -121,8 +123,7 @@ void check_backward_args(const LinearDims& dims, const at::Tensor& x, const at::
                          const at::Tensor& hidden, bool wants_outer_grads) {
   check_same_placement(x, grad_out, "grad_out");
   check_same_placement(x, hidden, "hidden");
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = dims.out_features;
+  const std::vector<int64_t> out_shape = output_shape(x, dims.out_features);
   TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(out_shape),
                     "nanomoe.linear_backward: grad_out must have shape ",
                     at::IntArrayRef(out_shape), " but has shape ", grad_out.sizes());

@@ -12,6 +12,7 @@
 #include <array>
 
 #include "../checks.h"
+#include "../operator_io.h"
 #include "gate.h"
 #include "matmul.h"
 #include "operands.h"
@@ -22,9 +23,6 @@ namespace {
 
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
-using Grads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
-
-enum Input { kX, kDown, kMix, kUp, kBias, kMixLeft, kMixRight, kNumInputs };
 
 Grads linear_backward_cpu(const Tensor& grad_out_in, const Tensor& x_in, const Tensor& down_in,
                           const Tensor& mix_in, const Tensor& up_in, const OptTensor& left_in,

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "../checks.h"
+#include "../operator_io.h"
 #include "gate.h"
 #include "matmul.h"
 #include "operands.h"
@@ -55,9 +56,7 @@ std::tuple<Tensor, Tensor> forward(const Tensor& x, const Tensor& down_in, const
   const OptTensor bias = bias_in ? OptTensor(bias_in->detach()) : std::nullopt;
   const Tensor x_rows = rows_of(x, dims.in_features);
 
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = dims.out_features;
-  const Tensor out = at::empty(out_shape, x.options());
+  const Tensor out = at::empty(output_shape(x, dims.out_features), x.options());
   const Tensor hidden =
       keep_hidden ? at::empty({dims.tokens, dims.in_blocks, dims.rank}, x.options()) : Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "nanomoe_linear_cpu", [&] {

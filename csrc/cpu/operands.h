@@ -22,11 +22,4 @@ struct Weights {
         mix_right(right_in ? right_in->detach().contiguous() : at::Tensor()) {}
 };
 
-// An activation (..., features) as a (tokens, features) matrix with unit stride along features;
-// copies only when its layout cannot be viewed that way.
-inline at::Tensor rows_of(const at::Tensor& t, int64_t features) {
-  at::Tensor rows = t.detach().reshape({-1, features});
-  return rows.stride(1) == 1 ? rows : rows.contiguous();
-}
-
 }  // namespace nanomoe::cpu

@@ -14,6 +14,7 @@
 #include <array>
 
 #include "../checks.h"
+#include "../operator_io.h"
 #include "kernels.h"
 
 namespace nanomoe::cuda {
@@ -21,9 +22,6 @@ namespace {
 
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
-using Grads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
-
-enum Input { kX, kDown, kMix, kUp, kBias, kMixLeft, kMixRight, kNumInputs };
 
 DType dtype_of(const Tensor& x) {
   switch (x.scalar_type()) {
@@ -38,12 +36,6 @@ DType dtype_of(const Tensor& x) {
 
 cudaStream_t current_stream() {
   return c10::cuda::getCurrentCUDAStream().stream();
-}
-
-// The (tokens, features) rows of x or grad_out, each row contiguous.
-Tensor rows_of(const Tensor& t, int64_t tokens, int64_t features) {
-  Tensor rows = t.reshape({tokens, features});
-  return rows.stride(1) == 1 ? rows : rows.contiguous();
 }
 
 // The parameters as the kernels read them: contiguous, plus the full gate as one dense
@@ -148,16 +140,14 @@ std::tuple<Tensor, Tensor> forward(const Tensor& x, const Tensor& down_in, const
   const LinearDims dims = check_linear_args(x, down_in, mix_in, up_in, bias_in, left_in, right_in);
   check_cuda_dtype(x);
   const c10::cuda::CUDAGuard guard(x.device());
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = dims.out_features;
-  const Tensor out = at::empty(out_shape, x.options());
+  const Tensor out = at::empty(output_shape(x, dims.out_features), x.options());
   Tensor hidden =
       keep_hidden ? at::empty({dims.tokens, dims.in_blocks, dims.rank}, x.options()) : Tensor();
   if (dims.tokens == 0) return {out, hidden};
 
   const Weights w(dims, down_in, mix_in, up_in, left_in, right_in);
   const OptTensor bias = bias_in ? OptTensor(bias_in->contiguous()) : std::nullopt;
-  const Tensor x_rows = rows_of(x, dims.tokens, dims.in_features);
+  const Tensor x_rows = rows_of(x, dims.in_features);
   const Tensor out_rows = out.view({dims.tokens, dims.out_features});
   const Tensor& gate = dims.mixing == Mixing::kFull ? w.dense_mix : w.mix;
   const FusedForwardProblem p{dtype_of(x),
@@ -269,8 +259,8 @@ Grads linear_backward_cuda(const Tensor& grad_out, const Tensor& x, const Tensor
 
   const Weights w(dims, down_in, mix_in, up_in, left_in, right_in);
   const Tensor hidden = hidden_in.contiguous();
-  const Tensor x_rows = rows_of(x, tokens, dims.in_features);
-  const Tensor grad_rows = rows_of(grad_out, tokens, dims.out_features);
+  const Tensor x_rows = rows_of(x, dims.in_features);
+  const Tensor grad_rows = rows_of(grad_out, dims.out_features);
   const int64_t grad_row = grad_rows.stride(0);
   const bool need_gate = needs[kMix] || needs[kMixLeft] || needs[kMixRight];
   const bool need_grad_hidden = needs[kX] || needs[kDown];

@@ -88,8 +88,15 @@ def memory_mib(task: Task, model: nn.Module, batch: tuple) -> float:
     return (4 * params + saved_activation_bytes(task, model, batch)) / 2**20
 
 
-def train(task: Task, factory: LinearFactory, learning_rate: float, seed: int, steps: int) -> Run:
-    """Trains one model from scratch and measures it."""
+def train(
+    task: Task,
+    config: tuple[str, float, LinearFactory],
+    learning_rate: float,
+    seed: int,
+    steps: int,
+) -> Run:
+    """Trains one model of a configuration (kind, budget, factory) from scratch and measures it."""
+    kind, budget, factory = config
     recorder = RecordingFactory(factory)
     torch.manual_seed(seed)
     model = task.build(recorder, seed)
@@ -120,8 +127,8 @@ def train(task: Task, factory: LinearFactory, learning_rate: float, seed: int, s
     layers = [describe_layer(layer) for layer in recorder.made]
     return Run(
         task=task.name,
-        kind="",
-        budget=math.nan,
+        kind=kind,
+        budget=budget,
         learning_rate=learning_rate,
         seed=seed,
         layers=layers,
@@ -168,13 +175,11 @@ def labelled_run(
     steps: int,
     progress: Optional[tqdm],
 ) -> Run:
-    """One training run of a configuration (kind, budget, factory), labelled with it and counted
-    on the progress bar."""
-    kind, budget, factory = config
+    """One training run of a configuration (kind, budget, factory), shown on the progress bar."""
+    kind, budget, _ = config
     if progress is not None:
         progress.set_postfix_str(f"{task.name} {kind} {budget:g} lr={rate:g} seed={seed}")
-    run = train(task, factory, rate, seed, steps)
-    run.kind, run.budget = kind, budget
+    run = train(task, config, rate, seed, steps)
     if progress is not None:
         progress.update()
     return run
