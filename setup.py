@@ -38,7 +38,10 @@ def want_cuda() -> bool:
 
 cpu_sources = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp")
 cuda_sources = sources("csrc/cuda/*.cu") + sources("csrc/cuda/*.cpp")
-cxx_flags = ["-O3", "-fvisibility=hidden"]
+# -fopenmp: at::parallel_for is a header template that runs its body on one thread unless the
+# caller itself is compiled with OpenMP.
+cxx_flags = ["-O3", "-fvisibility=hidden", "-fopenmp"]
+link_flags = ["-fopenmp"]
 
 if want_cuda() and cuda_sources:
     if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
@@ -55,10 +58,13 @@ if want_cuda() and cuda_sources:
         "nanomoe._C",
         cpu_sources + cuda_sources,
         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
+        extra_link_args=link_flags,
     )
     print(f"nanomoe: building CPU + CUDA kernels for {os.environ.get('TORCH_CUDA_ARCH_LIST')}")
 else:
-    extension = CppExtension("nanomoe._C", cpu_sources, extra_compile_args={"cxx": cxx_flags})
+    extension = CppExtension(
+        "nanomoe._C", cpu_sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags
+    )
     print("nanomoe: building CPU kernels only (no CUDA torch or no nvcc, or NANOMOE_CUDA=0)")
 
 setup(

@@ -101,3 +101,35 @@ def test_training_forward_returns_hidden() -> None:
     x_blocks = case.x.reshape(12, 3, 4)
     expected = torch.einsum("tjn,jrn->tjr", x_blocks, case.down)
     torch.testing.assert_close(hidden, expected)
+
+
+# The AVX-512 kernels' edges: the register tile (12 tokens x 32 rows), the thread tile (96 tokens),
+# the switch from reading weights in place to packing them (more than 16 tokens), 16-lane vector
+# tails, and odd depths (bfloat16 multiplies pairs of elements).
+@pytest.mark.parametrize("tokens", [1, 4, 5, 11, 12, 13, 16, 17, 95, 97, 250])
+@pytest.mark.parametrize("mixing", MIXINGS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_tile_edges(tokens: int, mixing: str, dtype: torch.dtype) -> None:
+    for k_out, k_in, n_b, m_b, rank in [(2, 3, 33, 40, 17), (1, 2, 64, 31, 32), (3, 1, 7, 65, 33)]:
+        case = make_case((tokens,), k_out, k_in, n_b, m_b, rank, mixing, dtype)
+        scale = reference64(magnitude(case))
+        label = f"{mixing} {dtype} tokens={tokens} rank={rank} n_b={n_b}"
+        assert_close_to(run(case), reference64(case), dtype, label, scale)
+
+
+@pytest.mark.parametrize("tokens", [3, 16, 200])
+@pytest.mark.parametrize("mixing", MIXINGS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bitwise_same_for_one_and_two_threads(tokens: int, mixing: str, dtype: torch.dtype) -> None:
+    # Threads split tokens (many) or weight rows (few), never a sum: every output element is
+    # computed by the same operations in the same order whatever the thread count.
+    case = make_case((tokens,), 4, 4, 20, 24, 18, mixing, dtype)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = run(case)
+        torch.set_num_threads(2)
+        double = run(case)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(single, double)

@@ -59,7 +59,7 @@ Grads linear_backward_cpu(const Tensor& grad_out_in, const Tensor& x_in, const T
         const auto gate_t = need_grad_hidden ? Gate<scalar_t>::make(dims, w, /*transposed=*/true)
                                              : Gate<scalar_t>{};
 
-        for_each_token_tile(tokens, [&](int64_t begin, int64_t end) {
+        for_each_token_tile(tokens, kBlasTiling, [&](int64_t begin, int64_t end) {
           const int64_t rows = end - begin;
           const Tensor grad_tile = grad_rows.narrow(0, begin, rows);
           if (need_grad_mixed) {

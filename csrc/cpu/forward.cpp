@@ -1,6 +1,7 @@
 // CPU forward: for each token tile, the per-block down-projections, the mixing and the per-block
-// up-projections run back to back, so the tile's intermediates never leave cache. The GEMM-shaped
-// pieces go to ATen's BLAS (MKL / oneDNN) on strided views: no transposed copies of activations.
+// up-projections run back to back, so the tile's intermediates never leave cache. float32 and
+// bfloat16 on CPUs with AVX-512 run the project's own kernels (projected_forward.h); every other
+// case sends the GEMM-shaped pieces to ATen's BLAS (MKL / oneDNN) on strided views.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -12,6 +13,7 @@
 #include "matmul.h"
 #include "operands.h"
 #include "parallel.h"
+#include "projected_forward.h"
 
 namespace nanomoe::cpu {
 namespace {
@@ -25,7 +27,7 @@ void forward_tiles(const LinearDims& dims, const Tensor& x_rows, const Tensor& d
                    const Gate<scalar_t>& gate, const Tensor& up, const OptTensor& bias,
                    const Tensor& out, const Tensor* hidden_all) {
   const int64_t n_b = dims.in_block, m_b = dims.out_block, r = dims.rank;
-  for_each_token_tile(dims.tokens, [&](int64_t begin, int64_t end) {
+  for_each_token_tile(dims.tokens, kBlasTiling, [&](int64_t begin, int64_t end) {
     const int64_t rows = end - begin;
     const Tensor hidden = hidden_all ? hidden_all->narrow(0, begin, rows)
                                      : at::empty({rows, dims.in_blocks, r}, x_rows.options());
@@ -59,10 +61,15 @@ std::tuple<Tensor, Tensor> forward(const Tensor& x, const Tensor& down_in, const
   const Tensor out = at::empty(output_shape(x, dims.out_features), x.options());
   const Tensor hidden =
       keep_hidden ? at::empty({dims.tokens, dims.in_blocks, dims.rank}, x.options()) : Tensor();
+  const Tensor out_rows = out.view({dims.tokens, dims.out_features});
+  if (runs_projected(x.scalar_type())) {
+    const Tensor bias_float = bias ? bias->to(at::kFloat).contiguous() : Tensor();
+    projected_forward(dims, x_rows, w, bias_float, out_rows, hidden);
+    return {out, hidden};
+  }
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "nanomoe_linear_cpu", [&] {
     const auto gate = Gate<scalar_t>::make(dims, w, /*transposed=*/false);
-    forward_tiles<scalar_t>(dims, x_rows, w.down, gate, w.up, bias,
-                            out.view({dims.tokens, dims.out_features}),
+    forward_tiles<scalar_t>(dims, x_rows, w.down, gate, w.up, bias, out_rows,
                             keep_hidden ? &hidden : nullptr);
   });
   return {out, hidden};

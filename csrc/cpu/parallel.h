@@ -13,26 +13,32 @@
 
 namespace nanomoe::cpu {
 
-// Largest tile. Each tile makes 2 K GEMM calls through ATen, whose fixed cost dominates small
+// How a kernel cuts its tokens: tiles of at most max_tokens (a multiple of `multiple`), run in
+// parallel unless the batch has at most sequential_tokens tokens.
+struct Tiling {
+  int64_t max_tokens, multiple, sequential_tokens;
+};
+
+// ATen's GEMMs: each tile makes 2 K GEMM calls through ATen, whose fixed cost dominates small
 // tiles: measured at B=4096, in=out=1024, r=64, K=8 (float32, 2 threads), forward 11.6 ms with
 // 256-token tiles and 8.8 ms with 1024. A tile's intermediates (tokens x K x r) still fit in L2.
-constexpr int64_t kMaxTileTokens = 1024;
-// Batches up to this many tokens run as one tile with parallel block loops.
-constexpr int64_t kSmallBatchTokens = 64;
+// Batches up to 64 tokens run as one tile with parallel block loops.
+constexpr Tiling kBlasTiling{1024, 8, 64};
 
 // Runs fn(begin, end) over the token tiles of [0, tokens).
 template <typename F>
-void for_each_token_tile(int64_t tokens, const F& fn) {
+void for_each_token_tile(int64_t tokens, const Tiling& tiling, const F& fn) {
   if (tokens == 0) return;
   const int64_t threads = at::get_num_threads();
-  if (tokens <= kSmallBatchTokens || threads == 1) {
-    for (int64_t begin = 0; begin < tokens; begin += kMaxTileTokens) {
-      fn(begin, std::min(tokens, begin + kMaxTileTokens));
+  if (tokens <= tiling.sequential_tokens || threads == 1) {
+    for (int64_t begin = 0; begin < tokens; begin += tiling.max_tokens) {
+      fn(begin, std::min(tokens, begin + tiling.max_tokens));
     }
     return;
   }
   const int64_t per_thread = (tokens + threads - 1) / threads;
-  const int64_t tile = std::min(kMaxTileTokens, (per_thread + 7) / 8 * 8);
+  const int64_t rounded = (per_thread + tiling.multiple - 1) / tiling.multiple * tiling.multiple;
+  const int64_t tile = std::min(tiling.max_tokens, rounded);
   const int64_t num_tiles = (tokens + tile - 1) / tile;
   at::parallel_for(0, num_tiles, 1, [&](int64_t first, int64_t last) {
     // Worker threads do not inherit the caller's dispatch state: keep autograd out of the views

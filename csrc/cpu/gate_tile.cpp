@@ -1,0 +1,175 @@
+// AVX-512 mixing (see gate_tile.h): four tokens at a time, each destination block 16 lanes at a
+// time in registers, summed over the source blocks; each load of the gate serves the four tokens.
+// Their source rows (converted to float32 once when they are bfloat16) and the gate stay in L1.
+#include "gate_tile.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+// GCC 12's _mm512_reduce_add_ps starts from an undefined vector, and -Wmaybe-uninitialized
+// reports it once per inlined call; the lanes it leaves undefined are never read.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+#define NANOMOE_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+
+namespace nanomoe::cpu::gate_tile {
+namespace {
+
+NANOMOE_AVX512 inline __mmask16 first_lanes(int64_t n) {
+  return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+}
+
+constexpr int kGroupTokens = 4;  // tokens that share each load of the gate
+
+template <typename T>
+NANOMOE_AVX512 inline void store(T* y, __mmask16 lanes, __m512 value) {
+  if constexpr (std::is_same_v<T, float>) {
+    _mm512_mask_storeu_ps(y, lanes, value);
+  } else {
+    _mm256_mask_storeu_epi16(y, lanes, (__m256i)_mm512_cvtneps_pbh(value));
+  }
+}
+
+template <bool kMasked>
+NANOMOE_AVX512 inline __m512 load(__mmask16 lanes, const float* from) {
+  return kMasked ? _mm512_maskz_loadu_ps(lanes, from) : _mm512_loadu_ps(from);
+}
+
+// Lanes [c, c + 16) of destination block d for kTokens tokens: float32 source rows at
+// x + t * x_row; for diagonal_outer, dots[t * src_blocks + s] = <right_ds, x_ts>. kMasked: the
+// block's last, partial 16 lanes.
+template <int kVariant, int kTokens, bool kMasked, typename T>
+NANOMOE_AVX512 inline void mix_lanes(const GateRows<float>& g, const float* x, int64_t x_row,
+                                     const float* dots, T* y, int64_t y_row, int64_t d, int64_t c) {
+  const int64_t r = g.rank;
+  const __mmask16 lanes = kMasked ? first_lanes(r - c) : __mmask16(0xFFFF);
+  __m512 acc[kTokens];
+  for (int t = 0; t < kTokens; ++t) acc[t] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < g.src_blocks; ++s) {
+    const int64_t pair = d * g.dst_stride + s * g.src_stride;
+    const __m512 weight =
+        kVariant == 0 ? _mm512_set1_ps(g.mix[pair]) : load<kMasked>(lanes, g.mix + pair + c);
+#pragma GCC unroll 4
+    for (int t = 0; t < kTokens; ++t) {
+      acc[t] = _mm512_fmadd_ps(weight, load<kMasked>(lanes, x + t * x_row + s * r + c), acc[t]);
+    }
+    if constexpr (kVariant == 2) {
+      const __m512 left = load<kMasked>(lanes, g.left + pair + c);
+#pragma GCC unroll 4
+      for (int t = 0; t < kTokens; ++t) {
+        acc[t] = _mm512_fmadd_ps(left, _mm512_set1_ps(dots[t * g.src_blocks + s]), acc[t]);
+      }
+    }
+  }
+  for (int t = 0; t < kTokens; ++t) store(y + t * y_row + c, lanes, acc[t]);
+}
+
+template <int kVariant, int kTokens, typename T>
+NANOMOE_AVX512 void mix_group(const GateRows<float>& g, const float* x, int64_t x_row, float* dots,
+                              T* y, int64_t y_row) {
+  const int64_t r = g.rank;
+  for (int64_t d = 0; d < g.dst_blocks; ++d) {
+    if constexpr (kVariant == 2) {  // <right_ds, x_ts>, before the lanes need them
+      for (int t = 0; t < kTokens; ++t) {
+        for (int64_t s = 0; s < g.src_blocks; ++s) {
+          const float* right = g.right + d * g.dst_stride + s * g.src_stride;
+          __m512 acc = _mm512_setzero_ps();
+          for (int64_t c = 0; c < r; c += 16) {
+            const __mmask16 lanes = first_lanes(r - c);
+            acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(lanes, right + c),
+                                  _mm512_maskz_loadu_ps(lanes, x + t * x_row + s * r + c), acc);
+          }
+          dots[t * g.src_blocks + s] = _mm512_reduce_add_ps(acc);
+        }
+      }
+    }
+    int64_t c = 0;
+    for (; c + 16 <= r; c += 16) {
+      mix_lanes<kVariant, kTokens, false>(g, x, x_row, dots, y + d * r, y_row, d, c);
+    }
+    if (c < r) mix_lanes<kVariant, kTokens, true>(g, x, x_row, dots, y + d * r, y_row, d, c);
+  }
+}
+
+template <int kVariant, typename T>
+NANOMOE_AVX512 void mix_tokens(const GateRows<float>& g, const T* src, T* dst, int64_t tokens) {
+  const int64_t r = g.rank, src_row = g.src_blocks * r, dst_row = g.dst_blocks * r;
+  constexpr bool kConvert = !std::is_same_v<T, float>;
+  std::vector<float> buffer((kConvert ? kGroupTokens * src_row : 0) + kGroupTokens * g.src_blocks);
+  float* dots = buffer.data();
+  float* converted = buffer.data() + kGroupTokens * g.src_blocks;
+  for (int64_t t = 0; t < tokens; t += kGroupTokens) {
+    const int64_t group = std::min<int64_t>(kGroupTokens, tokens - t);
+    const float* x;
+    if constexpr (kConvert) {  // bfloat16 bits are the high half of float32's
+      for (int64_t c = 0; c < group * src_row; c += 16) {
+        const __mmask16 lanes = first_lanes(group * src_row - c);
+        const __m256i bits = _mm256_maskz_loadu_epi16(lanes, src + t * src_row + c);
+        const __m512i wide = _mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16);
+        _mm512_mask_storeu_ps(converted + c, lanes, _mm512_castsi512_ps(wide));
+      }
+      x = converted;
+    } else {
+      x = src + t * src_row;
+    }
+    T* y = dst + t * dst_row;
+    switch (group) {
+      case 4:
+        mix_group<kVariant, 4>(g, x, src_row, dots, y, dst_row);
+        break;
+      case 3:
+        mix_group<kVariant, 3>(g, x, src_row, dots, y, dst_row);
+        break;
+      case 2:
+        mix_group<kVariant, 2>(g, x, src_row, dots, y, dst_row);
+        break;
+      default:
+        mix_group<kVariant, 1>(g, x, src_row, dots, y, dst_row);
+        break;
+    }
+  }
+}
+
+template <typename T>
+void mix_any(const GateRows<float>& g, const T* src, T* dst, int64_t tokens) {
+  switch (g.variant) {
+    case 0:
+      return mix_tokens<0>(g, src, dst, tokens);
+    case 1:
+      return mix_tokens<1>(g, src, dst, tokens);
+    default:
+      return mix_tokens<2>(g, src, dst, tokens);
+  }
+}
+
+}  // namespace
+
+void mix(const GateRows<float>& g, const float* src, float* dst, int64_t tokens) {
+  mix_any(g, src, dst, tokens);
+}
+
+void mix(const GateRows<float>& g, const uint16_t* src, uint16_t* dst, int64_t tokens) {
+  mix_any(g, src, dst, tokens);
+}
+
+}  // namespace nanomoe::cpu::gate_tile
+
+#else  // not x86-64: projection::runs_float() is false, so this is never reached
+
+#include <cstdlib>
+
+namespace nanomoe::cpu::gate_tile {
+void mix(const GateRows<float>&, const float*, float*, int64_t) {
+  std::abort();
+}
+void mix(const GateRows<float>&, const uint16_t*, uint16_t*, int64_t) {
+  std::abort();
+}
+}  // namespace nanomoe::cpu::gate_tile
+
+#endif

@@ -1,0 +1,17 @@
+// The elementwise gates applied to a token tile with AVX-512, for the forward of
+// projected_forward.h (raw pointers only, like projection.h, for the same reason).
+#pragma once
+
+#include <cstdint>
+
+#include "gate_layout.h"
+
+namespace nanomoe::cpu::gate_tile {
+
+// dst[t, d, :] = sum_s G_ds src[t, s, :] for t < tokens and every dst block d, src and dst
+// contiguous (tokens, blocks, rank); bfloat16 as its bits, summed in float32. Callers check
+// projection::runs_float() / runs_bfloat16() first.
+void mix(const GateRows<float>& g, const float* src, float* dst, int64_t tokens);
+void mix(const GateRows<float>& g, const uint16_t* src, uint16_t* dst, int64_t tokens);
+
+}  // namespace nanomoe::cpu::gate_tile
