@@ -112,7 +112,7 @@ void few_tokens(const Layer<scalar_t>& layer, const std::optional<Gate<scalar_t>
                              hid + j * r + first, layer.hidden_row());
   });
   if (gate) {
-    apply_gate(*gate, hidden, mixed);
+    gate_tile::mix(gate->rows, hid, mid, tokens);
   } else {
     for_each_row_task(d.out_blocks, r, [&](int64_t i, int64_t first, int64_t last) {
       projection::project_rows(tokens, hid, layer.hidden_row(),
