@@ -80,3 +80,71 @@ def test_no_grad_keeps_nothing_and_matches() -> None:
         out = torch.ops.nanomoe.linear(*case.args())
     assert out.grad_fn is None
     assert torch.equal(out, torch.ops.nanomoe.linear(*case.args()).detach())
+
+
+# The AVX-512 backward's edges: from 17 tokens on (fewer keep ATen's BLAS), the register tile
+# (12 rows x 32 columns), the thread tile (192 tokens, the depth of each weight-gradient sum),
+# 16-lane tails and odd depths (bfloat16 multiplies pairs of tokens and of features).
+@pytest.mark.parametrize("tokens", [17, 23, 191, 193, 397])
+@pytest.mark.parametrize("mixing", MIXINGS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_tile_edges(tokens: int, mixing: str, dtype: torch.dtype) -> None:
+    generator = torch.Generator().manual_seed(tokens)
+    for k_out, k_in, n_b, m_b, rank in [(2, 3, 33, 40, 17), (1, 2, 64, 31, 32), (3, 1, 7, 65, 33)]:
+        case = make_case((tokens,), k_out, k_in, n_b, m_b, rank, mixing, dtype, True, generator)
+        grad_out = torch.randn(tokens, k_out * m_b, generator=generator, dtype=torch.float64)
+        got = grads_of(torch.ops.nanomoe.linear, case, grad_out.to(dtype))
+        expected = grads_of(nanomoe_linear_reference, case.map(torch.Tensor.double), grad_out)
+        scale = grads_of(nanomoe_linear_reference, magnitude(case), grad_out.abs())
+        for name, grad in got.items():
+            label = f"grad of {name}, {mixing} {dtype} tokens={tokens} rank={rank} n_b={n_b}"
+            assert_close_to(grad, expected[name], dtype, label, scale[name])
+
+
+@pytest.mark.parametrize("mixing", MIXINGS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("wanted", [("x",), ("down", "up"), ("mix", "mix_left"), ("bias",)])
+def test_kernel_computes_only_requested(mixing: str, dtype: torch.dtype, wanted: tuple) -> None:
+    case = make_case((300,), 3, 2, 5, 4, 3, mixing, dtype)
+    grad_out = torch.randn(300, 12, dtype=dtype)
+    got = grads_of(torch.ops.nanomoe.linear, case, grad_out, wanted)
+    expected = grads_of(nanomoe_linear_reference, case.map(torch.Tensor.double), grad_out.double())
+    for name in NAMES:
+        if name in got and name in wanted:
+            assert_close_to(got[name], expected[name], dtype, name)
+        elif name in got:
+            assert got[name] is None, f"{name} got a gradient it did not ask for"
+
+
+def test_kernel_reads_strided_inputs() -> None:
+    case = make_case((200,), 2, 2, 16, 16, 8, "diagonal", torch.float32)
+    wide = torch.randn(200, 64)
+    case.x = wide[:, ::2]  # rows 64 apart, elements 2 apart
+    grad_out = torch.randn(32, 200).t()  # column-major
+    got = grads_of(torch.ops.nanomoe.linear, case, grad_out)
+    expected = grads_of(nanomoe_linear_reference, case.map(torch.Tensor.double), grad_out.double())
+    for name, grad in got.items():
+        assert_close_to(grad, expected[name], torch.float32, f"grad of {name}")
+
+
+@pytest.mark.parametrize("mixing", MIXINGS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_gradients_repeat_bitwise_and_agree_across_threads(
+    mixing: str, dtype: torch.dtype
+) -> None:
+    # Each thread sums its own tiles' weight gradients and the threads' sums are added in order:
+    # a fixed thread count gives the same bits every run; another count sums in another order.
+    case = make_case((500,), 3, 2, 20, 24, 18, mixing, dtype)
+    grad_out = torch.randn(500, 72, dtype=dtype)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        first = grads_of(torch.ops.nanomoe.linear, case, grad_out)
+        again = grads_of(torch.ops.nanomoe.linear, case, grad_out)
+        torch.set_num_threads(1)
+        single = grads_of(torch.ops.nanomoe.linear, case, grad_out)
+    finally:
+        torch.set_num_threads(threads)
+    for name, grad in first.items():
+        assert torch.equal(grad, again[name]), name
+        assert_close_to(single[name], grad.double(), dtype, f"grad of {name}, 1 against 2 threads")

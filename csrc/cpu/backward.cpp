@@ -17,6 +17,8 @@
 #include "matmul.h"
 #include "operands.h"
 #include "parallel.h"
+#include "projected_backward.h"
+#include "projected_forward.h"
 
 namespace nanomoe::cpu {
 namespace {
@@ -34,6 +36,13 @@ Grads linear_backward_cpu(const Tensor& grad_out_in, const Tensor& x_in, const T
   check_cpu_dtype(x_in);
 
   const Weights w(down_in, mix_in, up_in, left_in, right_in);
+  if (runs_projected(x_in.scalar_type()) && dims.tokens >= kProjectedBackwardTokens) {
+    Grads grads = projected_backward(dims, rows_of(grad_out_in, dims.out_features),
+                                     rows_of(x_in, dims.in_features), w,
+                                     hidden_in.detach().contiguous(), needs);
+    if (needs[kX]) std::get<kX>(grads) = std::get<kX>(grads).view(x_in.sizes());
+    return grads;
+  }
   const Tensor &down = w.down, &up = w.up;
   const Tensor hidden = hidden_in.detach().contiguous();
   const Tensor x_rows = rows_of(x_in, dims.in_features);

@@ -63,7 +63,10 @@ struct FloatOps {
   using T = float;
   using Vec = __m512;
   static constexpr int kStep = 1;
-  NANOMOE_AVX512 static Vec load(const T* p) { return _mm512_loadu_ps(p); }
+  // The 16 steps' lanes at p; lanes off in `lanes` read as zeros.
+  NANOMOE_AVX512 static Vec load(__mmask16 lanes, const T* p) {
+    return _mm512_maskz_loadu_ps(lanes, p);
+  }
   // Elements [0, n) of the 16 at p, zeros beyond.
   NANOMOE_AVX512 static Vec load_first(const T* p, int64_t n) {
     return _mm512_maskz_loadu_ps(first_lanes(n), p);
@@ -75,13 +78,18 @@ struct FloatOps {
     _mm512_mask_storeu_ps(out, lanes, value);
   }
   static T from_float(float value) { return value; }
+  NANOMOE_AVX512 static __m512 load_float(__mmask16 lanes, const T* p) {
+    return _mm512_maskz_loadu_ps(lanes, p);
+  }
 };
 
 struct BFloat16Ops {
   using T = uint16_t;
   using Vec = __m512bh;
   static constexpr int kStep = 2;
-  NANOMOE_AVX512 static Vec load(const T* p) { return (Vec)_mm512_loadu_si512(p); }
+  NANOMOE_AVX512 static Vec load(__mmask16 lanes, const T* p) {
+    return (Vec)_mm512_maskz_loadu_epi32(lanes, p);
+  }
   // Elements [0, n) of the 32 at p, zeros beyond.
   NANOMOE_AVX512 static Vec load_first(const T* p, int64_t n) {
     const __mmask32 lanes = n >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << n) - 1);
@@ -101,6 +109,11 @@ struct BFloat16Ops {
     _mm256_mask_storeu_epi16(out, lanes, (__m256i)_mm512_cvtneps_pbh(value));
   }
   static T from_float(float value) { return to_bfloat16(value); }
+  // 16 elements widened to float32 (bfloat16 bits are float32's high half).
+  NANOMOE_AVX512 static __m512 load_float(__mmask16 lanes, const T* p) {
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+  }
 };
 
 template <typename T>
@@ -121,43 +134,81 @@ int64_t panel_size(const WeightRows<uint16_t>& w) {  // odd depths padded to who
   return (w.depth() + 1) / 2 * 2 * kPanelRows;
 }
 
-// ---- project_packed ------------------------------------------------------------------------
+// ---- the register tile ----------------------------------------------------------------------
 
-// One register tile: tokens [0, kTokens) x the panel's 32 columns (lanes lo of the first 16,
-// hi of the next 16 are stored).
+// The tile's left operand: element (t, k) at data + t * row_stride + k * k_stride. For bfloat16,
+// k is even and the pair (k, k + 1) must lie side by side there (k_stride 1, or a paired layout).
+template <typename T>
+struct Input {
+  const T* data;
+  int64_t row_stride, k_stride;
+  Input at(int64_t t) const { return {data + t * row_stride, row_stride, k_stride}; }
+};
+
+// Where the sums go: rounded to T, plus the bias (may be null) ...
+template <typename Ops>
+struct Store {
+  using T = typename Ops::T;
+  T* out;
+  int64_t stride;
+  const float* bias;
+  Store at(int64_t t, int64_t c) const {
+    return {out + t * stride + c, stride, bias ? bias + c : nullptr};
+  }
+  NANOMOE_AVX512 void put(int t, int half, __mmask16 lanes, __m512 sum) const {
+    if (bias) sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps(lanes, bias + 16 * half));
+    Ops::store(out + t * stride + 16 * half, lanes, sum);
+  }
+};
+
+// ... or added into float32 sums (the weight gradients, summed tile by tile).
+struct Accumulate {
+  float* sums;
+  int64_t stride;
+  Accumulate at(int64_t t, int64_t c) const { return {sums + t * stride + c, stride}; }
+  NANOMOE_AVX512 void put(int t, int half, __mmask16 lanes, __m512 sum) const {
+    float* at = sums + t * stride + 16 * half;
+    _mm512_mask_storeu_ps(at, lanes, _mm512_add_ps(_mm512_maskz_loadu_ps(lanes, at), sum));
+  }
+};
+
+// One register tile: rows [0, kTokens) of the input x one panel of 32 weight columns, whose
+// step k lies at panel + k * panel_stride (columns side by side, the second 16 kStep * 16
+// further); lanes lo of the first 16 columns and hi of the second exist.
 template <typename Ops, int kTokens>
 struct Tile {
   using T = typename Ops::T;
   using Accumulators = __m512[kTokens][2];
 
-  NANOMOE_AVX512 static void run(int64_t depth, const T* in, int64_t in_stride, const T* panel,
-                                 const float* bias, T* out, int64_t out_stride, __mmask16 lo,
-                                 __mmask16 hi) {
+  template <typename Out>
+  NANOMOE_AVX512 static void run(int64_t depth, Input<T> in, const T* panel, int64_t panel_stride,
+                                 __mmask16 lo, __mmask16 hi, const Out& out) {
     Accumulators acc;
 #pragma GCC unroll 16
     for (int t = 0; t < kTokens; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
     const int64_t whole = depth / Ops::kStep * Ops::kStep;
-    for (int64_t k = 0; k < whole; k += Ops::kStep) step<false>(acc, in, in_stride, panel, k);
-    if (whole < depth) step<true>(acc, in, in_stride, panel, whole);
-    const __m512 bias0 = bias ? _mm512_maskz_loadu_ps(lo, bias) : _mm512_setzero_ps();
-    const __m512 bias1 = bias ? _mm512_maskz_loadu_ps(hi, bias + 16) : _mm512_setzero_ps();
+    for (int64_t k = 0; k < whole; k += Ops::kStep) {
+      step<false>(acc, in, panel + k * panel_stride, lo, hi, k);
+    }
+    if (whole < depth) step<true>(acc, in, panel + whole * panel_stride, lo, hi, whole);
 #pragma GCC unroll 16
     for (int t = 0; t < kTokens; ++t) {
-      Ops::store(out + t * out_stride, lo, _mm512_add_ps(acc[t][0], bias0));
-      Ops::store(out + t * out_stride + 16, hi, _mm512_add_ps(acc[t][1], bias1));
+      out.put(t, 0, lo, acc[t][0]);
+      out.put(t, 1, hi, acc[t][1]);
     }
   }
 
-  // One step k of the reduction for every token; kLast: the odd depth's lone last element.
+  // One step k of the reduction for every row; kLast: the odd depth's lone last element.
   template <bool kLast>
-  NANOMOE_AVX512 __attribute__((always_inline)) static void step(Accumulators& acc, const T* in,
-                                                                 int64_t in_stride, const T* panel,
-                                                                 int64_t k) {
-    const auto b0 = Ops::load(panel + k * kPanelRows);
-    const auto b1 = Ops::load(panel + k * kPanelRows + Ops::kStep * 16);  // the next 16 columns
+  NANOMOE_AVX512 __attribute__((always_inline)) static void step(Accumulators& acc,
+                                                                 const Input<T>& in,
+                                                                 const T* columns, __mmask16 lo,
+                                                                 __mmask16 hi, int64_t k) {
+    const auto b0 = Ops::load(lo, columns);
+    const auto b1 = Ops::load(hi, columns + Ops::kStep * 16);
 #pragma GCC unroll 16
     for (int t = 0; t < kTokens; ++t) {
-      const T* a_at = in + t * in_stride + k;
+      const T* a_at = in.data + t * in.row_stride + k * in.k_stride;
       const auto a = kLast ? Ops::broadcast_last(a_at) : Ops::broadcast_step(a_at);
       acc[t][0] = Ops::madd(acc[t][0], a, b0);
       acc[t][1] = Ops::madd(acc[t][1], a, b1);
@@ -234,24 +285,21 @@ void pack_rows(const WeightRows<T>& w, T* packed) {
   }
 }
 
-// Panel by panel (the panel stays in L1 while every token passes), tokens kTileTokens at a time.
-template <typename T>
-void project_panels(int64_t tokens, const T* in, int64_t in_stride, const T* packed, int64_t rows,
-                    int64_t depth, const float* bias, T* out, int64_t out_stride) {
+// Panel by panel (the panel stays in L1 while every row passes), rows kTileTokens at a time.
+// Panel p starts at w + p * panel_offset, its step k panel_stride further per k.
+template <typename T, typename Out>
+void project_panels(int64_t tokens, int64_t depth, int64_t cols, Input<T> in, const T* w,
+                    int64_t panel_offset, int64_t panel_stride, const Out& out) {
   using Ops = typename OpsOf<T>::type;
-  const int64_t size = panel_size(WeightRows<T>{nullptr, rows, 1, depth, depth, 0});
-  for (int64_t p = 0; p < panels_of(rows); ++p) {
-    const int64_t first = p * kPanelRows, cols = std::min(kPanelRows, rows - first);
-    const __mmask16 lo = first_lanes(cols), hi = first_lanes(cols - 16);
-    const T* panel = packed + p * size;
-    const float* panel_bias = bias ? bias + first : nullptr;
+  for (int64_t p = 0; p < panels_of(cols); ++p) {
+    const int64_t first = p * kPanelRows, width = std::min(kPanelRows, cols - first);
+    const __mmask16 lo = first_lanes(width), hi = first_lanes(width - 16);
+    const T* panel = w + p * panel_offset;
     int64_t t = 0;
     for (; t + kTileTokens <= tokens; t += kTileTokens) {
-      Tile<Ops, kTileTokens>::run(depth, in + t * in_stride, in_stride, panel, panel_bias,
-                                  out + t * out_stride + first, out_stride, lo, hi);
+      Tile<Ops, kTileTokens>::run(depth, in.at(t), panel, panel_stride, lo, hi, out.at(t, first));
     }
-    tail_tile<Ops>(tokens - t, depth, in + t * in_stride, in_stride, panel, panel_bias,
-                   out + t * out_stride + first, out_stride, lo, hi);
+    tail_tile<Ops>(tokens - t, depth, in.at(t), panel, panel_stride, lo, hi, out.at(t, first));
   }
 }
 
@@ -267,6 +315,66 @@ void project_dot_rows(int64_t tokens, const T* in, int64_t in_stride, const Weig
       kDot[std::min<int64_t>(kDotTokens, tokens - t) - 1](in + t * in_stride, in_stride, w, c0,
                                                           bias, out + t * out_stride, out_stride);
     }
+  }
+}
+
+template <typename T>
+void project_from_packed(int64_t tokens, const T* in, int64_t in_stride, const T* packed,
+                         int64_t rows, int64_t depth, const float* bias, T* out,
+                         int64_t out_stride) {
+  using Ops = typename OpsOf<T>::type;
+  const int64_t size = panel_size(WeightRows<T>{nullptr, rows, 1, depth, depth, 0});
+  project_panels(tokens, depth, rows, Input<T>{in, in_stride, 1}, packed, size, kPanelRows,
+                 Store<Ops>{out, out_stride, bias});
+}
+
+// A panel of 32 columns of a matrix by steps begins kStep * 32 elements after the previous one.
+template <typename T>
+void project_by_steps(int64_t tokens, const T* in, int64_t in_stride, Steps<T> w, int64_t cols,
+                      int64_t depth, T* out, int64_t out_stride) {
+  using Ops = typename OpsOf<T>::type;
+  project_panels(tokens, depth, cols, Input<T>{in, in_stride, 1}, w.data, Ops::kStep * kPanelRows,
+                 w.stride, Store<Ops>{out, out_stride, nullptr});
+}
+
+// The rows of the tile are a's columns: (a_col, k) at a.data + a_col * kStep + k * a.stride.
+template <typename T>
+void accumulate_steps(int64_t depth, Steps<T> a, int64_t a_cols, Steps<T> b, int64_t b_cols,
+                      float* sums, int64_t sums_stride) {
+  constexpr int64_t kStep = OpsOf<T>::type::kStep;
+  project_panels(a_cols, depth, b_cols, Input<T>{a.data, kStep, a.stride}, b.data,
+                 kStep * kPanelRows, b.stride, Accumulate{sums, sums_stride});
+}
+
+// Rows k and k + 1 of src side by side, one 32-bit pair per column: the first row's bits low.
+NANOMOE_AVX512 void pair_rows(int64_t steps, int64_t cols, const uint16_t* src, int64_t src_stride,
+                              uint16_t* dst) {
+  for (int64_t k = 0; k < steps; k += 2) {
+    const uint16_t* first = src + k * src_stride;
+    const uint16_t* second = k + 1 < steps ? first + src_stride : nullptr;
+    uint16_t* pairs = dst + k * cols;
+    for (int64_t c = 0; c < cols; c += 16) {
+      const __mmask16 lanes = first_lanes(cols - c);
+      const __m512i low = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, first + c));
+      const __m512i high = second
+                               ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, second + c))
+                               : _mm512_setzero_si512();
+      _mm512_mask_storeu_epi32(pairs + 2 * c, lanes,
+                               _mm512_or_si512(low, _mm512_slli_epi32(high, 16)));
+    }
+  }
+}
+
+template <typename Ops>
+NANOMOE_AVX512 void column_sums(int64_t tokens, int64_t cols, const typename Ops::T* in,
+                                int64_t stride, float* sums) {
+  for (int64_t c = 0; c < cols; c += 16) {
+    const __mmask16 lanes = first_lanes(cols - c);
+    __m512 sum = _mm512_maskz_loadu_ps(lanes, sums + c);
+    for (int64_t t = 0; t < tokens; ++t) {
+      sum = _mm512_add_ps(sum, Ops::load_float(lanes, in + t * stride + c));
+    }
+    _mm512_mask_storeu_ps(sums + c, lanes, sum);
   }
 }
 
@@ -301,12 +409,48 @@ void pack(const WeightRows<uint16_t>& w, uint16_t* packed) {
 void project_packed(int64_t tokens, const float* in, int64_t in_stride, const float* packed,
                     int64_t rows, int64_t depth, const float* bias, float* out,
                     int64_t out_stride) {
-  project_panels(tokens, in, in_stride, packed, rows, depth, bias, out, out_stride);
+  project_from_packed(tokens, in, in_stride, packed, rows, depth, bias, out, out_stride);
 }
 void project_packed(int64_t tokens, const uint16_t* in, int64_t in_stride, const uint16_t* packed,
                     int64_t rows, int64_t depth, const float* bias, uint16_t* out,
                     int64_t out_stride) {
-  project_panels(tokens, in, in_stride, packed, rows, depth, bias, out, out_stride);
+  project_from_packed(tokens, in, in_stride, packed, rows, depth, bias, out, out_stride);
+}
+
+int64_t paired_size(int64_t steps, int64_t cols) {
+  return (steps + 1) / 2 * 2 * cols;
+}
+
+void pair_steps(int64_t steps, int64_t cols, const uint16_t* src, int64_t src_stride,
+                uint16_t* dst) {
+  pair_rows(steps, cols, src, src_stride, dst);
+}
+
+void project_steps(int64_t tokens, const float* in, int64_t in_stride, Steps<float> w, int64_t cols,
+                   int64_t depth, float* out, int64_t out_stride) {
+  project_by_steps(tokens, in, in_stride, w, cols, depth, out, out_stride);
+}
+void project_steps(int64_t tokens, const uint16_t* in, int64_t in_stride, Steps<uint16_t> w,
+                   int64_t cols, int64_t depth, uint16_t* out, int64_t out_stride) {
+  project_by_steps(tokens, in, in_stride, w, cols, depth, out, out_stride);
+}
+
+void accumulate_products(int64_t depth, Steps<float> a, int64_t a_cols, Steps<float> b,
+                         int64_t b_cols, float* sums, int64_t sums_stride) {
+  accumulate_steps(depth, a, a_cols, b, b_cols, sums, sums_stride);
+}
+void accumulate_products(int64_t depth, Steps<uint16_t> a, int64_t a_cols, Steps<uint16_t> b,
+                         int64_t b_cols, float* sums, int64_t sums_stride) {
+  accumulate_steps(depth, a, a_cols, b, b_cols, sums, sums_stride);
+}
+
+void accumulate_columns(int64_t tokens, int64_t cols, const float* in, int64_t stride,
+                        float* sums) {
+  column_sums<FloatOps>(tokens, cols, in, stride, sums);
+}
+void accumulate_columns(int64_t tokens, int64_t cols, const uint16_t* in, int64_t stride,
+                        float* sums) {
+  column_sums<BFloat16Ops>(tokens, cols, in, stride, sums);
 }
 
 void project_rows(int64_t tokens, const float* in, int64_t in_stride, const WeightRows<float>& w,
@@ -358,6 +502,33 @@ void project_rows(int64_t, const float*, int64_t, const WeightRows<float>&, cons
 }
 void project_rows(int64_t, const uint16_t*, int64_t, const WeightRows<uint16_t>&, const float*,
                   uint16_t*, int64_t) {
+  std::abort();
+}
+int64_t paired_size(int64_t, int64_t) {
+  std::abort();
+}
+void pair_steps(int64_t, int64_t, const uint16_t*, int64_t, uint16_t*) {
+  std::abort();
+}
+void project_steps(int64_t, const float*, int64_t, Steps<float>, int64_t, int64_t, float*,
+                   int64_t) {
+  std::abort();
+}
+void project_steps(int64_t, const uint16_t*, int64_t, Steps<uint16_t>, int64_t, int64_t, uint16_t*,
+                   int64_t) {
+  std::abort();
+}
+void accumulate_products(int64_t, Steps<float>, int64_t, Steps<float>, int64_t, float*, int64_t) {
+  std::abort();
+}
+void accumulate_products(int64_t, Steps<uint16_t>, int64_t, Steps<uint16_t>, int64_t, float*,
+                         int64_t) {
+  std::abort();
+}
+void accumulate_columns(int64_t, int64_t, const float*, int64_t, float*) {
+  std::abort();
+}
+void accumulate_columns(int64_t, int64_t, const uint16_t*, int64_t, float*) {
   std::abort();
 }
 }  // namespace nanomoe::cpu::projection

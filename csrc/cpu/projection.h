@@ -44,6 +44,41 @@ void project_packed(int64_t tokens, const uint16_t* in, int64_t in_stride, const
                     int64_t rows, int64_t depth, const float* bias, uint16_t* out,
                     int64_t out_stride);
 
+// A (steps, cols) matrix read step by step, as the backward's operands come: element (k, c) at
+// data + k * stride + c for float32 (any row-major matrix, read in place). For bfloat16 rows k and
+// k + 1 (k even) are interleaved, element (k, c) at data + k * stride + 2 * c + k % 2, as
+// pair_steps lays them out (an odd last row is paired with zeros).
+template <typename T>
+struct Steps {
+  const T* data;
+  int64_t stride;
+};
+
+// bfloat16: src, (steps, cols) with row stride src_stride, into dst as Steps with stride cols;
+// dst holds paired_size(steps, cols) elements.
+int64_t paired_size(int64_t steps, int64_t cols);
+void pair_steps(int64_t steps, int64_t cols, const uint16_t* src, int64_t src_stride,
+                uint16_t* dst);
+
+// out[t, c] = sum_k in[t, k] W(k, c) for t < tokens, c < cols, k < depth: W by steps, read in
+// place (no packing), rounded like project_packed.
+void project_steps(int64_t tokens, const float* in, int64_t in_stride, Steps<float> w, int64_t cols,
+                   int64_t depth, float* out, int64_t out_stride);
+void project_steps(int64_t tokens, const uint16_t* in, int64_t in_stride, Steps<uint16_t> w,
+                   int64_t cols, int64_t depth, uint16_t* out, int64_t out_stride);
+
+// sums[p, c] += sum_k A(k, p) B(k, c) for p < a_cols, c < b_cols, k < depth, both by steps: a
+// weight gradient, summed over a tile's tokens into float32.
+void accumulate_products(int64_t depth, Steps<float> a, int64_t a_cols, Steps<float> b,
+                         int64_t b_cols, float* sums, int64_t sums_stride);
+void accumulate_products(int64_t depth, Steps<uint16_t> a, int64_t a_cols, Steps<uint16_t> b,
+                         int64_t b_cols, float* sums, int64_t sums_stride);
+
+// sums[c] += sum_t in[t * stride + c] for t < tokens, c < cols (the bias gradient).
+void accumulate_columns(int64_t tokens, int64_t cols, const float* in, int64_t stride, float* sums);
+void accumulate_columns(int64_t tokens, int64_t cols, const uint16_t* in, int64_t stride,
+                        float* sums);
+
 // The same product read straight from the weight rows, no packing: dot products along each row.
 // For a few tokens, where the weights dominate and packing them would cost more than it saves.
 void project_rows(int64_t tokens, const float* in, int64_t in_stride, const WeightRows<float>& w,

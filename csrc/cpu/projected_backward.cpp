@@ -1,0 +1,318 @@
+// The backward of a token tile on one core, like the forward (projected_forward.cpp): grad_mixed
+// = grad_out blocks x up, the forward's mixed recomputed from the saved hidden, grad_hidden =
+// G^T grad_mixed and grad_x = grad_hidden blocks x down, all on the register tile with the weights
+// read by steps (in place in float32, paired once per call in bfloat16). Then the tile's share of
+// every weight gradient is added into its thread's float32 sums, reduced once at the end; so
+// nothing of tokens x features is allocated besides grad_x, and every product is summed in
+// float32 before its one rounding.
+#include "projected_backward.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+
+#include <cstring>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+#include "gate.h"
+#include "gate_rows.h"
+#include "gate_tile.h"
+#include "parallel.h"
+#include "projected_layer.h"
+#include "projection.h"
+
+namespace nanomoe::cpu {
+namespace {
+
+using at::Tensor;
+using projection::Steps;
+
+// Tiles of at most 192 tokens: the depth of each weight-gradient product per tile, so the float32
+// sums are read and written once per 192 tokens; a tile's intermediates still fit in L2.
+constexpr Tiling kBackwardTiling{192, 12, 24};
+
+template <typename T>
+constexpr int64_t kStep = std::is_same_v<T, uint16_t> ? 2 : 1;
+
+// Elements a (rows, cols) matrix needs as Steps: none in float32, read in place.
+template <typename T>
+int64_t steps_size(int64_t rows, int64_t cols) {
+  return kStep<T> == 1 ? 0 : projection::paired_size(rows, cols);
+}
+
+// A (rows, cols) row-major matrix as Steps: float32 in place, bfloat16 paired into buffer.
+template <typename T>
+Steps<T> as_steps(int64_t rows, int64_t cols, const T* data, int64_t stride, T* buffer) {
+  if constexpr (kStep<T> == 1) {
+    return {data, stride};
+  } else {
+    projection::pair_steps(rows, cols, data, stride, buffer);
+    return {buffer, cols};
+  }
+}
+
+// Columns c onward.
+template <typename T>
+Steps<T> from_column(Steps<T> s, int64_t c) {
+  return {s.data + c * kStep<T>, s.stride};
+}
+
+// rows of T as float32: in place, or widened into buffer (bfloat16 bits are float32's high half).
+template <typename T>
+const float* as_float(const T* data, int64_t count, float* buffer) {
+  if constexpr (std::is_same_v<T, float>) {
+    return data;
+  } else {
+    for (int64_t k = 0; k < count; ++k) {
+      const uint32_t bits = static_cast<uint32_t>(data[k]) << 16;
+      std::memcpy(buffer + k, &bits, sizeof bits);
+    }
+    return buffer;
+  }
+}
+
+void add_into(float* sums, const float* part, int64_t count) {
+  for (int64_t k = 0; k < count; ++k) sums[k] += part[k];
+}
+
+// Per-thread memory carved into 64-byte aligned pieces.
+struct Carve {
+  char* at;
+  template <typename U>
+  U* take(int64_t count) {
+    U* piece = reinterpret_cast<U*>(at);
+    at += (count * static_cast<int64_t>(sizeof(U)) + 63) / 64 * 64;
+    return piece;
+  }
+  template <typename U>
+  static int64_t bytes(int64_t count) {
+    return (count * static_cast<int64_t>(sizeof(U)) + 63) / 64 * 64;
+  }
+};
+
+// Where each gradient's float32 sums sit in a thread's row of sums.
+struct SumsLayout {
+  int64_t down, up, mix, left, right, bias, size;
+  SumsLayout(const LinearDims& d, int64_t mix_numel) {
+    down = 0;
+    up = down + d.in_blocks * d.rank * d.in_block;
+    mix = up + d.out_blocks * d.out_block * d.rank;
+    left = mix + mix_numel;
+    right = left + (d.mixing == Mixing::kDiagonalOuter ? mix_numel : 0);
+    bias = right + (d.mixing == Mixing::kDiagonalOuter ? mix_numel : 0);
+    size = bias + d.out_features;
+  }
+};
+
+template <typename scalar_t>
+Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_rows,
+                  const Weights& w, const Tensor& hidden,
+                  const std::array<bool, kNumInputs>& needs) {
+  using T = typename Layer<scalar_t>::T;
+  const Layer<scalar_t> layer(d, w);
+  const at::ScalarType dtype = x_rows.scalar_type();
+  const int64_t r = d.rank, n_b = d.in_block, m_b = d.out_block;
+  const int64_t hidden_row = layer.hidden_row(), mixed_row = layer.mixed_row();
+  const bool need_gate = needs[kMix] || needs[kMixLeft] || needs[kMixRight];
+  const bool need_grad_hidden = needs[kX] || needs[kDown];
+  const bool need_grad_mixed = need_grad_hidden || need_gate;
+
+  std::optional<Gate<scalar_t>> gate, gate_t;
+  if (!layer.full()) {
+    gate = Gate<scalar_t>::make(d, w, /*transposed=*/false);
+    gate_t = Gate<scalar_t>::make(d, w, /*transposed=*/true);
+  }
+
+  // The weights by steps: up[i] (m_b steps of r), down[j] (r steps of n_b), and the transposed
+  // full gate into input block j (K_out r steps (i, a) of r: mix[i, j, a, :]).
+  const Tensor full_t = layer.full() ? w.mix.permute({1, 0, 2, 3}).contiguous() : Tensor();
+  const int64_t up_size = steps_size<T>(m_b, r), down_size = steps_size<T>(r, n_b);
+  const int64_t full_t_size = steps_size<T>(mixed_row, r);
+  Tensor paired = at::empty({d.out_blocks * up_size + d.in_blocks * down_size +
+                             (layer.full() ? d.in_blocks : 0) * full_t_size},
+                            x_rows.options());
+  T* paired_at = Layer<scalar_t>::data(paired);
+  std::vector<Steps<T>> up_steps, down_steps, full_t_steps;
+  for (int64_t i = 0; i < d.out_blocks; ++i) {
+    up_steps.push_back(as_steps(m_b, r, layer.up + i * m_b * r, r, paired_at + i * up_size));
+  }
+  paired_at += d.out_blocks * up_size;
+  for (int64_t j = 0; j < d.in_blocks; ++j) {
+    down_steps.push_back(
+        as_steps(r, n_b, layer.down + j * r * n_b, n_b, paired_at + j * down_size));
+  }
+  paired_at += d.in_blocks * down_size;
+  if (layer.full()) {
+    const T* mix_t = Layer<scalar_t>::data(full_t);
+    for (int64_t j = 0; j < d.in_blocks; ++j) {
+      full_t_steps.push_back(
+          as_steps(mixed_row, r, mix_t + j * mixed_row * r, r, paired_at + j * full_t_size));
+    }
+  }
+  const auto full = layer.full() && needs[kUp]
+                        ? pack_blocks<T>(
+                              d.out_blocks, [&](int64_t i) { return layer.full_rows(i); }, dtype)
+                        : Packed<T>();
+
+  // Each thread's scratch for one tile, and its float32 sums of the weight gradients.
+  const int64_t tile = kBackwardTiling.max_tokens, threads = at::get_num_threads();
+  const bool elementwise_gate = need_gate && !layer.full();
+  const int64_t scratch_bytes =
+      2 * Carve::bytes<T>(tile * mixed_row) + Carve::bytes<T>(tile * hidden_row) +
+      Carve::bytes<T>(steps_size<T>(tile, d.in_features)) +
+      Carve::bytes<T>(steps_size<T>(tile, d.out_features)) +
+      2 * Carve::bytes<T>(steps_size<T>(tile, std::max(hidden_row, mixed_row))) +
+      (elementwise_gate ? Carve::bytes<float>(tile * (hidden_row + mixed_row)) +
+                              3 * Carve::bytes<float>(d.in_blocks * r)
+                        : 0);
+  const Tensor scratch = at::empty({threads, scratch_bytes}, at::TensorOptions().dtype(at::kByte));
+  const SumsLayout at_sums(d, w.mix.numel());
+  const Tensor sums = at::zeros({threads, at_sums.size}, at::TensorOptions().dtype(at::kFloat));
+
+  const T* x = Layer<scalar_t>::data(x_rows);
+  const T* grad = Layer<scalar_t>::data(grad_rows);
+  const T* hid = Layer<scalar_t>::data(hidden);
+  const int64_t x_stride = x_rows.stride(0), grad_stride = grad_rows.stride(0);
+  Tensor grad_x = needs[kX] ? at::empty({d.tokens, d.in_features}, x_rows.options()) : Tensor();
+  T* gx = needs[kX] ? Layer<scalar_t>::data(grad_x) : nullptr;
+
+  for_each_token_tile(d.tokens, kBackwardTiling, [&](int64_t begin, int64_t end) {
+    const int64_t rows = end - begin, thread = at::get_thread_num();
+    Carve carve{reinterpret_cast<char*>(scratch[thread].mutable_data_ptr())};
+    float* own_sums = sums[thread].mutable_data_ptr<float>();
+    const T* go = grad + begin * grad_stride;
+    const T* h = hid + begin * hidden_row;
+
+    T* gm = carve.take<T>(tile * mixed_row);
+    if (need_grad_mixed) {
+      for (int64_t i = 0; i < d.out_blocks; ++i) {
+        projection::project_steps(rows, go + i * m_b, grad_stride, up_steps[i], r, m_b, gm + i * r,
+                                  mixed_row);
+      }
+    }
+    T* mid = carve.take<T>(tile * mixed_row);
+    if (needs[kUp]) {  // the forward's mixed, again
+      if (gate) {
+        gate_tile::mix(gate->rows, h, mid, rows);
+      } else {
+        for (int64_t i = 0; i < d.out_blocks; ++i) {
+          projection::project_packed(rows, h, hidden_row, full.block(i), r, hidden_row, nullptr,
+                                     mid + i * r, mixed_row);
+        }
+      }
+    }
+    T* gh = carve.take<T>(tile * hidden_row);
+    if (need_grad_hidden) {
+      if (gate_t) {
+        gate_tile::mix(gate_t->rows, gm, gh, rows);
+      } else {
+        for (int64_t j = 0; j < d.in_blocks; ++j) {
+          projection::project_steps(rows, gm, mixed_row, full_t_steps[j], r, mixed_row, gh + j * r,
+                                    hidden_row);
+        }
+      }
+    }
+    if (needs[kX]) {
+      for (int64_t j = 0; j < d.in_blocks; ++j) {
+        projection::project_steps(rows, gh + j * r, hidden_row, down_steps[j], n_b, r,
+                                  gx + begin * d.in_features + j * n_b, d.in_features);
+      }
+    }
+
+    // The weight gradients: sums over the tile's tokens (the steps of each product).
+    T* x_buffer = carve.take<T>(steps_size<T>(tile, d.in_features));
+    T* grad_buffer = carve.take<T>(steps_size<T>(tile, d.out_features));
+    T* first_buffer = carve.take<T>(steps_size<T>(tile, std::max(hidden_row, mixed_row)));
+    T* second_buffer = carve.take<T>(steps_size<T>(tile, std::max(hidden_row, mixed_row)));
+    if (needs[kDown]) {
+      const auto grad_hidden = as_steps(rows, hidden_row, gh, hidden_row, first_buffer);
+      const auto x_tile = as_steps(rows, d.in_features, x + begin * x_stride, x_stride, x_buffer);
+      for (int64_t j = 0; j < d.in_blocks; ++j) {
+        projection::accumulate_products(rows, from_column(grad_hidden, j * r), r,
+                                        from_column(x_tile, j * n_b), n_b,
+                                        own_sums + at_sums.down + j * r * n_b, n_b);
+      }
+    }
+    const bool grad_steps_needed = needs[kUp];
+    const auto grad_tile = grad_steps_needed
+                               ? as_steps(rows, d.out_features, go, grad_stride, grad_buffer)
+                               : Steps<T>{};
+    if (needs[kUp]) {
+      const auto mixed =
+          as_steps(rows, mixed_row, static_cast<const T*>(mid), mixed_row, second_buffer);
+      for (int64_t i = 0; i < d.out_blocks; ++i) {
+        projection::accumulate_products(rows, from_column(grad_tile, i * m_b), m_b,
+                                        from_column(mixed, i * r), r,
+                                        own_sums + at_sums.up + i * m_b * r, r);
+      }
+    }
+    if (need_gate && layer.full()) {  // (i, a) x (j, b) sums, permuted to mix's layout at the end
+      const auto grad_mixed =
+          as_steps(rows, mixed_row, static_cast<const T*>(gm), mixed_row, first_buffer);
+      const auto hidden_tile = as_steps(rows, hidden_row, h, hidden_row, second_buffer);
+      projection::accumulate_products(rows, grad_mixed, mixed_row, hidden_tile, hidden_row,
+                                      own_sums + at_sums.mix, hidden_row);
+    }
+    if (elementwise_gate) {
+      const float* h_float = as_float(h, rows * hidden_row, carve.take<float>(tile * hidden_row));
+      const float* gm_float = as_float(gm, rows * mixed_row, carve.take<float>(tile * mixed_row));
+      const bool outer = d.mixing == Mixing::kDiagonalOuter;
+      float* part_mix = carve.take<float>(d.in_blocks * r);
+      float* part_left = carve.take<float>(d.in_blocks * r);
+      float* part_right = carve.take<float>(d.in_blocks * r);
+      const int64_t per_block = d.in_blocks * (d.mixing == Mixing::kScalar ? 1 : r);
+      for (int64_t i = 0; i < d.out_blocks; ++i) {
+        gate_rows_backward(gate->rows, h_float, gm_float, rows, i, part_mix,
+                           outer ? part_left : nullptr, outer ? part_right : nullptr);
+        const int64_t at = i * gate->rows.dst_stride;
+        add_into(own_sums + at_sums.mix + at, part_mix, per_block);
+        if (outer) {
+          add_into(own_sums + at_sums.left + at, part_left, per_block);
+          add_into(own_sums + at_sums.right + at, part_right, per_block);
+        }
+      }
+    }
+    if (needs[kBias]) {
+      projection::accumulate_columns(rows, d.out_features, go, grad_stride,
+                                     own_sums + at_sums.bias);
+    }
+  });
+
+  // Every thread's sums, added in thread order, rounded once to the weights' dtype.
+  const Tensor total = threads > 1 ? sums.sum(0) : sums[0];
+  const auto gradient = [&](bool needed, int64_t at, const Tensor& like) {
+    return needed ? total.narrow(0, at, like.numel()).view(like.sizes()).to(dtype) : Tensor();
+  };
+  Tensor grad_mix;
+  if (needs[kMix] && layer.full()) {
+    grad_mix = total.narrow(0, at_sums.mix, w.mix.numel())
+                   .view({d.out_blocks, r, d.in_blocks, r})
+                   .permute({0, 2, 1, 3})
+                   .to(dtype)
+                   .contiguous();
+  } else {
+    grad_mix = gradient(needs[kMix], at_sums.mix, w.mix);
+  }
+  return {grad_x.defined() ? grad_x : Tensor(),
+          gradient(needs[kDown], at_sums.down, w.down),
+          grad_mix,
+          gradient(needs[kUp], at_sums.up, w.up),
+          needs[kBias] ? total.narrow(0, at_sums.bias, d.out_features).to(dtype) : Tensor(),
+          gradient(needs[kMixLeft], at_sums.left, w.mix),
+          gradient(needs[kMixRight], at_sums.right, w.mix)};
+}
+
+}  // namespace
+
+Grads projected_backward(const LinearDims& dims, const Tensor& grad_rows, const Tensor& x_rows,
+                         const Weights& w, const Tensor& hidden,
+                         const std::array<bool, kNumInputs>& needs) {
+  if (x_rows.scalar_type() == at::kFloat) {
+    return backward_as<float>(dims, grad_rows, x_rows, w, hidden, needs);
+  }
+  return backward_as<c10::BFloat16>(dims, grad_rows, x_rows, w, hidden, needs);
+}
+
+}  // namespace nanomoe::cpu

@@ -1,0 +1,86 @@
+// What the forward and backward on the kernels of projection.h share: the element type they see,
+// the layer's weights as weight rows, and weights packed once per call.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+
+#include "../checks.h"
+#include "operands.h"
+#include "projection.h"
+
+namespace nanomoe::cpu {
+
+// The kernels' element type: bfloat16 as its bits.
+template <typename scalar_t>
+struct Element {
+  using type = scalar_t;
+};
+template <>
+struct Element<c10::BFloat16> {
+  using type = uint16_t;
+};
+
+// The layer's weights as the projections read them, and its intermediates' row lengths.
+template <typename scalar_t>
+struct Layer {
+  using T = typename Element<scalar_t>::type;
+  const LinearDims& d;
+  const T* down;
+  const T* mix;
+  const T* up;
+
+  Layer(const LinearDims& dims, const Weights& w)
+      : d(dims), down(data(w.down)), mix(data(w.mix)), up(data(w.up)) {}
+
+  static const T* data(const at::Tensor& t) {
+    return reinterpret_cast<const T*>(t.const_data_ptr<scalar_t>());
+  }
+  static T* data(at::Tensor& t) { return reinterpret_cast<T*>(t.mutable_data_ptr<scalar_t>()); }
+
+  int64_t hidden_row() const { return d.in_blocks * d.rank; }
+  int64_t mixed_row() const { return d.out_blocks * d.rank; }
+  bool full() const { return d.mixing == Mixing::kFull; }
+
+  // down[j]: r rows of n_b.
+  projection::WeightRows<T> down_rows(int64_t j) const {
+    return {down + j * d.rank * d.in_block, d.rank, 1, d.in_block, d.in_block, 0};
+  }
+  // up[i]: m_b rows of r.
+  projection::WeightRows<T> up_rows(int64_t i) const {
+    return {up + i * d.out_block * d.rank, d.out_block, 1, d.rank, d.rank, 0};
+  }
+  // The full gate into output block i: row a is mix[i, j, a, :] for every j, one segment per j.
+  projection::WeightRows<T> full_rows(int64_t i) const {
+    const int64_t r = d.rank;
+    return {mix + i * d.in_blocks * r * r, r, d.in_blocks, r, r, r * r};
+  }
+};
+
+// Every block's weight rows packed, one after another.
+template <typename T>
+struct Packed {
+  at::Tensor storage;
+  int64_t per_block = 0;
+  const T* block(int64_t b) const {
+    return reinterpret_cast<const T*>(storage.const_data_ptr()) + b * per_block;
+  }
+};
+
+template <typename T, typename RowsOf>
+Packed<T> pack_blocks(int64_t blocks, const RowsOf& rows_of, at::ScalarType dtype) {
+  Packed<T> packed;
+  packed.per_block = projection::packed_size(rows_of(0));
+  packed.storage = at::empty({blocks * packed.per_block}, at::TensorOptions().dtype(dtype));
+  T* data = reinterpret_cast<T*>(packed.storage.mutable_data_ptr());
+  at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t b = first; b < last; ++b) {
+      projection::pack(rows_of(b), data + b * packed.per_block);
+    }
+  });
+  return packed;
+}
+
+}  // namespace nanomoe::cpu
