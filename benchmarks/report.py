@@ -23,7 +23,7 @@ class Row:
     forward_gb_per_s: Optional[float] = None
     forward_copy_fraction: Optional[float] = None  # of the measured copy bandwidth
     forward_tflop_per_s: Optional[float] = None
-    peak_memory_mib: Optional[float] = None  # CUDA: forward+backward, beyond inputs and parameters
+    peak_memory_mib: Optional[float] = None  # forward+backward, beyond inputs and parameters
     peak_memory_vs_reference: Optional[float] = None
     skipped: Optional[str] = None  # why the times are missing (out of memory, no kernel)
 
@@ -43,8 +43,7 @@ def _percent(fraction: Optional[float]) -> str:
 
 
 def columns_for(device: torch.device) -> list[Column]:
-    """The table's columns: arithmetic rate in TFLOP/s on CUDA, GFLOP/s on the CPU; peak memory on
-    CUDA only."""
+    """The table's columns: arithmetic rate in TFLOP/s on CUDA, GFLOP/s on the CPU."""
     on_cuda = device.type == "cuda"
     flop_scale = 1.0 if on_cuda else 1e3
 
@@ -63,10 +62,9 @@ def columns_for(device: torch.device) -> list[Column]:
         Column("TFLOP/s" if on_cuda else "GFLOP/s", 9, rate),
         Column("fwd+bwd ms", 12, lambda r: _number(r.forward_backward_ms, ".3f")),
         Column("x lowrank", 10, lambda r: _number(r.forward_backward_vs_lowrank, ".2f")),
+        Column("peak MiB", 10, lambda r: _number(r.peak_memory_mib, ".0f")),
+        Column("x ref", 7, lambda r: _number(r.peak_memory_vs_reference, ".2f")),
     ]
-    if on_cuda:
-        columns.append(Column("peak MiB", 10, lambda r: _number(r.peak_memory_mib, ".0f")))
-        columns.append(Column("x ref", 7, lambda r: _number(r.peak_memory_vs_reference, ".2f")))
     return columns
 
 

@@ -10,9 +10,10 @@ over between machines.
 Each row also says what the forward moves and computes: its bytes (x read, y written, parameters
 read, in the dtype), the bandwidth that makes, also as a fraction of the measured copy bandwidth
 (``dst.copy_(src)``, read + write: the ceiling of a kernel that streams its data once), and its
-arithmetic rate (2 * multiply-adds per token * tokens / time, counted by ``nanomoe.budget``). On
-CUDA also the peak memory forward+backward allocates beyond its inputs and parameters, as a ratio
-to the reference. float32 runs with TF32 off, so every layer computes in full float32.
+arithmetic rate (2 * multiply-adds per token * tokens / time, counted by ``nanomoe.budget``). It
+also gives the peak memory forward+backward allocates beyond its inputs and parameters, and its
+ratio to the reference (on the CPU: what PyTorch's allocator hands out, seen by the profiler).
+float32 runs with TF32 off, so every layer computes in full float32.
 
     python benchmarks/speed.py                       # the default device, its sizes and dtypes
     python benchmarks/speed.py --device cpu --sizes 4096x1024x1024x64x8 --dtypes float32
@@ -28,7 +29,13 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from plot import plot_rows
 from report import Row, describe, machine_info, print_table
-from timing import copy_gb_per_s, cuda_peak_extra_mib, interleaved_wall_median_ms, median_ms
+from timing import (
+    copy_gb_per_s,
+    cpu_peak_extra_mib,
+    cuda_peak_extra_mib,
+    interleaved_wall_median_ms,
+    median_ms,
+)
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -161,12 +168,15 @@ def measure_interleaved(
     layers: list[Layer], x: Tensor, grad_out: Tensor, rows: list[Row], setup: Setup
 ) -> None:
     """CPU: the layers' forwards timed in rounds, one call of each per round, then their
-    forward+backwards likewise, so that the machine's noise hits every layer alike."""
+    forward+backwards likewise, so that the machine's noise hits every layer alike; then each
+    forward+backward's peak memory."""
     calls = [layer_calls(layer, x, grad_out) for layer in layers]
     forwards = interleaved_wall_median_ms([c[0] for c in calls], setup.repeats, setup.budget_s)
     both = interleaved_wall_median_ms([c[1] for c in calls], setup.repeats, setup.budget_s)
     for row, forward_ms, forward_backward_ms in zip(rows, forwards, both):
         row.forward_ms, row.forward_backward_ms = forward_ms, forward_backward_ms
+    for row, call in zip(rows, calls):
+        row.peak_memory_mib = cpu_peak_extra_mib(call[1])
 
 
 def add_rates(row: Row, copy_gb_per_s: float) -> None:

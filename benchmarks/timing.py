@@ -95,3 +95,21 @@ def cuda_peak_extra_mib(fn: Callable[[], object]) -> float:
     fn()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def cpu_peak_extra_mib(fn: Callable[[], object]) -> float:
+    """Peak CPU memory one call of ``fn`` allocates beyond what was allocated before it, in MiB:
+    the running sum of the allocations and frees PyTorch's CPU allocator reports to the profiler,
+    in order. It counts every tensor (intermediates, saved activations, gradients, kernel scratch
+    from at::empty); not memory a library allocates on its own (oneDNN, MKL workspaces)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities, profile_memory=True) as profiler:
+        fn()
+    events = [e for e in profiler.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda event: event.start_ns())
+    current = peak = 0
+    for event in events:
+        if event.device_type() == torch.autograd.DeviceType.CPU:
+            current += event.nbytes()
+            peak = max(peak, current)
+    return peak / 2**20

@@ -135,6 +135,151 @@ NANOMOE_AVX512 void mix_tokens(const GateRows<float>& g, const T* src, T* dst, i
   }
 }
 
+// ---- the gate's weight gradients ------------------------------------------------------------
+
+constexpr int kGradTokens = 32;  // tokens converted to float32 and summed per pass
+constexpr int kGradSrc = 4;      // source blocks whose sums sit in registers at once
+
+// rows [0, count) of src (row length `row`) as float32 in `buffer`, or in place.
+template <typename T>
+NANOMOE_AVX512 const float* as_float(const T* src, int64_t count, float* buffer) {
+  if constexpr (std::is_same_v<T, float>) {
+    return src;
+  } else {
+    for (int64_t c = 0; c < count; c += 16) {
+      const __mmask16 lanes = first_lanes(count - c);
+      const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, src + c));
+      _mm512_mask_storeu_ps(buffer + c, lanes, _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16)));
+    }
+    return buffer;
+  }
+}
+
+// grad_mix[d, s(, :)] += sum_t <grad_dst[t, d], src[t, s]> (scalar: over the rank too) for source
+// blocks [s0, s0 + kCount); forward gate layout (dst = output block).
+template <int kVariant, int kCount>
+NANOMOE_AVX512 void mix_grads(const GateRows<float>& g, const float* src, const float* grad_dst,
+                              int64_t tokens, int64_t d, int64_t s0, float* grad_mix) {
+  const int64_t r = g.rank, src_row = g.src_blocks * r, dst_row = g.dst_blocks * r;
+  __m512 total[kCount];
+  for (int n = 0; n < kCount; ++n) total[n] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < r; c += 16) {
+    const __mmask16 lanes = first_lanes(r - c);
+    __m512 acc[kCount];
+    for (int n = 0; n < kCount; ++n) {
+      acc[n] = kVariant == 0 ? total[n]
+                             : _mm512_maskz_loadu_ps(lanes, grad_mix + d * g.dst_stride +
+                                                                (s0 + n) * g.src_stride + c);
+    }
+    for (int64_t t = 0; t < tokens; ++t) {
+      const __m512 gy = _mm512_maskz_loadu_ps(lanes, grad_dst + t * dst_row + d * r + c);
+#pragma GCC unroll 4
+      for (int n = 0; n < kCount; ++n) {
+        const __m512 x = _mm512_maskz_loadu_ps(lanes, src + t * src_row + (s0 + n) * r + c);
+        acc[n] = _mm512_fmadd_ps(gy, x, acc[n]);
+      }
+    }
+    for (int n = 0; n < kCount; ++n) {
+      if constexpr (kVariant == 0) {
+        total[n] = acc[n];
+      } else {
+        _mm512_mask_storeu_ps(grad_mix + d * g.dst_stride + (s0 + n) * g.src_stride + c, lanes,
+                              acc[n]);
+      }
+    }
+  }
+  if constexpr (kVariant == 0) {
+    for (int n = 0; n < kCount; ++n) {
+      grad_mix[d * g.dst_stride + (s0 + n) * g.src_stride] += _mm512_reduce_add_ps(total[n]);
+    }
+  }
+}
+
+NANOMOE_AVX512 float dot(const float* a, const float* b, int64_t r) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t c = 0; c < r; c += 16) {
+    const __mmask16 lanes = first_lanes(r - c);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(lanes, a + c), _mm512_maskz_loadu_ps(lanes, b + c),
+                          acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+// diagonal_outer's rank-one part, G_ds = ... + left_ds right_ds^T: grad_left_ds += sum_t
+// <right_ds, x_ts> gy_td and grad_right_ds += sum_t <left_ds, gy_td> x_ts.
+NANOMOE_AVX512 void outer_grads(const GateRows<float>& g, const float* src, const float* grad_dst,
+                                int64_t tokens, int64_t d, int64_t s, float* dots, float* grad_left,
+                                float* grad_right) {
+  const int64_t r = g.rank, src_row = g.src_blocks * r, dst_row = g.dst_blocks * r;
+  const int64_t pair = d * g.dst_stride + s * g.src_stride;
+  for (int64_t t = 0; t < tokens; ++t) {
+    dots[2 * t] = dot(g.right + pair, src + t * src_row + s * r, r);
+    dots[2 * t + 1] = dot(g.left + pair, grad_dst + t * dst_row + d * r, r);
+  }
+  for (int64_t c = 0; c < r; c += 16) {
+    const __mmask16 lanes = first_lanes(r - c);
+    __m512 left = _mm512_maskz_loadu_ps(lanes, grad_left + pair + c);
+    __m512 right = _mm512_maskz_loadu_ps(lanes, grad_right + pair + c);
+    for (int64_t t = 0; t < tokens; ++t) {
+      left =
+          _mm512_fmadd_ps(_mm512_set1_ps(dots[2 * t]),
+                          _mm512_maskz_loadu_ps(lanes, grad_dst + t * dst_row + d * r + c), left);
+      right = _mm512_fmadd_ps(_mm512_set1_ps(dots[2 * t + 1]),
+                              _mm512_maskz_loadu_ps(lanes, src + t * src_row + s * r + c), right);
+    }
+    _mm512_mask_storeu_ps(grad_left + pair + c, lanes, left);
+    _mm512_mask_storeu_ps(grad_right + pair + c, lanes, right);
+  }
+}
+
+template <int kVariant>
+NANOMOE_AVX512 void grads_of_group(const GateRows<float>& g, const float* src,
+                                   const float* grad_dst, int64_t tokens, float* dots,
+                                   float* grad_mix, float* grad_left, float* grad_right) {
+  for (int64_t d = 0; d < g.dst_blocks; ++d) {
+    int64_t s = 0;
+    for (; s + kGradSrc <= g.src_blocks; s += kGradSrc) {
+      mix_grads<kVariant, kGradSrc>(g, src, grad_dst, tokens, d, s, grad_mix);
+    }
+    for (; s < g.src_blocks; ++s) mix_grads<kVariant, 1>(g, src, grad_dst, tokens, d, s, grad_mix);
+    if constexpr (kVariant == 2) {
+      for (s = 0; s < g.src_blocks; ++s) {
+        outer_grads(g, src, grad_dst, tokens, d, s, dots, grad_left, grad_right);
+      }
+    }
+  }
+}
+
+template <int kVariant, typename T>
+void accumulate_grads_as(const GateRows<float>& g, const T* src, const T* grad_dst, int64_t tokens,
+                         float* grad_mix, float* grad_left, float* grad_right) {
+  const int64_t src_row = g.src_blocks * g.rank, dst_row = g.dst_blocks * g.rank;
+  constexpr bool kConvert = !std::is_same_v<T, float>;
+  std::vector<float> buffer((kConvert ? kGradTokens * (src_row + dst_row) : 0) + 2 * kGradTokens);
+  float* dots = buffer.data();
+  float* src_float = dots + 2 * kGradTokens;
+  float* grad_float = src_float + kGradTokens * src_row;
+  for (int64_t t = 0; t < tokens; t += kGradTokens) {
+    const int64_t group = std::min<int64_t>(kGradTokens, tokens - t);
+    grads_of_group<kVariant>(g, as_float(src + t * src_row, group * src_row, src_float),
+                             as_float(grad_dst + t * dst_row, group * dst_row, grad_float), group,
+                             dots, grad_mix, grad_left, grad_right);
+  }
+}
+
+template <typename T>
+void accumulate_grads_any(const GateRows<float>& g, const T* src, const T* grad_dst, int64_t tokens,
+                          float* grad_mix, float* grad_left, float* grad_right) {
+  switch (g.variant) {
+    case 0:
+      return accumulate_grads_as<0>(g, src, grad_dst, tokens, grad_mix, grad_left, grad_right);
+    case 1:
+      return accumulate_grads_as<1>(g, src, grad_dst, tokens, grad_mix, grad_left, grad_right);
+    default:
+      return accumulate_grads_as<2>(g, src, grad_dst, tokens, grad_mix, grad_left, grad_right);
+  }
+}
+
 template <typename T>
 void mix_any(const GateRows<float>& g, const T* src, T* dst, int64_t tokens) {
   switch (g.variant) {
@@ -148,6 +293,16 @@ void mix_any(const GateRows<float>& g, const T* src, T* dst, int64_t tokens) {
 }
 
 }  // namespace
+
+void accumulate_grads(const GateRows<float>& g, const float* src, const float* grad_dst,
+                      int64_t tokens, float* grad_mix, float* grad_left, float* grad_right) {
+  accumulate_grads_any(g, src, grad_dst, tokens, grad_mix, grad_left, grad_right);
+}
+
+void accumulate_grads(const GateRows<float>& g, const uint16_t* src, const uint16_t* grad_dst,
+                      int64_t tokens, float* grad_mix, float* grad_left, float* grad_right) {
+  accumulate_grads_any(g, src, grad_dst, tokens, grad_mix, grad_left, grad_right);
+}
 
 void mix(const GateRows<float>& g, const float* src, float* dst, int64_t tokens) {
   mix_any(g, src, dst, tokens);
@@ -165,6 +320,14 @@ void mix(const GateRows<float>& g, const uint16_t* src, uint16_t* dst, int64_t t
 
 namespace nanomoe::cpu::gate_tile {
 void mix(const GateRows<float>&, const float*, float*, int64_t) {
+  std::abort();
+}
+void accumulate_grads(const GateRows<float>&, const float*, const float*, int64_t, float*, float*,
+                      float*) {
+  std::abort();
+}
+void accumulate_grads(const GateRows<float>&, const uint16_t*, const uint16_t*, int64_t, float*,
+                      float*, float*) {
   std::abort();
 }
 void mix(const GateRows<float>&, const uint16_t*, uint16_t*, int64_t) {

@@ -14,4 +14,13 @@ namespace nanomoe::cpu::gate_tile {
 void mix(const GateRows<float>& g, const float* src, float* dst, int64_t tokens);
 void mix(const GateRows<float>& g, const uint16_t* src, uint16_t* dst, int64_t tokens);
 
+// The forward gate's weight gradients summed over tokens and added into float32 sums laid out like
+// mix (grad_left / grad_right: like mix_left / mix_right, diagonal_outer only, else null), given
+// src = hidden (tokens, K_in, r) and grad_dst = grad_mixed (tokens, K_out, r); g is the forward
+// gate (dst = output blocks).
+void accumulate_grads(const GateRows<float>& g, const float* src, const float* grad_dst,
+                      int64_t tokens, float* grad_mix, float* grad_left, float* grad_right);
+void accumulate_grads(const GateRows<float>& g, const uint16_t* src, const uint16_t* grad_dst,
+                      int64_t tokens, float* grad_mix, float* grad_left, float* grad_right);
+
 }  // namespace nanomoe::cpu::gate_tile

@@ -11,13 +11,11 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 
-#include <cstring>
 #include <optional>
 #include <type_traits>
 #include <vector>
 
 #include "gate.h"
-#include "gate_rows.h"
 #include "gate_tile.h"
 #include "parallel.h"
 #include "projected_layer.h"
@@ -57,24 +55,6 @@ Steps<T> as_steps(int64_t rows, int64_t cols, const T* data, int64_t stride, T* 
 template <typename T>
 Steps<T> from_column(Steps<T> s, int64_t c) {
   return {s.data + c * kStep<T>, s.stride};
-}
-
-// rows of T as float32: in place, or widened into buffer (bfloat16 bits are float32's high half).
-template <typename T>
-const float* as_float(const T* data, int64_t count, float* buffer) {
-  if constexpr (std::is_same_v<T, float>) {
-    return data;
-  } else {
-    for (int64_t k = 0; k < count; ++k) {
-      const uint32_t bits = static_cast<uint32_t>(data[k]) << 16;
-      std::memcpy(buffer + k, &bits, sizeof bits);
-    }
-    return buffer;
-  }
-}
-
-void add_into(float* sums, const float* part, int64_t count) {
-  for (int64_t k = 0; k < count; ++k) sums[k] += part[k];
 }
 
 // Per-thread memory carved into 64-byte aligned pieces.
@@ -163,10 +143,7 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
       2 * Carve::bytes<T>(tile * mixed_row) + Carve::bytes<T>(tile * hidden_row) +
       Carve::bytes<T>(steps_size<T>(tile, d.in_features)) +
       Carve::bytes<T>(steps_size<T>(tile, d.out_features)) +
-      2 * Carve::bytes<T>(steps_size<T>(tile, std::max(hidden_row, mixed_row))) +
-      (elementwise_gate ? Carve::bytes<float>(tile * (hidden_row + mixed_row)) +
-                              3 * Carve::bytes<float>(d.in_blocks * r)
-                        : 0);
+      2 * Carve::bytes<T>(steps_size<T>(tile, std::max(hidden_row, mixed_row)));
   const Tensor scratch = at::empty({threads, scratch_bytes}, at::TensorOptions().dtype(at::kByte));
   const SumsLayout at_sums(d, w.mix.numel());
   const Tensor sums = at::zeros({threads, at_sums.size}, at::TensorOptions().dtype(at::kFloat));
@@ -256,23 +233,10 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
                                       own_sums + at_sums.mix, hidden_row);
     }
     if (elementwise_gate) {
-      const float* h_float = as_float(h, rows * hidden_row, carve.take<float>(tile * hidden_row));
-      const float* gm_float = as_float(gm, rows * mixed_row, carve.take<float>(tile * mixed_row));
       const bool outer = d.mixing == Mixing::kDiagonalOuter;
-      float* part_mix = carve.take<float>(d.in_blocks * r);
-      float* part_left = carve.take<float>(d.in_blocks * r);
-      float* part_right = carve.take<float>(d.in_blocks * r);
-      const int64_t per_block = d.in_blocks * (d.mixing == Mixing::kScalar ? 1 : r);
-      for (int64_t i = 0; i < d.out_blocks; ++i) {
-        gate_rows_backward(gate->rows, h_float, gm_float, rows, i, part_mix,
-                           outer ? part_left : nullptr, outer ? part_right : nullptr);
-        const int64_t at = i * gate->rows.dst_stride;
-        add_into(own_sums + at_sums.mix + at, part_mix, per_block);
-        if (outer) {
-          add_into(own_sums + at_sums.left + at, part_left, per_block);
-          add_into(own_sums + at_sums.right + at, part_right, per_block);
-        }
-      }
+      gate_tile::accumulate_grads(gate->rows, h, gm, rows, own_sums + at_sums.mix,
+                                  outer ? own_sums + at_sums.left : nullptr,
+                                  outer ? own_sums + at_sums.right : nullptr);
     }
     if (needs[kBias]) {
       projection::accumulate_columns(rows, d.out_features, go, grad_stride,
