@@ -54,3 +54,23 @@ def test_speed_counts_bytes_and_flops(speed_run) -> None:
     assert rows["reference full"]["forward_bytes"] == rows["nanomoe full"]["forward_bytes"]
     bfloat16 = {r["layer"]: r for r in speed_run[1]["rows"] if r["dtype"] == "bfloat16"}
     assert 2 * bfloat16["nanomoe full"]["forward_bytes"] == rows["nanomoe full"]["forward_bytes"]
+
+
+def test_peak_memory_is_measured_on_the_cpu(speed_run) -> None:
+    rows = {(r["layer"], r["dtype"]): r for r in speed_run[1]["rows"]}
+    for dtype in ("float32", "bfloat16"):
+        # The reference keeps its intermediates for the backward: never nothing.
+        assert rows[("reference scalar", dtype)]["peak_memory_mib"] > 0
+        assert rows[("reference scalar", dtype)]["peak_memory_vs_reference"] == 1.0
+        assert rows[("nanomoe full", dtype)]["peak_memory_vs_reference"] > 0
+
+
+def test_readme_table_renders_every_size_and_variant(speed_run, tmp_path: Path) -> None:
+    results = tmp_path / "speed.json"
+    results.write_text(json.dumps(speed_run[1]))
+    command = [sys.executable, str(ROOT / "benchmarks" / "readme_table.py"), str(results)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.startswith("| 5x12x8x2x2")]
+    assert len(lines) == 4  # float32 and bfloat16, in the speed table and the memory table
+    assert all(line.count("|") == 8 or line.count("|") == 7 for line in lines)

@@ -175,14 +175,18 @@ struct Accumulate {
 // One register tile: rows [0, kTokens) of the input x one panel of 32 weight columns, whose
 // step k lies at panel + k * panel_stride (columns side by side, the second 16 kStep * 16
 // further); lanes lo of the first 16 columns and hi of the second exist.
-template <typename Ops, int kTokens>
+// kUnitK: the input's k_stride is 1 (known at compile time, so the tile's 12 input pointers step
+// by a constant).
+template <typename Ops, int kTokens, bool kUnitK>
 struct Tile {
   using T = typename Ops::T;
   using Accumulators = __m512[kTokens][2];
 
   template <typename Out>
-  NANOMOE_AVX512 static void run(int64_t depth, Input<T> in, const T* panel, int64_t panel_stride,
-                                 __mmask16 lo, __mmask16 hi, const Out& out) {
+  NANOMOE_AVX512 __attribute__((noinline)) static void run(int64_t depth, Input<T> in,
+                                                           const T* panel, int64_t panel_stride,
+                                                           __mmask16 lo, __mmask16 hi,
+                                                           const Out& out) {
     Accumulators acc;
 #pragma GCC unroll 16
     for (int t = 0; t < kTokens; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
@@ -208,7 +212,7 @@ struct Tile {
     const auto b1 = Ops::load(hi, columns + Ops::kStep * 16);
 #pragma GCC unroll 16
     for (int t = 0; t < kTokens; ++t) {
-      const T* a_at = in.data + t * in.row_stride + k * in.k_stride;
+      const T* a_at = in.data + t * in.row_stride + (kUnitK ? k : k * in.k_stride);
       const auto a = kLast ? Ops::broadcast_last(a_at) : Ops::broadcast_step(a_at);
       acc[t][0] = Ops::madd(acc[t][0], a, b0);
       acc[t][1] = Ops::madd(acc[t][1], a, b1);
@@ -218,11 +222,11 @@ struct Tile {
 
 // Runs Tile<Ops, kTokens> for a tail of 1 to kTileTokens - 1 tokens (kTokens fixed at compile
 // time keeps the accumulators in registers).
-template <typename Ops, int kTokens = kTileTokens - 1, typename... Args>
+template <typename Ops, bool kUnitK, int kTokens = kTileTokens - 1, typename... Args>
 void tail_tile(int64_t tokens, Args... args) {
   if constexpr (kTokens > 0) {
-    if (tokens == kTokens) return Tile<Ops, kTokens>::run(args...);
-    tail_tile<Ops, kTokens - 1>(tokens, args...);
+    if (tokens == kTokens) return Tile<Ops, kTokens, kUnitK>::run(args...);
+    tail_tile<Ops, kUnitK, kTokens - 1>(tokens, args...);
   }
 }
 
@@ -287,7 +291,7 @@ void pack_rows(const WeightRows<T>& w, T* packed) {
 
 // Panel by panel (the panel stays in L1 while every row passes), rows kTileTokens at a time.
 // Panel p starts at w + p * panel_offset, its step k panel_stride further per k.
-template <typename T, typename Out>
+template <bool kUnitK, typename T, typename Out>
 void project_panels(int64_t tokens, int64_t depth, int64_t cols, Input<T> in, const T* w,
                     int64_t panel_offset, int64_t panel_stride, const Out& out) {
   using Ops = typename OpsOf<T>::type;
@@ -297,9 +301,11 @@ void project_panels(int64_t tokens, int64_t depth, int64_t cols, Input<T> in, co
     const T* panel = w + p * panel_offset;
     int64_t t = 0;
     for (; t + kTileTokens <= tokens; t += kTileTokens) {
-      Tile<Ops, kTileTokens>::run(depth, in.at(t), panel, panel_stride, lo, hi, out.at(t, first));
+      Tile<Ops, kTileTokens, kUnitK>::run(depth, in.at(t), panel, panel_stride, lo, hi,
+                                          out.at(t, first));
     }
-    tail_tile<Ops>(tokens - t, depth, in.at(t), panel, panel_stride, lo, hi, out.at(t, first));
+    tail_tile<Ops, kUnitK>(tokens - t, depth, in.at(t), panel, panel_stride, lo, hi,
+                           out.at(t, first));
   }
 }
 
@@ -324,8 +330,8 @@ void project_from_packed(int64_t tokens, const T* in, int64_t in_stride, const T
                          int64_t out_stride) {
   using Ops = typename OpsOf<T>::type;
   const int64_t size = panel_size(WeightRows<T>{nullptr, rows, 1, depth, depth, 0});
-  project_panels(tokens, depth, rows, Input<T>{in, in_stride, 1}, packed, size, kPanelRows,
-                 Store<Ops>{out, out_stride, bias});
+  project_panels<true>(tokens, depth, rows, Input<T>{in, in_stride, 1}, packed, size, kPanelRows,
+                       Store<Ops>{out, out_stride, bias});
 }
 
 // A panel of 32 columns of a matrix by steps begins kStep * 32 elements after the previous one.
@@ -333,8 +339,8 @@ template <typename T>
 void project_by_steps(int64_t tokens, const T* in, int64_t in_stride, Steps<T> w, int64_t cols,
                       int64_t depth, T* out, int64_t out_stride) {
   using Ops = typename OpsOf<T>::type;
-  project_panels(tokens, depth, cols, Input<T>{in, in_stride, 1}, w.data, Ops::kStep * kPanelRows,
-                 w.stride, Store<Ops>{out, out_stride, nullptr});
+  project_panels<true>(tokens, depth, cols, Input<T>{in, in_stride, 1}, w.data,
+                       Ops::kStep * kPanelRows, w.stride, Store<Ops>{out, out_stride, nullptr});
 }
 
 // The rows of the tile are a's columns: (a_col, k) at a.data + a_col * kStep + k * a.stride.
@@ -342,8 +348,8 @@ template <typename T>
 void accumulate_steps(int64_t depth, Steps<T> a, int64_t a_cols, Steps<T> b, int64_t b_cols,
                       float* sums, int64_t sums_stride) {
   constexpr int64_t kStep = OpsOf<T>::type::kStep;
-  project_panels(a_cols, depth, b_cols, Input<T>{a.data, kStep, a.stride}, b.data,
-                 kStep * kPanelRows, b.stride, Accumulate{sums, sums_stride});
+  project_panels<false>(a_cols, depth, b_cols, Input<T>{a.data, kStep, a.stride}, b.data,
+                        kStep * kPanelRows, b.stride, Accumulate{sums, sums_stride});
 }
 
 // Rows k and k + 1 of src side by side, one 32-bit pair per column: the first row's bits low.

@@ -1,0 +1,84 @@
+"""The README's CPU speed table, in Markdown, from a speed.py result file.
+
+Each variant cell: the kernel's forward / forward+backward time as a multiple of low-rank's, then
+the reference's forward multiple. The full gate does K^2 r^2 more multiply-adds per token, so its
+cell gives its forward arithmetic rate beside low-rank's. A second table gives the peak memory
+of forward+backward, kernel against reference.
+
+    python benchmarks/readme_table.py benchmarks/results/speed-cpu.json
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+ELEMENTWISE = ("scalar", "diagonal", "diagonal_outer")
+
+
+def _by_layer(rows: list[dict]) -> dict[tuple[str, str], dict[str, dict]]:
+    table: dict[tuple[str, str], dict[str, dict]] = {}
+    for row in rows:
+        table.setdefault((row["size"], row["dtype"]), {})[row["layer"]] = row
+    return table
+
+
+def _times(kernel: dict, reference: dict) -> str:
+    return (
+        f"{kernel['forward_vs_lowrank']:.2f} / {kernel['forward_backward_vs_lowrank']:.2f}"
+        f" (ref {reference['forward_vs_lowrank']:.2f})"
+    )
+
+
+def _full(kernel: dict, lowrank: dict) -> str:
+    mine, theirs = kernel["forward_tflop_per_s"] * 1e3, lowrank["forward_tflop_per_s"] * 1e3
+    return (
+        f"{mine:.0f} vs {theirs:.0f} ({100 * mine / theirs:.0f}%);"
+        f" fwd+bwd {kernel['forward_backward_vs_lowrank']:.2f}"
+    )
+
+
+def speed_table(rows: list[dict]) -> str:
+    lines = [
+        "| size (B x in x out x rank x K) | dtype | low-rank fwd ms | scalar | diagonal"
+        " | diagonal_outer | full (GFLOP/s vs low-rank's) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for (size, dtype), layers in _by_layer(rows).items():
+        lowrank = layers["LowRankLinear"]
+        cells = [size, dtype, f"{lowrank['forward_ms']:.3f}"]
+        for mixing in ELEMENTWISE:
+            cells.append(_times(layers[f"nanomoe {mixing}"], layers[f"reference {mixing}"]))
+        cells.append(_full(layers["nanomoe full"], lowrank))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def memory_table(rows: list[dict]) -> str:
+    mixings = (*ELEMENTWISE, "full")
+    lines = [
+        "| size | dtype | " + " | ".join(mixings) + " |",
+        "| --- | --- |" + " --- |" * len(mixings),
+    ]
+    for (size, dtype), layers in _by_layer(rows).items():
+        cells = [size, dtype]
+        for mixing in mixings:
+            kernel, reference = layers[f"nanomoe {mixing}"], layers[f"reference {mixing}"]
+            cells.append(
+                f"{kernel['peak_memory_mib']:.0f} vs {reference['peak_memory_mib']:.0f} MiB"
+                f" ({kernel['peak_memory_vs_reference']:.2f})"
+            )
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", type=Path)
+    rows = json.loads(parser.parse_args().results.read_text())["rows"]
+    print(speed_table(rows))
+    print()
+    print(memory_table(rows))
+
+
+if __name__ == "__main__":
+    main()
