@@ -212,11 +212,8 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
                                         own_sums + at_sums.down + j * r * n_b, n_b);
       }
     }
-    const bool grad_steps_needed = needs[kUp];
-    const auto grad_tile = grad_steps_needed
-                               ? as_steps(rows, d.out_features, go, grad_stride, grad_buffer)
-                               : Steps<T>{};
     if (needs[kUp]) {
+      const auto grad_tile = as_steps(rows, d.out_features, go, grad_stride, grad_buffer);
       const auto mixed =
           as_steps(rows, mixed_row, static_cast<const T*>(mid), mixed_row, second_buffer);
       for (int64_t i = 0; i < d.out_blocks; ++i) {
@@ -259,7 +256,7 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
   } else {
     grad_mix = gradient(needs[kMix], at_sums.mix, w.mix);
   }
-  return {grad_x.defined() ? grad_x : Tensor(),
+  return {grad_x,
           gradient(needs[kDown], at_sums.down, w.down),
           grad_mix,
           gradient(needs[kUp], at_sums.up, w.up),

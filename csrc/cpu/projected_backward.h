@@ -16,8 +16,8 @@ namespace nanomoe::cpu {
 // threads; the tile loop here splits tokens.
 constexpr int64_t kProjectedBackwardTokens = 17;
 
-// linear_backward's gradients (those asked for in needs, the others undefined, grad_bias
-// excepted: the caller sums it). grad_rows: (tokens, out_features) and x_rows: (tokens,
+// linear_backward's gradients: those asked for in needs, the others undefined; grad_x as
+// (tokens, in_features). grad_rows: (tokens, out_features) and x_rows: (tokens,
 // in_features), rows contiguous; hidden: the forward's (tokens, K_in, r), contiguous.
 Grads projected_backward(const LinearDims& dims, const at::Tensor& grad_rows,
                          const at::Tensor& x_rows, const Weights& w, const at::Tensor& hidden,
