@@ -96,6 +96,22 @@ NANOMOE_AVX512 void mix_group(const GateRows<float>& g, const float* x, int64_t 
   }
 }
 
+// count elements of src as float32: widened into buffer (bfloat16 bits are float32's high
+// half), or in place.
+template <typename T>
+NANOMOE_AVX512 const float* as_float(const T* src, int64_t count, float* buffer) {
+  if constexpr (std::is_same_v<T, float>) {
+    return src;
+  } else {
+    for (int64_t c = 0; c < count; c += 16) {
+      const __mmask16 lanes = first_lanes(count - c);
+      const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, src + c));
+      _mm512_mask_storeu_ps(buffer + c, lanes, _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16)));
+    }
+    return buffer;
+  }
+}
+
 template <int kVariant, typename T>
 NANOMOE_AVX512 void mix_tokens(const GateRows<float>& g, const T* src, T* dst, int64_t tokens) {
   const int64_t r = g.rank, src_row = g.src_blocks * r, dst_row = g.dst_blocks * r;
@@ -105,18 +121,7 @@ NANOMOE_AVX512 void mix_tokens(const GateRows<float>& g, const T* src, T* dst, i
   float* converted = buffer.data() + kGroupTokens * g.src_blocks;
   for (int64_t t = 0; t < tokens; t += kGroupTokens) {
     const int64_t group = std::min<int64_t>(kGroupTokens, tokens - t);
-    const float* x;
-    if constexpr (kConvert) {  // bfloat16 bits are the high half of float32's
-      for (int64_t c = 0; c < group * src_row; c += 16) {
-        const __mmask16 lanes = first_lanes(group * src_row - c);
-        const __m256i bits = _mm256_maskz_loadu_epi16(lanes, src + t * src_row + c);
-        const __m512i wide = _mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16);
-        _mm512_mask_storeu_ps(converted + c, lanes, _mm512_castsi512_ps(wide));
-      }
-      x = converted;
-    } else {
-      x = src + t * src_row;
-    }
+    const float* x = as_float(src + t * src_row, group * src_row, converted);
     T* y = dst + t * dst_row;
     switch (group) {
       case 4:
@@ -139,21 +144,6 @@ NANOMOE_AVX512 void mix_tokens(const GateRows<float>& g, const T* src, T* dst, i
 
 constexpr int kGradTokens = 32;  // tokens converted to float32 and summed per pass
 constexpr int kGradSrc = 4;      // source blocks whose sums sit in registers at once
-
-// rows [0, count) of src (row length `row`) as float32 in `buffer`, or in place.
-template <typename T>
-NANOMOE_AVX512 const float* as_float(const T* src, int64_t count, float* buffer) {
-  if constexpr (std::is_same_v<T, float>) {
-    return src;
-  } else {
-    for (int64_t c = 0; c < count; c += 16) {
-      const __mmask16 lanes = first_lanes(count - c);
-      const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, src + c));
-      _mm512_mask_storeu_ps(buffer + c, lanes, _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16)));
-    }
-    return buffer;
-  }
-}
 
 // grad_mix[d, s(, :)] += sum_t <grad_dst[t, d], src[t, s]> (scalar: over the rank too) for source
 // blocks [s0, s0 + kCount); forward gate layout (dst = output block).

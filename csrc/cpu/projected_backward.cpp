@@ -31,19 +31,16 @@ using projection::Steps;
 // sums are read and written once per 192 tokens; a tile's intermediates still fit in L2.
 constexpr Tiling kBackwardTiling{192, 12, 24};
 
-template <typename T>
-constexpr int64_t kStep = std::is_same_v<T, uint16_t> ? 2 : 1;
-
 // Elements a (rows, cols) matrix needs as Steps: none in float32, read in place.
 template <typename T>
 int64_t steps_size(int64_t rows, int64_t cols) {
-  return kStep<T> == 1 ? 0 : projection::paired_size(rows, cols);
+  return projection::kElementsPerStep<T> == 1 ? 0 : projection::paired_size(rows, cols);
 }
 
 // A (rows, cols) row-major matrix as Steps: float32 in place, bfloat16 paired into buffer.
 template <typename T>
 Steps<T> as_steps(int64_t rows, int64_t cols, const T* data, int64_t stride, T* buffer) {
-  if constexpr (kStep<T> == 1) {
+  if constexpr (projection::kElementsPerStep<T> == 1) {
     return {data, stride};
   } else {
     projection::pair_steps(rows, cols, data, stride, buffer);
@@ -54,7 +51,7 @@ Steps<T> as_steps(int64_t rows, int64_t cols, const T* data, int64_t stride, T* 
 // Columns c onward.
 template <typename T>
 Steps<T> from_column(Steps<T> s, int64_t c) {
-  return {s.data + c * kStep<T>, s.stride};
+  return {s.data + c * projection::kElementsPerStep<T>, s.stride};
 }
 
 // Per-thread memory carved into 64-byte aligned pieces.
@@ -99,19 +96,19 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
   const bool need_grad_hidden = needs[kX] || needs[kDown];
   const bool need_grad_mixed = need_grad_hidden || need_gate;
 
-  std::optional<Gate<scalar_t>> gate, gate_t;
-  if (!layer.full()) {
-    gate = Gate<scalar_t>::make(d, w, /*transposed=*/false);
-    gate_t = Gate<scalar_t>::make(d, w, /*transposed=*/true);
-  }
+  // The forward gate (for mixed and the gate's gradients) and the transposed one (grad_hidden).
+  const PackedMixing<scalar_t> mix(layer, w, dtype);
+  std::optional<Gate<scalar_t>> gate_t;
+  if (!layer.full() && need_grad_hidden) gate_t = Gate<scalar_t>::make(d, w, /*transposed=*/true);
 
   // The weights by steps: up[i] (m_b steps of r), down[j] (r steps of n_b), and the transposed
   // full gate into input block j (K_out r steps (i, a) of r: mix[i, j, a, :]).
-  const Tensor full_t = layer.full() ? w.mix.permute({1, 0, 2, 3}).contiguous() : Tensor();
+  const bool full_t_needed = layer.full() && need_grad_hidden;
+  const Tensor full_t = full_t_needed ? w.mix.permute({1, 0, 2, 3}).contiguous() : Tensor();
   const int64_t up_size = steps_size<T>(m_b, r), down_size = steps_size<T>(r, n_b);
   const int64_t full_t_size = steps_size<T>(mixed_row, r);
   Tensor paired = at::empty({d.out_blocks * up_size + d.in_blocks * down_size +
-                             (layer.full() ? d.in_blocks : 0) * full_t_size},
+                             (full_t_needed ? d.in_blocks : 0) * full_t_size},
                             x_rows.options());
   T* paired_at = Layer<scalar_t>::data(paired);
   std::vector<Steps<T>> up_steps, down_steps, full_t_steps;
@@ -124,17 +121,13 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
         as_steps(r, n_b, layer.down + j * r * n_b, n_b, paired_at + j * down_size));
   }
   paired_at += d.in_blocks * down_size;
-  if (layer.full()) {
+  if (full_t_needed) {
     const T* mix_t = Layer<scalar_t>::data(full_t);
     for (int64_t j = 0; j < d.in_blocks; ++j) {
       full_t_steps.push_back(
           as_steps(mixed_row, r, mix_t + j * mixed_row * r, r, paired_at + j * full_t_size));
     }
   }
-  const auto full = layer.full() && needs[kUp]
-                        ? pack_blocks<T>(
-                              d.out_blocks, [&](int64_t i) { return layer.full_rows(i); }, dtype)
-                        : Packed<T>();
 
   // Each thread's scratch for one tile, and its float32 sums of the weight gradients.
   const int64_t tile = kBackwardTiling.max_tokens, threads = at::get_num_threads();
@@ -171,14 +164,7 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
     }
     T* mid = carve.take<T>(tile * mixed_row);
     if (needs[kUp]) {  // the forward's mixed, again
-      if (gate) {
-        gate_tile::mix(gate->rows, h, mid, rows);
-      } else {
-        for (int64_t i = 0; i < d.out_blocks; ++i) {
-          projection::project_packed(rows, h, hidden_row, full.block(i), r, hidden_row, nullptr,
-                                     mid + i * r, mixed_row);
-        }
-      }
+      mix(h, mid, rows);
     }
     T* gh = carve.take<T>(tile * hidden_row);
     if (need_grad_hidden) {
@@ -231,7 +217,7 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
     }
     if (elementwise_gate) {
       const bool outer = d.mixing == Mixing::kDiagonalOuter;
-      gate_tile::accumulate_grads(gate->rows, h, gm, rows, own_sums + at_sums.mix,
+      gate_tile::accumulate_grads(mix.gate->rows, h, gm, rows, own_sums + at_sums.mix,
                                   outer ? own_sums + at_sums.left : nullptr,
                                   outer ? own_sums + at_sums.right : nullptr);
     }

@@ -83,8 +83,8 @@ void few_tokens(const Layer<scalar_t>& layer, const std::optional<Gate<scalar_t>
 }
 
 template <typename scalar_t>
-void many_tokens(const Layer<scalar_t>& layer, const std::optional<Gate<scalar_t>>& gate,
-                 const Tensor& x_rows, const float* bias, const Tensor& hidden_all, Tensor& out) {
+void many_tokens(const Layer<scalar_t>& layer, const Weights& w, const Tensor& x_rows,
+                 const float* bias, const Tensor& hidden_all, Tensor& out) {
   using T = typename Layer<scalar_t>::T;
   const LinearDims& d = layer.d;
   const int64_t r = d.rank, x_stride = x_rows.stride(0);
@@ -92,9 +92,7 @@ void many_tokens(const Layer<scalar_t>& layer, const std::optional<Gate<scalar_t
   const auto down =
       pack_blocks<T>(d.in_blocks, [&](int64_t j) { return layer.down_rows(j); }, dtype);
   const auto up = pack_blocks<T>(d.out_blocks, [&](int64_t i) { return layer.up_rows(i); }, dtype);
-  const auto full =
-      gate ? Packed<T>()
-           : pack_blocks<T>(d.out_blocks, [&](int64_t i) { return layer.full_rows(i); }, dtype);
+  const PackedMixing<scalar_t> mix(layer, w, dtype);
   const T* x = Layer<scalar_t>::data(x_rows);
   T* y = Layer<scalar_t>::data(out);
   // Each thread's tile intermediates, allocated once: allocations inside the loop (each above
@@ -119,14 +117,7 @@ void many_tokens(const Layer<scalar_t>& layer, const std::optional<Gate<scalar_t
                                  down.block(j), r, d.in_block, nullptr, hid + j * r,
                                  layer.hidden_row());
     }
-    if (gate) {
-      gate_tile::mix(gate->rows, hid, mid, rows);
-    } else {
-      for (int64_t i = 0; i < d.out_blocks; ++i) {
-        projection::project_packed(rows, hid, layer.hidden_row(), full.block(i), r,
-                                   layer.hidden_row(), nullptr, mid + i * r, layer.mixed_row());
-      }
-    }
+    mix(hid, mid, rows);
     for (int64_t i = 0; i < d.out_blocks; ++i) {
       projection::project_packed(rows, mid + i * r, layer.mixed_row(), up.block(i), d.out_block, r,
                                  bias ? bias + i * d.out_block : nullptr,
@@ -139,13 +130,13 @@ template <typename scalar_t>
 void forward_as(const LinearDims& dims, const Tensor& x_rows, const Weights& w, const Tensor& bias,
                 Tensor out, const Tensor& hidden_all) {
   const Layer<scalar_t> layer(dims, w);
-  std::optional<Gate<scalar_t>> gate;
-  if (!layer.full()) gate = Gate<scalar_t>::make(dims, w, /*transposed=*/false);
   const float* bias_data = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
   if (dims.tokens > kRowsTokens) {
-    many_tokens(layer, gate, x_rows, bias_data, hidden_all, out);
+    many_tokens(layer, w, x_rows, bias_data, hidden_all, out);
     return;
   }
+  std::optional<Gate<scalar_t>> gate;
+  if (!layer.full()) gate = Gate<scalar_t>::make(dims, w, /*transposed=*/false);
   Tensor hidden = hidden_all.defined()
                       ? hidden_all
                       : at::empty({dims.tokens, dims.in_blocks, dims.rank}, x_rows.options());

@@ -7,7 +7,11 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 
+#include <optional>
+
 #include "../checks.h"
+#include "gate.h"
+#include "gate_tile.h"
 #include "operands.h"
 #include "projection.h"
 
@@ -82,5 +86,38 @@ Packed<T> pack_blocks(int64_t blocks, const RowsOf& rows_of, at::ScalarType dtyp
   });
   return packed;
 }
+
+// The forward gate for many tokens: the elementwise gates in AVX-512 (gate_tile), or the full gate
+// as one register-tiled projection per output block from its rows, packed once per call.
+template <typename scalar_t>
+struct PackedMixing {
+  using T = typename Layer<scalar_t>::T;
+  const Layer<scalar_t>& layer;
+  std::optional<Gate<scalar_t>> gate;  // the elementwise gates
+  Packed<T> full;                      // the full gate
+
+  PackedMixing(const Layer<scalar_t>& layer_in, const Weights& w, at::ScalarType dtype)
+      : layer(layer_in) {
+    if (!layer.full()) {
+      gate = Gate<scalar_t>::make(layer.d, w, /*transposed=*/false);
+    } else {
+      full =
+          pack_blocks<T>(layer.d.out_blocks, [&](int64_t i) { return layer.full_rows(i); }, dtype);
+    }
+  }
+
+  // mixed = G hidden for `tokens` contiguous rows of each.
+  void operator()(const T* hidden, T* mixed, int64_t tokens) const {
+    if (gate) {
+      gate_tile::mix(gate->rows, hidden, mixed, tokens);
+      return;
+    }
+    const int64_t r = layer.d.rank;
+    for (int64_t i = 0; i < layer.d.out_blocks; ++i) {
+      projection::project_packed(tokens, hidden, layer.hidden_row(), full.block(i), r,
+                                 layer.hidden_row(), nullptr, mixed + i * r, layer.mixed_row());
+    }
+  }
+};
 
 }  // namespace nanomoe::cpu

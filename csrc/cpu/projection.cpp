@@ -62,7 +62,7 @@ void for_each_in_row(const WeightRows<T>& w, int64_t c, const F& fn) {
 struct FloatOps {
   using T = float;
   using Vec = __m512;
-  static constexpr int kStep = 1;
+  static constexpr int kStep = kElementsPerStep<T>;
   // The 16 steps' lanes at p; lanes off in `lanes` read as zeros.
   NANOMOE_AVX512 static Vec load(__mmask16 lanes, const T* p) {
     return _mm512_maskz_loadu_ps(lanes, p);
@@ -86,7 +86,7 @@ struct FloatOps {
 struct BFloat16Ops {
   using T = uint16_t;
   using Vec = __m512bh;
-  static constexpr int kStep = 2;
+  static constexpr int kStep = kElementsPerStep<T>;
   NANOMOE_AVX512 static Vec load(__mmask16 lanes, const T* p) {
     return (Vec)_mm512_maskz_loadu_epi32(lanes, p);
   }
@@ -274,7 +274,7 @@ NANOMOE_AVX512 void dot(const typename Ops::T* in, int64_t in_stride,
 
 template <typename T>
 void pack_rows(const WeightRows<T>& w, T* packed) {
-  constexpr int64_t kStep = OpsOf<T>::type::kStep;
+  constexpr int64_t kStep = kElementsPerStep<T>;
   const int64_t size = panel_size(w);
   if (w.rows % kPanelRows || w.depth() % kStep) {  // missing rows, odd depth's last half: zeros
     std::fill_n(packed, panels_of(w.rows) * size, T(0));
@@ -347,7 +347,7 @@ void project_by_steps(int64_t tokens, const T* in, int64_t in_stride, Steps<T> w
 template <typename T>
 void accumulate_steps(int64_t depth, Steps<T> a, int64_t a_cols, Steps<T> b, int64_t b_cols,
                       float* sums, int64_t sums_stride) {
-  constexpr int64_t kStep = OpsOf<T>::type::kStep;
+  constexpr int64_t kStep = kElementsPerStep<T>;
   project_panels<false>(a_cols, depth, b_cols, Input<T>{a.data, kStep, a.stride}, b.data,
                         kStep * kPanelRows, b.stride, Accumulate{sums, sums_stride});
 }

@@ -8,8 +8,14 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 namespace nanomoe::cpu::projection {
+
+// Elements of the reduction one multiply-add covers per lane: one float32, or a pair of bfloat16
+// (vdpbf16ps).
+template <typename T>
+constexpr int64_t kElementsPerStep = std::is_same_v<T, uint16_t> ? 2 : 1;
 
 // Weight rows as a projection reads them: row c is `segments` runs of `segment_len` contiguous
 // elements, run s at data + c * row_stride + s * segment_stride; the runs together make the row's
