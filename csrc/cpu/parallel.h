@@ -25,26 +25,26 @@ struct Tiling {
 // Batches up to 64 tokens run as one tile with parallel block loops.
 constexpr Tiling kBlasTiling{1024, 8, 64};
 
-// Runs fn(begin, end) over the token tiles of [0, tokens).
+// Runs fn(begin, end) over the token tiles of [0, tokens): each thread takes one contiguous
+// share (a multiple of tiling.multiple) and cuts it into tiles of at most max_tokens, so the
+// threads' work differs by at most one multiple, not by a whole tile.
 template <typename F>
 void for_each_token_tile(int64_t tokens, const Tiling& tiling, const F& fn) {
   if (tokens == 0) return;
+  const auto tiles_of = [&](int64_t begin, int64_t end) {
+    for (; begin < end; begin += tiling.max_tokens)
+      fn(begin, std::min(end, begin + tiling.max_tokens));
+  };
   const int64_t threads = at::get_num_threads();
-  if (tokens <= tiling.sequential_tokens || threads == 1) {
-    for (int64_t begin = 0; begin < tokens; begin += tiling.max_tokens) {
-      fn(begin, std::min(tokens, begin + tiling.max_tokens));
-    }
-    return;
-  }
+  if (tokens <= tiling.sequential_tokens || threads == 1) return tiles_of(0, tokens);
   const int64_t per_thread = (tokens + threads - 1) / threads;
-  const int64_t rounded = (per_thread + tiling.multiple - 1) / tiling.multiple * tiling.multiple;
-  const int64_t tile = std::min(tiling.max_tokens, rounded);
-  const int64_t num_tiles = (tokens + tile - 1) / tile;
-  at::parallel_for(0, num_tiles, 1, [&](int64_t first, int64_t last) {
+  const int64_t share = (per_thread + tiling.multiple - 1) / tiling.multiple * tiling.multiple;
+  const int64_t shares = (tokens + share - 1) / share;
+  at::parallel_for(0, shares, 1, [&](int64_t first, int64_t last) {
     // Worker threads do not inherit the caller's dispatch state: keep autograd out of the views
     // and GEMMs made here.
     at::AutoDispatchBelowADInplaceOrView guard;
-    for (int64_t t = first; t < last; ++t) fn(t * tile, std::min(tokens, (t + 1) * tile));
+    for (int64_t s = first; s < last; ++s) tiles_of(s * share, std::min(tokens, (s + 1) * share));
   });
 }
 
