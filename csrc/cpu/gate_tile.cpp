@@ -1,28 +1,18 @@
-// AVX-512 mixing (see gate_tile.h): four tokens at a time, each destination block 16 lanes at a
-// time in registers, summed over the source blocks; each load of the gate serves the four tokens.
+// AVX-512 mixing (see gate_tile.h): eight tokens at a time, each destination block 16 lanes at a
+// time in registers, summed over the source blocks; each load of the gate serves the eight tokens.
 // Their source rows (converted to float32 once when they are bfloat16) and the gate stay in L1.
 #include "gate_tile.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 
-#include <immintrin.h>
-
 #include <algorithm>
 #include <type_traits>
 #include <vector>
 
-// GCC 12's _mm512_reduce_add_ps starts from an undefined vector, and -Wmaybe-uninitialized
-// reports it once per inlined call; the lanes it leaves undefined are never read.
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-
-#define NANOMOE_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+#include "avx512.h"
 
 namespace nanomoe::cpu::gate_tile {
 namespace {
-
-NANOMOE_AVX512 inline __mmask16 first_lanes(int64_t n) {
-  return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
-}
 
 // Tokens that share each load of the gate: also the number of independent sums in flight, which
 // must cover the FMA latency times its two pipes (4 tokens measured half the rate of 8).
@@ -40,32 +30,6 @@ NANOMOE_AVX512 inline void store(T* y, __mmask16 lanes, __m512 value) {
 template <bool kMasked>
 NANOMOE_AVX512 inline __m512 load(__mmask16 lanes, const float* from) {
   return kMasked ? _mm512_maskz_loadu_ps(lanes, from) : _mm512_loadu_ps(from);
-}
-
-// Lane j of the result: the sum of v[j]'s 16 lanes. Pairs, then quads, of vectors are folded
-// together (4 x 8 + 3 x 4 + 3 x 2 + 3 instructions for 16 sums, against about 8 dependent ones
-// per sum for a lane reduction of each).
-NANOMOE_AVX512 inline __m512 sum_lanes16(const __m512 v[16]) {
-  __m512 pairs[8], quads[4], octs[2];
-  // 128-bit lane L of pairs[j]: partial sums of v[2j] at positions 0 and 2, of v[2j + 1] at 1, 3.
-  for (int j = 0; j < 8; ++j) {
-    pairs[j] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * j], v[2 * j + 1]),
-                             _mm512_unpackhi_ps(v[2 * j], v[2 * j + 1]));
-  }
-  // 128-bit lane L of quads[q]: the sums over L of v[4q], ..., v[4q + 3].
-  for (int q = 0; q < 4; ++q) {
-    const __m512 a = pairs[2 * q], b = pairs[2 * q + 1];
-    quads[q] = _mm512_add_ps(_mm512_shuffle_ps(a, b, _MM_SHUFFLE(1, 0, 1, 0)),
-                             _mm512_shuffle_ps(a, b, _MM_SHUFFLE(3, 2, 3, 2)));
-  }
-  // octs[o]: v[8o .. 8o + 3] over lanes 0-1 and over 2-3, then v[8o + 4 .. 8o + 7] likewise.
-  for (int o = 0; o < 2; ++o) {
-    const __m512 a = quads[2 * o], b = quads[2 * o + 1];
-    octs[o] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(2, 0, 2, 0)),
-                            _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 1, 3, 1)));
-  }
-  return _mm512_add_ps(_mm512_shuffle_f32x4(octs[0], octs[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                       _mm512_shuffle_f32x4(octs[0], octs[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
 // out[j] = <a[j], b[j]> over r elements for j < count (at most 16; the pointers of lanes beyond

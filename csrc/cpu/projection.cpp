@@ -3,21 +3,15 @@
 //   (24 accumulators), fed by broadcasting one input element (float32) or one pair (bfloat16) and
 //   two vector loads of a packed weight panel per step of the reduction;
 // - project_rows, for a few tokens: dot products along the weight rows as they lie in memory, four
-//   rows by up to four tokens at a time, reduced across lanes at the end.
+//   rows by up to four tokens at a time, their 16 sums reduced across lanes together at the end.
 #include "projection.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 
-#include <immintrin.h>
-
-// GCC 12's _mm512_reduce_add_ps starts from an undefined vector, and -Wmaybe-uninitialized
-// reports it once per inlined call; the lanes it leaves undefined are never read.
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-
 #include <algorithm>
 #include <cstring>
 
-#define NANOMOE_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+#include "avx512.h"
 
 namespace nanomoe::cpu::projection {
 namespace {
@@ -28,11 +22,6 @@ constexpr int kDotRows = 4;
 
 int64_t panels_of(int64_t rows) {
   return (rows + kPanelRows - 1) / kPanelRows;
-}
-
-// Lanes [0, n) of 16.
-__mmask16 first_lanes(int64_t n) {
-  return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
 }
 
 // float -> bfloat16 bits, rounding to nearest even like c10::BFloat16 (NaN stays NaN).
@@ -261,11 +250,19 @@ NANOMOE_AVX512 void dot(const typename Ops::T* in, int64_t in_stride,
       }
     }
   }
+  static_assert(kDotTokens * kDotRows == 16, "one folded reduction covers every sum");
+  __m512 flat[16];
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) {
+    flat[i] = i < kTokens * kDotRows ? acc[i / kDotRows][i % kDotRows] : _mm512_setzero_ps();
+  }
+  float sums[16];
+  _mm512_storeu_ps(sums, sum_lanes16(flat));
   const int64_t stored = std::min<int64_t>(kDotRows, w.rows - c0);
   for (int t = 0; t < kTokens; ++t) {
     for (int64_t n = 0; n < stored; ++n) {
       out[t * out_stride + c0 + n] =
-          Ops::from_float(_mm512_reduce_add_ps(acc[t][n]) + (bias ? bias[c0 + n] : 0.0f));
+          Ops::from_float(sums[t * kDotRows + n] + (bias ? bias[c0 + n] : 0.0f));
     }
   }
 }
