@@ -219,3 +219,73 @@ def _divisors(value: int) -> list[int]:
 def _check_metric(metric: str) -> None:
     if metric not in ("params", "macs"):
         raise ValueError(f"metric must be 'params' or 'macs', got {metric!r}")
+
+
+# num_blocks="auto" takes the largest block count whose rank stays at least this (see auto_config).
+AUTO_MIN_RANK = 4
+
+# A budget given as a float in (0, 1] is a fraction of the nn.Linear's cost; an int is absolute.
+Budget = Union[int, float]
+
+
+def absolute_budget(
+    in_features: int,
+    out_features: int,
+    budget: Budget,
+    bias: bool = True,
+    metric: Metric = "params",
+) -> int:
+    """``budget`` in parameters (or multiply-adds per token): an int as it is, a float in
+    ``(0, 1]`` as that fraction of the ``nn.Linear`` of the same shape (its bias counted)."""
+    _check_metric(metric)
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise ValueError(f"budget must be an int (a count) or a float in (0, 1], got {budget!r}")
+    if isinstance(budget, float):
+        if not 0 < budget <= 1:
+            raise ValueError(
+                f"a float budget is a fraction of nn.Linear's cost in (0, 1], got {budget}"
+            )
+        dense = (
+            dense_macs(in_features, out_features)
+            if metric == "macs"
+            else dense_params(in_features, out_features, bias)
+        )
+        return int(budget * dense)
+    if budget < 1:
+        raise ValueError(f"budget must be >= 1, got {budget}")
+    return budget
+
+
+def auto_config(
+    in_features: int,
+    out_features: int,
+    budget: Budget,
+    mixing: Mixing = "scalar",
+    bias: bool = True,
+    metric: Metric = "params",
+    min_rank: int = AUTO_MIN_RANK,
+) -> Config:
+    """The configuration ``num_blocks="auto"`` picks: among square block counts ``K = K_out = K_in``
+    that divide both feature counts, the largest whose largest in-budget rank is still at least
+    ``min_rank``; if none reaches it, the one with the largest rank.
+
+    Why (``benchmarks/block_count.py``, README "Choosing the block count"): at a fixed budget,
+    test error falls as ``K`` grows and the rank shrinks, until the rank gets very small.
+    """
+    if min_rank < 1:
+        raise ValueError(f"min_rank must be >= 1, got {min_rank}")
+    limit = absolute_budget(in_features, out_features, budget, bias, metric)
+    square = [
+        config
+        for config in feasible_configs(in_features, out_features, limit, mixing, bias, metric)
+        if config.num_blocks[0] == config.num_blocks[1]
+    ]
+    if not square:  # K = 1 is always square and feasible unless even rank 1 is over budget
+        raise ValueError(
+            f"no NanoMoE {mixing} configuration of a {in_features}->{out_features} layer fits "
+            f"a budget of {limit} {metric}"
+        )
+    roomy = [config for config in square if config.rank >= min_rank]
+    if roomy:
+        return max(roomy, key=lambda config: config.num_blocks[0])
+    return max(square, key=lambda config: (config.rank, -config.num_blocks[0]))

@@ -1,13 +1,23 @@
 """``NanoMoELinear`` and ``LowRankLinear``: drop-in replacements for ``nn.Linear``."""
 
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from nanomoe._ops import nanomoe_linear
-from nanomoe.budget import BlockCount, Mixing, check_layer, gate_shapes
+from nanomoe.budget import (
+    BlockCount,
+    Budget,
+    Metric,
+    Mixing,
+    absolute_budget,
+    auto_config,
+    check_layer,
+    gate_shapes,
+    nanomoe_rank_for_budget,
+)
 
 
 class NanoMoELinear(nn.Module):
@@ -21,10 +31,19 @@ class NanoMoELinear(nn.Module):
 
     Args:
         in_features, out_features: as in ``nn.Linear``.
-        rank: the width each block is projected to (not the rank of the whole weight).
-        num_blocks: ``K`` for ``K_out = K_in = K``, or a pair ``(K_out, K_in)``.
+        rank: the width each block is projected to (not the rank of the whole weight); ``None``
+            to take the largest that fits ``budget``.
+        num_blocks: ``K`` for ``K_out = K_in = K``, or a pair ``(K_out, K_in)``; ``"auto"`` to
+            choose ``K`` and the rank for ``budget`` by ``nanomoe.budget.auto_config``'s rule.
         mixing: the gate variant.
         bias, device, dtype: as in ``nn.Linear``.
+        budget: with ``rank=None``: the parameters (or, with ``budget_metric="macs"``,
+            multiply-adds per token) the layer may use, an int, or a float in ``(0, 1]`` for that
+            fraction of the ``nn.Linear`` it replaces.
+        budget_metric: ``"params"`` or ``"macs"``.
+
+    ``NanoMoELinear(1024, 1024, num_blocks="auto", budget=1 / 8)`` is the layer to start from
+    when only the budget is known.
     """
 
     mix_left: Optional[Tensor]
@@ -35,14 +54,19 @@ class NanoMoELinear(nn.Module):
         self,
         in_features: int,
         out_features: int,
-        rank: int,
-        num_blocks: BlockCount = 4,
+        rank: Optional[int] = None,
+        num_blocks: Union[BlockCount, str] = 4,
         mixing: Mixing = "scalar",
         bias: bool = True,
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
+        budget: Optional[Budget] = None,
+        budget_metric: Metric = "params",
     ) -> None:
         super().__init__()
+        rank, num_blocks = _resolve_size(
+            in_features, out_features, rank, num_blocks, mixing, bias, budget, budget_metric
+        )
         k_out, k_in = check_layer(in_features, out_features, rank, num_blocks, mixing)
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
@@ -155,6 +179,40 @@ class LowRankLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"rank={self.rank}, bias={self.bias is not None}"
         )
+
+
+def _resolve_size(
+    in_features: int,
+    out_features: int,
+    rank: Optional[int],
+    num_blocks: Union[BlockCount, str],
+    mixing: Mixing,
+    bias: bool,
+    budget: Optional[Budget],
+    metric: Metric,
+) -> tuple[int, BlockCount]:
+    """The rank and block count NanoMoELinear builds: as given, or chosen for ``budget``."""
+    if rank is not None:
+        if budget is not None or num_blocks == "auto":
+            raise ValueError(
+                "give either rank (with an explicit num_blocks) or budget, not both: "
+                f"got rank={rank}, num_blocks={num_blocks!r}, budget={budget!r}"
+            )
+        if isinstance(num_blocks, str):
+            raise ValueError(f"num_blocks must be an int, a pair or 'auto', got {num_blocks!r}")
+        return rank, num_blocks
+    if budget is None:
+        raise ValueError("NanoMoELinear needs a rank, or a budget to choose one from")
+    if num_blocks == "auto":
+        config = auto_config(in_features, out_features, budget, mixing, bias, metric)
+        return config.rank, config.num_blocks
+    if isinstance(num_blocks, str):
+        raise ValueError(f"num_blocks must be an int, a pair or 'auto', got {num_blocks!r}")
+    limit = absolute_budget(in_features, out_features, budget, bias, metric)
+    rank = nanomoe_rank_for_budget(
+        in_features, out_features, limit, num_blocks, mixing, bias, metric
+    )
+    return rank, num_blocks
 
 
 def uniform_with_variance_(tensor: Tensor, variance: float) -> None:
