@@ -3,13 +3,16 @@
 For each task, budget and mixing, NanoMoE is trained at each square block count ``K`` (``K_out =
 K_in = K``, the rank then the largest that fits the budget), the learning rate tuned on held-out
 data over the same grid for every ``K``; the test metric of the tuned run is reported next to the
-``K`` and rank the layers got. ``nanomoe.budget.auto_config`` encodes what this shows.
+``K`` and rank the layers got. The teacher task runs at two spectra: its own power law
+(``decay=1``, a nearly low-rank target) and flat (``decay=0``, a target that needs a high rank).
+``nanomoe.budget.auto_config`` encodes what this shows.
 
-    python benchmarks/block_count.py                       # teacher and digits, budgets 1/8, 1/16
+    python benchmarks/block_count.py                       # teachers and digits, budgets 1/8, 1/16
     python benchmarks/block_count.py --tasks teacher --blocks 1 4 16 64 --budgets 0.125
 """
 
 import argparse
+import dataclasses
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,7 +22,7 @@ from tqdm import tqdm
 
 from nanomoe.compare.layers import layer_factory
 from nanomoe.compare.runner import quality, train
-from nanomoe.compare.tasks import TASKS, make_task
+from nanomoe.compare.tasks import TASKS, TEACHER_SIZES, Task, TeacherTask, make_task
 
 
 @dataclass
@@ -44,20 +47,23 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lrs", nargs="+", type=float, default=[3e-3, 1e-2])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", choices=("tiny", "default", "full"), default="default")
+    parser.add_argument(
+        "--teacher-decays", nargs="+", type=float, default=[1.0, 0.0], help="teacher spectra"
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/block-count.json"))
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
+    tasks = make_tasks(args.tasks, args.size, args.teacher_decays)
     jobs = [
         (name, mixing, budget, blocks)
-        for name in args.tasks
+        for name in tasks
         for mixing in args.mixings
         for budget in args.budgets
         for blocks in args.blocks
     ]
-    tasks = {name: make_task(name, args.size) for name in args.tasks}
     points: list[Point] = []
     progress = tqdm(total=len(jobs) * len(args.lrs), desc="training", unit="run")
     for name, mixing, budget, blocks in jobs:
@@ -99,6 +105,19 @@ def main() -> None:
         print(f"wrote {args.out.with_suffix('.png')}")
     except ModuleNotFoundError as error:  # matplotlib is optional
         print(f"no plot: {error.name} is not installed")
+
+
+def make_tasks(names: list[str], size: str, teacher_decays: list[float]) -> dict[str, Task]:
+    """The tasks by label; the teacher once per spectrum decay, labelled with it."""
+    tasks: dict[str, Task] = {}
+    for name in names:
+        if name != "teacher":
+            tasks[name] = make_task(name, size)
+            continue
+        for decay in teacher_decays:
+            config = dataclasses.replace(TEACHER_SIZES[size], decay=decay)
+            tasks[f"teacher decay={decay:g}"] = TeacherTask(config)
+    return tasks
 
 
 def print_table(points: list[Point]) -> None:

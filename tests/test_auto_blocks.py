@@ -36,21 +36,23 @@ def test_auto_config_is_the_largest_block_count_with_room(mixing, metric, shape,
     config = budget.auto_config(n, m, fraction, mixing, metric=metric)
     k = config.num_blocks[0]
     assert config.num_blocks == (k, k) and config.rank == ranks[k]
-    roomy = [kk for kk, rank in ranks.items() if rank >= budget.AUTO_MIN_RANK]
-    if roomy:
-        assert k == max(roomy)
-    else:  # nothing reaches the minimum rank: the largest rank there is
-        assert config.rank == max(ranks.values())
+    floor = max(budget.AUTO_MIN_RANK, budget.AUTO_RANK_FRACTION * ranks[1])
+    roomy = [kk for kk, rank in ranks.items() if rank >= floor]
+    assert k == max(roomy, default=1)
     cost = config.macs if metric == "macs" else config.params
     assert cost <= limit
 
 
 def test_min_rank_moves_the_choice() -> None:
-    wide = budget.auto_config(512, 512, 1 / 8, "scalar", min_rank=1)
-    narrow = budget.auto_config(512, 512, 1 / 8, "scalar", min_rank=16)
+    wide = budget.auto_config(512, 512, 1 / 8, "scalar", min_rank=1, rank_fraction=0.1)
+    narrow = budget.auto_config(512, 512, 1 / 8, "scalar", min_rank=16, rank_fraction=0.1)
     assert wide.num_blocks[0] > narrow.num_blocks[0] and narrow.rank >= 16
+    keep_all = budget.auto_config(512, 512, 1 / 8, "scalar", rank_fraction=1.0)
+    assert keep_all.rank == budget.nanomoe_rank_for_budget(512, 512, 32832, 1, "scalar")
     with pytest.raises(ValueError, match="min_rank"):
         budget.auto_config(512, 512, 1 / 8, min_rank=0)
+    with pytest.raises(ValueError, match="rank_fraction"):
+        budget.auto_config(512, 512, 1 / 8, rank_fraction=1.5)
 
 
 def test_absolute_budget() -> None:

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from nanomoe.compare.cli import main
-from nanomoe.compare.runner import Settings, compare, run_count
+from nanomoe.compare.layers import LAYER_KINDS
+from nanomoe.compare.runner import Settings, compare, run_count, trials
 from nanomoe.compare.tasks import make_task
 
 KINDS = ["dense", "lowrank", "monarch", "nanomoe-scalar", "nanomoe-full"]
@@ -24,7 +25,11 @@ def test_cli_writes_table_json_and_plots(tmp_path: Path, capsys: pytest.CaptureF
         "--budgets",
         "0.5",
         "0.25",
-        "--num-blocks",
+        "--block-counts",
+        "1",
+        "2",
+        "--monarch-blocks",
+        "1",
         "2",
     ]
     argv += ["--lrs", "1e-3", "1e-2", "--seeds", "0", "1", "--size", "tiny", "--steps", "4"]
@@ -39,7 +44,8 @@ def test_cli_writes_table_json_and_plots(tmp_path: Path, capsys: pytest.CaptureF
     }
     assert {(row["task"], row["kind"], row["budget"]) for row in summary} == expected
     assert all(row["seeds"] == 2 for row in summary)
-    assert all(row["learning_rate"] in (1e-3, 1e-2) for row in summary)
+    # tuned from the grid, or (no structure to tune) from as many rates spread over its range
+    assert all(0.999e-3 <= row["learning_rate"] <= 1.001e-2 for row in summary)
     assert "nanomoe-full" in capsys.readouterr().out
     for name in ("compare.txt", "compare-teacher.png", "curves-digits.png"):
         assert (tmp_path / name).stat().st_size > 0
@@ -54,21 +60,37 @@ def test_tuning_protocol_and_budgets(tmp_path: Path) -> None:
         "params",
         (1e-3, 3e-3, 1e-2),
         (0, 1, 2),
-        num_blocks=4,
+        block_counts=(2, 4),
+        monarch_blocks=(2, 4),
         steps=3,
     )
     runs = compare([make_task("teacher", "tiny")], settings)
     assert len(runs) == 3 * 3  # (dense, lowrank, nanomoe) x 3 seeds reported
-    assert run_count(settings, 1) == 3 * (3 + 3 - 1)
+    assert run_count(settings, 1) == 3 * (2 * 3 + 3 - 1)
+    tuned = {run.layers[0]["num_blocks"] for run in runs if run.kind == "nanomoe-diagonal"}
+    assert len(tuned) == 1 and tuned <= {2, 4}  # every seed trains the tuned block count
     dense_params = next(run.params for run in runs if run.kind == "dense")
     for run in runs:
         assert run.kind == "dense" or run.params <= 0.25 * dense_params
         assert run.step_ms > 0 and run.memory_mib > 0 and run.curve
 
 
+def test_every_layer_type_gets_the_same_trials() -> None:
+    settings = Settings(LAYER_KINDS, (0.25,), "params", (1e-3, 1e-2), (0,), (4, 16, 64), (2, 4, 8))
+    counts = {kind: len(trials(kind, settings)) for kind in LAYER_KINDS}
+    assert set(counts.values()) == {6}
+    rates = [rate for _, rate in trials("lowrank", settings)]
+    assert rates[0] == 1e-3 and abs(rates[-1] - 1e-2) < 1e-12
+    assert all(b / a == pytest.approx(rates[1] / rates[0]) for a, b in zip(rates, rates[1:]))
+    blocks = {structure["num_blocks"] for structure, _ in trials("nanomoe-full", settings)}
+    assert blocks == {4, 16, 64}
+    with pytest.raises(ValueError, match="as many entries"):
+        Settings(LAYER_KINDS, (0.25,), "params", (1e-3,), (0,), (4, 16), (2,))
+
+
 def test_same_seed_same_result() -> None:
     settings = Settings(
-        ("lowrank", "nanomoe-scalar"), (0.25,), "params", (3e-3,), (0,), num_blocks=4, steps=5
+        ("lowrank", "nanomoe-scalar"), (0.25,), "params", (3e-3,), (0,), (4,), (4,), steps=5
     )
     first, second = (compare([make_task("digits", "tiny")], settings) for _ in range(2))
     assert [(r.val, r.test, r.train_loss) for r in first] == [

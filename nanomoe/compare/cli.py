@@ -31,9 +31,22 @@ def parser() -> argparse.ArgumentParser:
         help="fractions of each dense layer's parameters (or multiply-adds)",
     )
     p.add_argument("--budget-kind", choices=("params", "flops"), default="params")
-    p.add_argument("--lrs", nargs="+", type=float, default=[1e-3, 3e-3, 1e-2], help="Adam grid")
+    p.add_argument("--lrs", nargs="+", type=float, default=[3e-3, 1e-2], help="Adam grid")
     p.add_argument("--seeds", nargs="+", type=int, help="default: 0 1 (--full: 0 1 2)")
-    p.add_argument("--num-blocks", type=int, default=8, help="NanoMoE block count K")
+    p.add_argument(
+        "--block-counts",
+        nargs="+",
+        type=int,
+        default=[4, 16, 64],
+        help="NanoMoE block counts K, tuned with the learning rate",
+    )
+    p.add_argument(
+        "--monarch-blocks",
+        nargs="+",
+        type=int,
+        default=[2, 4, 8],
+        help="Monarch block counts, tuned likewise (as many as --block-counts)",
+    )
     p.add_argument("--steps", type=int, help="training steps (default: each task's own)")
     p.add_argument("--size", choices=("tiny", "default", "full"), help="task size")
     p.add_argument("--full", action="store_true", help="the larger settings: --size full, 3 seeds")
@@ -62,7 +75,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         budget_kind=args.budget_kind,
         learning_rates=tuple(args.lrs),
         seeds=seeds,
-        num_blocks=args.num_blocks,
+        block_counts=tuple(args.block_counts),
+        monarch_blocks=tuple(args.monarch_blocks),
         steps=args.steps,
     )
     tasks = [make_task(name, size) for name in args.tasks]

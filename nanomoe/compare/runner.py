@@ -1,8 +1,11 @@
 """Training runs of the comparison: one model per (task, layer type, budget, learning rate, seed).
 
-Every layer type gets the same budget of trials: the learning rate is tuned on a small grid by
-held-out (validation) quality with the first seed, and the best one is then trained with every seed
-and reported on the test split. Dense ``nn.Linear`` has no budget and runs once per task.
+Every layer type gets the same budget of trials: its structure (NanoMoE's block count, Monarch's)
+and the learning rate are tuned together on a small grid by held-out (validation) quality with the
+first seed, and the best pair is then trained with every seed and reported on the test split. A
+layer type with no structure to choose (dense, low-rank) spends the same number of trials on a
+finer learning-rate grid over the same range. Dense ``nn.Linear`` has no budget and runs once per
+task.
 """
 
 import math
@@ -28,8 +31,16 @@ class Settings:
     budget_kind: str  # "params" or "flops"
     learning_rates: tuple[float, ...]
     seeds: tuple[int, ...]
-    num_blocks: int
+    block_counts: tuple[int, ...] = (4, 16, 64)  # NanoMoE's K, tuned with the learning rate
+    monarch_blocks: tuple[int, ...] = (2, 4, 8)  # Monarch's block count, likewise
     steps: Optional[int] = None  # None: each task's own default
+
+    def __post_init__(self) -> None:
+        if len(self.block_counts) != len(self.monarch_blocks):
+            raise ValueError(
+                "block_counts and monarch_blocks need as many entries (the same trials for "
+                f"every layer type), got {self.block_counts} and {self.monarch_blocks}"
+            )
 
 
 @dataclass
@@ -162,9 +173,33 @@ def configurations(settings: Settings) -> list[tuple[str, float]]:
     return pairs
 
 
+Structure = dict[str, int]  # layer_factory's structural arguments: num_blocks, monarch_blocks
+
+
+def spread(rates: tuple[float, ...], count: int) -> tuple[float, ...]:
+    """``count`` learning rates evenly spaced in log over the range of ``rates``."""
+    low, high = min(rates), max(rates)
+    if count <= len(rates) or low == high:
+        return rates
+    return tuple(low * (high / low) ** (i / (count - 1)) for i in range(count))
+
+
+def trials(kind: str, settings: Settings) -> list[tuple[Structure, float]]:
+    """The (structure, learning rate) pairs tried for a layer type: as many for every type."""
+    rates = settings.learning_rates
+    if kind.startswith("nanomoe-"):
+        return [({"num_blocks": k}, rate) for k in settings.block_counts for rate in rates]
+    if kind == "monarch":
+        return [({"monarch_blocks": b}, rate) for b in settings.monarch_blocks for rate in rates]
+    return [({}, rate) for rate in spread(rates, len(settings.block_counts) * len(rates))]
+
+
 def run_count(settings: Settings, tasks: int) -> int:
-    per_config = len(settings.learning_rates) + len(settings.seeds) - 1
-    return tasks * len(configurations(settings)) * per_config
+    extra_seeds = len(settings.seeds) - 1
+    per_task = sum(
+        len(trials(kind, settings)) + extra_seeds for kind, _ in configurations(settings)
+    )
+    return tasks * per_task
 
 
 def labelled_run(
@@ -186,19 +221,17 @@ def labelled_run(
 
 
 def compare_task(task: Task, settings: Settings, progress: Optional[tqdm] = None) -> list[Run]:
-    """Every configuration of one task: tune the learning rate, then train every seed with it.
-    The tuning run of the first seed at the chosen rate is reused as that seed's result."""
+    """Every configuration of one task: tune the structure and learning rate, then train every seed
+    with the best pair. The tuning run of the first seed is reused as that seed's result."""
     steps = settings.steps or task.steps
     runs: list[Run] = []
     for kind, budget in configurations(settings):
-        factory = layer_factory(kind, budget, settings.budget_kind, settings.num_blocks)
-        config = (kind, budget, factory)
         first = settings.seeds[0]
-        tuning = [
-            labelled_run(task, config, rate, first, steps, progress)
-            for rate in settings.learning_rates
-        ]
-        best = max(tuning, key=lambda run: quality(task, run.val))
+        tuning = []
+        for structure, rate in trials(kind, settings):
+            config = (kind, budget, layer_factory(kind, budget, settings.budget_kind, **structure))
+            tuning.append((labelled_run(task, config, rate, first, steps, progress), config))
+        best, config = max(tuning, key=lambda pair: quality(task, pair[0].val))
         runs.append(best)
         runs += [
             labelled_run(task, config, best.learning_rate, seed, steps, progress)
