@@ -122,3 +122,10 @@ def test_module_entry_point(tmp_path: Path) -> None:
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "compare.json").exists()
+
+
+def test_structures_over_budget_are_skipped() -> None:
+    # At 1/2 of a tiny teacher's layers (16 -> 32 -> 16), a 16 x 16 gate is over budget: K = 1 runs.
+    settings = Settings(("nanomoe-scalar",), (0.5,), "params", (3e-3,), (0,), (1, 16), (1, 2))
+    runs = compare([make_task("teacher", "tiny")], settings)
+    assert [run.layers[0]["num_blocks"] for run in runs] == [1]

@@ -220,6 +220,15 @@ def labelled_run(
     return run
 
 
+def fits(task: Task, factory: LinearFactory) -> bool:
+    """Whether every layer of the task's model can be built within the factory's budget."""
+    try:
+        task.make_model(factory)
+    except ValueError:
+        return False
+    return True
+
+
 def compare_task(task: Task, settings: Settings, progress: Optional[tqdm] = None) -> list[Run]:
     """Every configuration of one task: tune the structure and learning rate, then train every seed
     with the best pair. The tuning run of the first seed is reused as that seed's result."""
@@ -230,7 +239,15 @@ def compare_task(task: Task, settings: Settings, progress: Optional[tqdm] = None
         tuning = []
         for structure, rate in trials(kind, settings):
             config = (kind, budget, layer_factory(kind, budget, settings.budget_kind, **structure))
+            if not fits(task, config[2]):  # e.g. a gate of K^2 terms over budget: not a candidate
+                if progress is not None:
+                    progress.update()
+                continue
             tuning.append((labelled_run(task, config, rate, first, steps, progress), config))
+        if not tuning:
+            raise ValueError(
+                f"{task.name}: no {kind} structure fits {budget:g} of the dense layers"
+            )
         best, config = max(tuning, key=lambda pair: quality(task, pair[0].val))
         runs.append(best)
         runs += [
