@@ -192,22 +192,20 @@ def _resolve_size(
     metric: Metric,
 ) -> tuple[int, BlockCount]:
     """The rank and block count NanoMoELinear builds: as given, or chosen for ``budget``."""
+    if isinstance(num_blocks, str) and num_blocks != "auto":
+        raise ValueError(f"num_blocks must be an int, a pair or 'auto', got {num_blocks!r}")
     if rank is not None:
         if budget is not None or num_blocks == "auto":
             raise ValueError(
                 "give either rank (with an explicit num_blocks) or budget, not both: "
                 f"got rank={rank}, num_blocks={num_blocks!r}, budget={budget!r}"
             )
-        if isinstance(num_blocks, str):
-            raise ValueError(f"num_blocks must be an int, a pair or 'auto', got {num_blocks!r}")
         return rank, num_blocks
     if budget is None:
         raise ValueError("NanoMoELinear needs a rank, or a budget to choose one from")
     if num_blocks == "auto":
         config = auto_config(in_features, out_features, budget, mixing, bias, metric)
         return config.rank, config.num_blocks
-    if isinstance(num_blocks, str):
-        raise ValueError(f"num_blocks must be an int, a pair or 'auto', got {num_blocks!r}")
     limit = absolute_budget(in_features, out_features, budget, bias, metric)
     rank = nanomoe_rank_for_budget(
         in_features, out_features, limit, num_blocks, mixing, bias, metric

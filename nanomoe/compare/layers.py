@@ -19,6 +19,7 @@ from nanomoe.budget import (
     MIXINGS,
     Metric,
     Mixing,
+    absolute_budget,
     dense_macs,
     dense_params,
     largest_rank,
@@ -190,7 +191,7 @@ def layer_factory(
     def make(in_features: int, out_features: int, bias: bool) -> nn.Module:
         if kind == "dense":
             return nn.Linear(in_features, out_features, bias)
-        limit = _budget_limit(in_features, out_features, bias, budget, metric)
+        limit = absolute_budget(in_features, out_features, float(budget), bias, metric)
         what = f"{kind} for a {in_features}->{out_features} layer at {budget:g} of dense {metric}"
         try:
             return _sized_layer(
@@ -200,15 +201,6 @@ def layer_factory(
             raise ValueError(f"{what}: {error}") from None
 
     return make
-
-
-def _budget_limit(
-    in_features: int, out_features: int, bias: bool, budget: float, metric: Metric
-) -> int:
-    """The budget in absolute units: a fraction of the dense layer's parameters or MACs."""
-    if metric == "macs":
-        return math.floor(budget * dense_macs(in_features, out_features))
-    return math.floor(budget * dense_params(in_features, out_features, bias))
 
 
 def _sized_layer(
