@@ -20,6 +20,8 @@ class Row:
     forward_backward_ms: Optional[float] = None
     forward_vs_lowrank: Optional[float] = None
     forward_backward_vs_lowrank: Optional[float] = None
+    forward_vs_same_params: Optional[float] = None  # to LowRankLinear of the same parameter count
+    forward_backward_vs_same_params: Optional[float] = None
     forward_gb_per_s: Optional[float] = None
     forward_copy_fraction: Optional[float] = None  # of the measured copy bandwidth
     forward_tflop_per_s: Optional[float] = None
@@ -62,6 +64,8 @@ def columns_for(device: torch.device) -> list[Column]:
         Column("TFLOP/s" if on_cuda else "GFLOP/s", 9, rate),
         Column("fwd+bwd ms", 12, lambda r: _number(r.forward_backward_ms, ".3f")),
         Column("x lowrank", 10, lambda r: _number(r.forward_backward_vs_lowrank, ".2f")),
+        Column("x =params", 10, lambda r: _number(r.forward_vs_same_params, ".2f")),
+        Column("bwd =params", 12, lambda r: _number(r.forward_backward_vs_same_params, ".2f")),
         Column("peak MiB", 10, lambda r: _number(r.peak_memory_mib, ".0f")),
         Column("x ref", 7, lambda r: _number(r.peak_memory_vs_reference, ".2f")),
     ]

@@ -15,7 +15,13 @@ also gives the peak memory forward+backward allocates beyond its inputs and para
 ratio to the reference (on the CPU: what PyTorch's allocator hands out, seen by the profiler).
 float32 runs with TF32 off, so every layer computes in full float32.
 
+The ``blocks`` suite times large block counts at small ranks (``K`` 32 and 64, ``r`` 4 to 32), where
+the mixing does as many multiply-adds as the projections or more. Each NanoMoE variant there also
+gets a ``LowRankLinear`` of the same parameter count (the largest rank within it), and its times as
+a ratio to that one: the comparison a user choosing between the two at one budget makes.
+
     python benchmarks/speed.py                       # the default device, its sizes and dtypes
+    python benchmarks/speed.py --suite blocks        # large K, small r (speed-DEVICE-blocks.json)
     python benchmarks/speed.py --device cpu --sizes 4096x1024x1024x64x8 --dtypes float32
 """
 
@@ -46,14 +52,17 @@ from nanomoe.budget import (
     dense_params,
     lowrank_macs,
     lowrank_params,
+    lowrank_rank_for_budget,
     nanomoe_macs,
     nanomoe_params,
 )
 from nanomoe.reference import nanomoe_linear_reference
 
-# tokens x in_features x out_features x rank x blocks. CPU: two throughput sizes, two latency sizes.
-# CUDA: the target size first (H100, bfloat16), three more throughput sizes, one latency size.
-SIZES = {
+# tokens x in_features x out_features x rank x blocks, per suite and device. targets: CPU, two
+# throughput and two latency sizes; CUDA, the target size first (H100, bfloat16), three more
+# throughput sizes, one latency size. blocks: K = 32 and 64 at ranks 4 to 32, in = out = 1024 and
+# 4096.
+TARGET_SIZES = {
     "cpu": (
         "4096x1024x1024x64x8",
         "8192x2048x2048x128x8",
@@ -68,6 +77,26 @@ SIZES = {
         "1x4096x4096x256x8",
     ),
 }
+BLOCK_SIZES = {
+    "cpu": (
+        "4096x1024x1024x4x64",
+        "4096x1024x1024x16x64",
+        "4096x1024x1024x8x32",
+        "4096x1024x1024x32x32",
+        "1024x4096x4096x4x64",
+        "1024x4096x4096x32x64",
+        "1024x4096x4096x8x32",
+    ),
+    "cuda": (
+        "65536x1024x1024x4x64",
+        "65536x1024x1024x16x64",
+        "65536x1024x1024x32x32",
+        "16384x4096x4096x8x64",
+        "16384x4096x4096x32x64",
+        "16384x4096x4096x8x32",
+    ),
+}
+SUITES = {"targets": TARGET_SIZES, "blocks": BLOCK_SIZES}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_DTYPES = {"cpu": ("float32", "bfloat16"), "cuda": ("bfloat16", "float16", "float32")}
 COPY_MIB = {"cpu": 256, "cuda": 1024}
@@ -106,12 +135,20 @@ def kernel_name(mixing: str) -> str:
     return f"nanomoe {mixing}"
 
 
+def same_params_name(mixing: str) -> str:
+    return f"LowRankLinear = {mixing}"
+
+
 def _reference(layer: nanomoe.NanoMoELinear, x: Tensor) -> Tensor:
     gate = (layer.mix_left, layer.mix_right)
     return nanomoe_linear_reference(x, layer.down, layer.mix, layer.up, layer.bias, *gate)
 
 
-def layers_for(shape: Shape, dtype: torch.dtype, device: torch.device) -> list[Layer]:
+def layers_for(
+    shape: Shape, dtype: torch.dtype, device: torch.device, same_params: bool
+) -> list[Layer]:
+    """The baselines, then per mixing the reference and the kernel; with ``same_params``, also a
+    LowRankLinear of each variant's parameter count, and no variant costing more than dense."""
     n, m, rank, blocks = shape.in_features, shape.out_features, shape.rank, shape.blocks
     factory = {"dtype": dtype, "device": device}
     dense = nn.Linear(n, m, **factory)
@@ -126,6 +163,13 @@ def layers_for(shape: Shape, dtype: torch.dtype, device: torch.device) -> list[L
         layer = nanomoe.NanoMoELinear(n, m, rank, blocks, mixing, **factory)
         params = nanomoe_params(n, m, rank, blocks, mixing)
         macs = nanomoe_macs(n, m, rank, blocks, mixing)
+        if same_params:
+            if params > dense_params(n, m):
+                continue
+            equal = lowrank_rank_for_budget(n, m, params)
+            twin = nanomoe.LowRankLinear(n, m, equal, **factory)
+            cost = (lowrank_params(n, m, equal), lowrank_macs(n, m, equal))
+            layers.append(Layer(same_params_name(mixing), twin, twin, *cost))
         layers.append(
             Layer(reference_name(mixing), layer, partial(_reference, layer), params, macs)
         )
@@ -203,20 +247,31 @@ def add_ratios(rows: list[Row]) -> None:
             row.forward_backward_ms, lowrank.forward_backward_ms
         )
     for mixing in MIXINGS:
+        if kernel_name(mixing) not in by_layer:  # over dense's parameters: not timed
+            continue
+        twin = by_layer.get(same_params_name(mixing))
+        if twin is not None:
+            for row in (by_layer[reference_name(mixing)], by_layer[kernel_name(mixing)]):
+                row.forward_vs_same_params = _ratio(row.forward_ms, twin.forward_ms)
+                row.forward_backward_vs_same_params = _ratio(
+                    row.forward_backward_ms, twin.forward_backward_ms
+                )
         reference = by_layer[reference_name(mixing)].peak_memory_mib
         for name in (reference_name(mixing), kernel_name(mixing)):
             row = by_layer[name]
             row.peak_memory_vs_reference = _ratio(row.peak_memory_mib, reference)
 
 
-def measure_size(size: str, dtype_name: str, setup: Setup, progress: tqdm) -> list[Row]:
+def measure_size(
+    size: str, dtype_name: str, setup: Setup, same_params: bool, progress: tqdm
+) -> list[Row]:
     """Every layer at one size and dtype, on the same input."""
     shape = Shape(*(int(v) for v in size.split("x")))
     dtype, device = DTYPES[dtype_name], setup.device
     x = torch.randn(shape.tokens, shape.in_features, dtype=dtype, device=device, requires_grad=True)
     grad_out = torch.ones(shape.tokens, shape.out_features, dtype=dtype, device=device)
     element = dtype.itemsize
-    layers = layers_for(shape, dtype, device)
+    layers = layers_for(shape, dtype, device, same_params)
     rows = []
     for layer in layers:
         moved = (shape.tokens * (shape.in_features + shape.out_features) + layer.params) * element
@@ -224,24 +279,23 @@ def measure_size(size: str, dtype_name: str, setup: Setup, progress: tqdm) -> li
     if device.type == "cpu":
         progress.set_postfix_str(f"{size} {dtype_name}, all layers in rounds")
         measure_interleaved(layers, x, grad_out, rows, setup)
-        progress.update(len(layers))
     else:
         for layer, row in zip(layers, rows):
             progress.set_postfix_str(f"{size} {dtype_name} {layer.name}")
             measure_layer(layer, x, grad_out, row, setup)
-            progress.update()
+    progress.update()
     for row in rows:
         add_rates(row, setup.copy_gb_per_s)
     add_ratios(rows)
     return rows
 
 
-def run(sizes: list[str], dtypes: list[str], setup: Setup) -> list[Row]:
+def run(sizes: list[str], dtypes: list[str], setup: Setup, same_params: bool) -> list[Row]:
     rows: list[Row] = []
     jobs = [(size, dtype) for size in sizes for dtype in dtypes]
-    progress = tqdm(total=len(jobs) * (2 + 2 * len(MIXINGS)), desc="timing", unit="layer")
+    progress = tqdm(total=len(jobs), desc="timing", unit="size")
     for size, dtype_name in jobs:
-        rows += measure_size(size, dtype_name, setup, progress)
+        rows += measure_size(size, dtype_name, setup, same_params, progress)
     progress.close()
     return rows
 
@@ -257,7 +311,8 @@ def pick_device(choice: str) -> torch.device:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--sizes", nargs="+", help="BxNxMxRxK (default: per device, see SIZES)")
+    parser.add_argument("--suite", choices=tuple(SUITES), default="targets", help="default sizes")
+    parser.add_argument("--sizes", nargs="+", help="BxNxMxRxK (default: the suite's, per device)")
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), help="default: per device")
     parser.add_argument("--repeats", type=int, default=15, help="timed calls per measurement")
     parser.add_argument("--budget", type=float, default=1.0, help="seconds per measurement")
@@ -281,9 +336,12 @@ def main() -> None:
     info = machine_info(device, args.threads, bandwidth, copy_mib)
     print(describe(info))
 
-    rows = run(args.sizes or list(SIZES[kind]), args.dtypes or list(DEFAULT_DTYPES[kind]), setup)
+    sizes = args.sizes or list(SUITES[args.suite][kind])
+    blocks = args.suite == "blocks"
+    rows = run(sizes, args.dtypes or list(DEFAULT_DTYPES[kind]), setup, same_params=blocks)
     print_table(rows, device)
-    out = args.out or Path(f"benchmarks/results/speed-{kind}.json")
+    suffix = "-blocks" if blocks else ""
+    out = args.out or Path(f"benchmarks/results/speed-{kind}{suffix}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": info, "rows": [asdict(r) for r in rows]}, indent=1))
     print(f"\nwrote {out} ({describe(info)})")

@@ -74,3 +74,24 @@ def test_readme_table_renders_every_size_and_variant(speed_run, tmp_path: Path) 
     lines = [line for line in result.stdout.splitlines() if line.startswith("| 5x12x8x2x2")]
     assert len(lines) == 4  # float32 and bfloat16, in the speed table and the memory table
     assert all(line.count("|") == 8 or line.count("|") == 7 for line in lines)
+
+
+def test_blocks_suite_times_low_rank_at_each_variants_parameters(tmp_path: Path) -> None:
+    """--suite blocks adds, per variant, a LowRankLinear of its parameter count and the ratio to it;
+    a variant costing more than dense (here full, whose gate is K^2 r^2) is left out."""
+    out = tmp_path / "blocks.json"
+    command = [sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--device", "cpu"]
+    command += ["--suite", "blocks", "--sizes", "3x16x16x2x8", "--dtypes", "float32"]
+    command += ["--repeats", "1", "--budget", "0", "--copy-mib", "1", "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = {row["layer"]: row for row in json.loads(out.read_text())["rows"]}
+    # scalar: 2 * 2 * 16 + 8 * 8 = 128 parameters besides the bias, as low-rank's rank 4
+    assert rows["LowRankLinear = scalar"]["forward_flops"] == 2 * 3 * 4 * (16 + 16)
+    assert "nanomoe full" not in rows and "LowRankLinear = full" not in rows
+    for mixing in ("scalar", "diagonal"):
+        kernel, twin = rows[f"nanomoe {mixing}"], rows[f"LowRankLinear = {mixing}"]
+        ratio = kernel["forward_ms"] / twin["forward_ms"]
+        assert kernel["forward_vs_same_params"] == pytest.approx(ratio)
+        assert kernel["forward_backward_vs_same_params"] > 0
+    assert rows["nanomoe scalar"]["forward_vs_lowrank"] > 0

@@ -76,7 +76,9 @@ def test_tuning_protocol_and_budgets(tmp_path: Path) -> None:
 
 
 def test_every_layer_type_gets_the_same_trials() -> None:
-    settings = Settings(LAYER_KINDS, (0.25,), "params", (1e-3, 1e-2), (0,), (4, 16, 64), (2, 4, 8))
+    settings = Settings(
+        LAYER_KINDS, (0.25,), "params", (1e-3, 1e-2), (0,), (4, 16, 64), (2, 4, 8), (2, 4, 8)
+    )
     counts = {kind: len(trials(kind, settings)) for kind in LAYER_KINDS}
     assert set(counts.values()) == {6}
     rates = [rate for _, rate in trials("lowrank", settings)]
@@ -84,8 +86,13 @@ def test_every_layer_type_gets_the_same_trials() -> None:
     assert all(b / a == pytest.approx(rates[1] / rates[0]) for a, b in zip(rates, rates[1:]))
     blocks = {structure["num_blocks"] for structure, _ in trials("nanomoe-full", settings)}
     assert blocks == {4, 16, 64}
-    with pytest.raises(ValueError, match="as many entries"):
+    experts = {structure["moe_experts"] for structure, _ in trials("moe", settings)}
+    assert experts == {2, 4, 8}
+    with pytest.raises(ValueError, match=r"as many entries .*monarch_blocks=\(2,\)"):
         Settings(LAYER_KINDS, (0.25,), "params", (1e-3,), (0,), (4, 16), (2,))
+    with pytest.raises(ValueError, match=r"as many entries .*moe_experts=\(2, 4, 8\)"):
+        Settings(("moe", "nanomoe-scalar"), (0.25,), "params", (1e-3,), (0,), (4, 16))
+    Settings(("lowrank", "nanomoe-scalar"), (0.25,), "params", (1e-3,), (0,), (4, 16))
 
 
 def test_same_seed_same_result() -> None:
@@ -126,6 +133,26 @@ def test_module_entry_point(tmp_path: Path) -> None:
 
 def test_structures_over_budget_are_skipped() -> None:
     # At 1/2 of a tiny teacher's layers (16 -> 32 -> 16), a 16 x 16 gate is over budget: K = 1 runs.
-    settings = Settings(("nanomoe-scalar",), (0.5,), "params", (3e-3,), (0,), (1, 16), (1, 2))
+    settings = Settings(
+        ("nanomoe-scalar",), (0.5,), "params", (3e-3,), (0,), (1, 16), (1, 2), (1, 2)
+    )
     runs = compare([make_task("teacher", "tiny")], settings)
     assert [run.layers[0]["num_blocks"] for run in runs] == [1]
+
+
+def test_a_layer_type_that_never_fits_is_left_out(capsys: pytest.CaptureFixture) -> None:
+    # At 1/4 of the tiny teacher's parameters no routed MoE fits (its router and output bias
+    # alone take half of it); the other types still run, and the progress count still adds up.
+    settings = Settings(
+        ("lowrank", "moe"), (0.25, 0.5), "params", (3e-3,), (0, 1), (1,), (1,), (2,), steps=2
+    )
+    runs = compare([make_task("teacher", "tiny")], settings)
+    assert sorted((run.kind, run.budget) for run in runs) == [
+        ("lowrank", 0.25),
+        ("lowrank", 0.25),
+        ("lowrank", 0.5),
+        ("lowrank", 0.5),
+        ("moe", 0.5),
+        ("moe", 0.5),
+    ]
+    assert "teacher: no moe structure fits 0.25 of the dense layers" in capsys.readouterr().out

@@ -10,12 +10,14 @@ from torch.utils.flop_counter import FlopCounterMode
 import nanomoe
 from nanomoe.compare.layers import (
     LAYER_KINDS,
+    MOE_TOP_K,
     Monarch,
     describe_layer,
     layer_factory,
     monarch_macs,
     monarch_params,
 )
+from nanomoe.compare.moe import RoutedMoE, moe_params
 
 # Square, non-square both ways, a pair NanoMoE's K=8 and Monarch's 4 blocks do not divide (K falls
 # back to 5 and 2), and a prime in_features (both fall back to 1).
@@ -35,13 +37,15 @@ def measured_macs(module: nn.Module, features: int) -> int:
 
 
 def next_size_up(module: nn.Module) -> nn.Module:
-    """The same layer one step of granularity larger: rank + 1, or width + blocks."""
+    """The same layer one step of granularity larger: rank + 1, width + blocks, or hidden + 1."""
     bias = module.bias is not None
     n, m = module.in_features, module.out_features
     if isinstance(module, nanomoe.LowRankLinear):
         return nanomoe.LowRankLinear(n, m, module.rank + 1, bias)
     if isinstance(module, nanomoe.NanoMoELinear):
         return nanomoe.NanoMoELinear(n, m, module.rank + 1, module.num_blocks, module.mixing, bias)
+    if isinstance(module, RoutedMoE):
+        return RoutedMoE(n, m, module.experts, module.hidden + 1, module.top_k, bias)
     assert isinstance(module, Monarch)
     return Monarch(n, m, module.blocks, module.width + module.blocks, bias)
 
@@ -58,9 +62,13 @@ def cost(module: nn.Module, budget_kind: str) -> int:
 @pytest.mark.parametrize("bias", [True, False])
 def test_layers_fill_their_budget(kind, budget_kind, budget, size, bias) -> None:
     n, m = size
-    layer = layer_factory(kind, budget, budget_kind)(n, m, bias)
     dense = nn.Linear(n, m, bias)
     limit = budget * (numel(dense) if budget_kind == "params" else n * m)
+    if kind == "moe" and budget_kind == "params" and moe_params(n, m, 2, 1, 1, bias) > limit:
+        with pytest.raises(ValueError, match="over the budget"):  # even hidden width 1
+            layer_factory(kind, budget, budget_kind, moe_experts=2)(n, m, bias)
+        return
+    layer = layer_factory(kind, budget, budget_kind, moe_experts=2)(n, m, bias)
     assert cost(layer, budget_kind) <= limit
     assert cost(next_size_up(layer), budget_kind) > limit
     assert describe_layer(layer)["kind"] == kind
@@ -209,7 +217,8 @@ def test_monarch_rejects_wrong_input_width() -> None:
         ({"kind": "butterfly"}, "unknown layer kind 'butterfly'"),
         ({"kind": "lowrank", "budget_kind": "bytes"}, "budget_kind must be"),
         ({"kind": "lowrank", "budget": 0}, "budget must be a positive"),
-        ({"kind": "nanomoe-full", "num_blocks": 0}, "block counts must be >= 1"),
+        ({"kind": "nanomoe-full", "num_blocks": 0}, "block and expert counts must be >= 1"),
+        ({"kind": "moe", "moe_experts": 0}, "block and expert counts must be >= 1"),
     ],
 )
 def test_factory_rejects_bad_options(kwargs, message) -> None:
@@ -217,8 +226,16 @@ def test_factory_rejects_bad_options(kwargs, message) -> None:
         layer_factory(**kwargs)
 
 
-@pytest.mark.parametrize("kind", ["lowrank", "monarch", "nanomoe-full"])
+@pytest.mark.parametrize("kind", ["lowrank", "monarch", "moe", "nanomoe-full"])
 def test_factory_says_when_nothing_fits(kind) -> None:
     make = layer_factory(kind, 1 / 64)
     with pytest.raises(ValueError, match=rf"{kind} for a 8->8 layer at 0.015625 .*over the budget"):
         make(8, 8, True)
+
+
+def test_moe_factory_routes_top_k_of_its_experts() -> None:
+    info = describe_layer(layer_factory("moe", 1 / 4, "flops", moe_experts=4)(128, 512, True))
+    assert (info["kind"], info["experts"], info["top_k"]) == ("moe", 4, MOE_TOP_K)
+    # the multiply-add budget pays for the experts a token visits, not for all of them
+    params = describe_layer(layer_factory("moe", 1 / 4, "params", moe_experts=4)(128, 512, True))
+    assert info["hidden"] > params["hidden"]

@@ -18,8 +18,8 @@ FACTORIES = {
     "nanomoe": lambda i, o, b: nanomoe.NanoMoELinear(i, o, rank=2, num_blocks=2, bias=b),
 }
 # Layers each tiny model builds through the factory, and plain nn.Linear layers it keeps.
-COMPARED = {"charlm": 6, "digits": 2, "teacher": 2}
-PLAIN = {"charlm": 1, "digits": 1, "teacher": 0}
+COMPARED = {"charlm": 6, "digits": 2, "teacher": 2, "teacher-flat": 2}
+PLAIN = {"charlm": 1, "digits": 1, "teacher": 0, "teacher-flat": 0}
 
 
 @pytest.fixture(scope="module", params=TASKS)
@@ -33,7 +33,12 @@ def first_batches(task: tasks.Task, seed: int, count: int = 3) -> list:
 
 def test_attributes(task: tasks.Task) -> None:
     assert task.name in TASKS
-    expected = {"charlm": ("bpc", False), "digits": ("accuracy", True), "teacher": ("nmse", False)}
+    expected = {
+        "charlm": ("bpc", False),
+        "digits": ("accuracy", True),
+        "teacher": ("nmse", False),
+        "teacher-flat": ("nmse", False),
+    }
     assert (task.metric, task.higher_is_better) == expected[task.name]
     assert task.steps > 0 and task.batch_size > 0
     inputs, targets = next(task.train_batches(0))
@@ -161,8 +166,10 @@ def test_digits_split_is_disjoint_stratified_and_standardized() -> None:
     assert x_train.std(0).max() == pytest.approx(1.0, abs=1e-4)
 
 
-def test_teacher_spectrum_and_noiseless_held_out() -> None:
-    task = make_task("teacher", "tiny")
+@pytest.mark.parametrize("name,decay", [("teacher", 1.0), ("teacher-flat", 0.0)])
+def test_teacher_spectrum_and_noiseless_held_out(name: str, decay: float) -> None:
+    task = make_task(name, "tiny")
+    assert task.name == name and task.config.decay == decay
     singular = torch.linalg.svdvals(task.first)
     ranks = torch.arange(1, len(singular) + 1, dtype=torch.float32)
     expected = singular[0] * ranks**-task.config.decay
@@ -171,7 +178,7 @@ def test_teacher_spectrum_and_noiseless_held_out() -> None:
     x, y = task.splits["test"]
     assert torch.equal(task.teacher(x), y)
     # The teacher is a function of the task, not of the student's seed.
-    assert torch.equal(make_task("teacher", "tiny").first, task.first)
+    assert torch.equal(make_task(name, "tiny").first, task.first)
 
 
 class Constant(nn.Module):

@@ -47,6 +47,13 @@ def parser() -> argparse.ArgumentParser:
         default=[2, 4, 8],
         help="Monarch block counts, tuned likewise (as many as --block-counts)",
     )
+    p.add_argument(
+        "--moe-experts",
+        nargs="+",
+        type=int,
+        default=[2, 4, 8],
+        help="routed-MoE expert counts (top-1 routing), tuned likewise",
+    )
     p.add_argument("--steps", type=int, help="training steps (default: each task's own)")
     p.add_argument("--size", choices=("tiny", "default", "full"), help="task size")
     p.add_argument("--full", action="store_true", help="the larger settings: --size full, 3 seeds")
@@ -77,6 +84,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         seeds=seeds,
         block_counts=tuple(args.block_counts),
         monarch_blocks=tuple(args.monarch_blocks),
+        moe_experts=tuple(args.moe_experts),
         steps=args.steps,
     )
     tasks = [make_task(name, size) for name in args.tasks]

@@ -6,7 +6,8 @@ multiply-adds per token) stay within ``budget`` times those of the ``nn.Linear``
 come from ``nanomoe.budget``, so the comparison and the library agree on what a layer costs.
 
 Besides low-rank and NanoMoE, the comparison has Monarch (Dao et al., ICML 2022), the other
-well-known structured replacement for dense layers, written here in plain PyTorch.
+well-known structured replacement for dense layers, and a token-routed mixture of expert MLPs
+(``moe``: top-1 of several experts, see ``nanomoe.compare.moe``), both in plain PyTorch.
 """
 
 import math
@@ -31,15 +32,18 @@ from nanomoe.budget import (
     nanomoe_rank_for_budget,
 )
 from nanomoe.compare import LinearFactory
+from nanomoe.compare.moe import RoutedMoE, moe_hidden_for_budget, moe_macs, moe_params
 from nanomoe.layers import LowRankLinear, NanoMoELinear, uniform_with_variance_
 
 LAYER_KINDS: Tuple[str, ...] = (
     "dense",
     "lowrank",
     "monarch",
+    "moe",
     *(f"nanomoe-{mixing}" for mixing in MIXINGS),
 )
 BUDGET_KINDS: Tuple[str, ...] = ("params", "flops")
+MOE_TOP_K = 1  # experts per token of the routed-MoE baseline: Switch routing (see moe.py)
 
 LayerInfo = Dict[str, Any]
 
@@ -162,6 +166,7 @@ def layer_factory(
     budget_kind: str = "params",
     num_blocks: int = 8,
     monarch_blocks: int = 4,
+    moe_experts: int = 4,
 ) -> LinearFactory:
     """A factory for the largest layer of ``kind`` within ``budget`` of the dense layer's cost.
 
@@ -174,6 +179,8 @@ def layer_factory(
             ``K <= num_blocks`` that divides both (at worst 1, where NanoMoE is low-rank plus a
             gate), so any model can be built; ``describe_layer`` reports the ``K`` used.
         monarch_blocks: Monarch's block count, with the same fallback.
+        moe_experts: the routed MoE's number of experts (each token visits ``MOE_TOP_K``, or all
+            of them when there are fewer).
 
     Layers are built when the factory is called; a layer for which even the smallest
     configuration (rank 1, or width of one entry per block) is over budget raises ``ValueError``.
@@ -184,8 +191,11 @@ def layer_factory(
         raise ValueError(f"budget_kind must be 'params' or 'flops', got {budget_kind!r}")
     if not budget > 0:
         raise ValueError(f"budget must be a positive fraction of the dense layer, got {budget}")
-    if num_blocks < 1 or monarch_blocks < 1:
-        raise ValueError(f"block counts must be >= 1, got {num_blocks} and {monarch_blocks}")
+    if num_blocks < 1 or monarch_blocks < 1 or moe_experts < 1:
+        raise ValueError(
+            f"block and expert counts must be >= 1, got {num_blocks}, {monarch_blocks} and "
+            f"{moe_experts}"
+        )
     metric: Metric = "macs" if budget_kind == "flops" else "params"
 
     def make(in_features: int, out_features: int, bias: bool) -> nn.Module:
@@ -195,7 +205,17 @@ def layer_factory(
         what = f"{kind} for a {in_features}->{out_features} layer at {budget:g} of dense {metric}"
         try:
             return _sized_layer(
-                kind, in_features, out_features, bias, limit, metric, num_blocks, monarch_blocks
+                kind,
+                in_features,
+                out_features,
+                bias,
+                limit,
+                metric,
+                {
+                    "num_blocks": num_blocks,
+                    "monarch_blocks": monarch_blocks,
+                    "moe_experts": moe_experts,
+                },
             )
         except ValueError as error:
             raise ValueError(f"{what}: {error}") from None
@@ -210,19 +230,25 @@ def _sized_layer(
     bias: bool,
     limit: int,
     metric: Metric,
-    num_blocks: int,
-    monarch_blocks: int,
+    counts: Dict[str, int],
 ) -> nn.Module:
-    """The largest layer of a compressed ``kind`` costing at most ``limit``."""
+    """The largest layer of a compressed ``kind`` costing at most ``limit``; ``counts`` holds the
+    block counts (``num_blocks``, ``monarch_blocks``) and the MoE's (``moe_experts``)."""
     if kind == "lowrank":
         rank = lowrank_rank_for_budget(in_features, out_features, limit, bias, metric)
         return LowRankLinear(in_features, out_features, rank, bias)
     if kind == "monarch":
-        blocks = _common_divisor(in_features, out_features, monarch_blocks)
+        blocks = _common_divisor(in_features, out_features, counts["monarch_blocks"])
         width = _monarch_width_for_budget(in_features, out_features, limit, blocks, bias, metric)
         return Monarch(in_features, out_features, blocks, width, bias)
+    if kind == "moe":
+        experts, top_k = counts["moe_experts"], min(MOE_TOP_K, counts["moe_experts"])
+        hidden = moe_hidden_for_budget(
+            in_features, out_features, limit, experts, top_k, bias, metric
+        )
+        return RoutedMoE(in_features, out_features, experts, hidden, top_k, bias)
     mixing = _mixing(kind)
-    k = _common_divisor(in_features, out_features, num_blocks)
+    k = _common_divisor(in_features, out_features, counts["num_blocks"])
     rank = nanomoe_rank_for_budget(in_features, out_features, limit, k, mixing, bias, metric)
     return NanoMoELinear(in_features, out_features, rank, k, mixing, bias)
 
@@ -264,8 +290,9 @@ def describe_layer(module: nn.Module) -> LayerInfo:
 
     Keys: ``"kind"`` (one of ``LAYER_KINDS``), ``"params"``, ``"macs"``, and as they apply
     ``"rank"``, ``"num_blocks"`` (``K``, or ``(K_out, K_in)`` when they differ), ``"mixing"``,
-    ``"blocks"``, ``"width"``. Counts come from the counting functions, not from the module's
-    tensors, so a report and a budget always agree. Raises ``TypeError`` for other modules.
+    ``"blocks"``, ``"width"``, ``"experts"``, ``"hidden"``, ``"top_k"``. Counts come from the
+    counting functions, not from the module's tensors, so a report and a budget always agree.
+    Raises ``TypeError`` for other modules.
     """
     if isinstance(module, nn.Linear):
         n, m = module.in_features, module.out_features
@@ -280,6 +307,8 @@ def describe_layer(module: nn.Module) -> LayerInfo:
         return _describe_nanomoe(module)
     if isinstance(module, Monarch):
         return _describe_monarch(module)
+    if isinstance(module, RoutedMoE):
+        return _describe_moe(module)
     raise TypeError(f"describe_layer does not know {type(module).__name__}")
 
 
@@ -317,9 +346,23 @@ def _describe_monarch(module: Monarch) -> LayerInfo:
     }
 
 
+def _describe_moe(module: RoutedMoE) -> LayerInfo:
+    n, m = module.in_features, module.out_features
+    shape = (module.experts, module.hidden, module.top_k)
+    return {
+        "kind": "moe",
+        "params": moe_params(n, m, *shape, module.bias is not None),
+        "macs": moe_macs(n, m, *shape),
+        "experts": module.experts,
+        "hidden": module.hidden,
+        "top_k": module.top_k,
+    }
+
+
 __all__ = [
     "BUDGET_KINDS",
     "LAYER_KINDS",
+    "MOE_TOP_K",
     "LayerInfo",
     "Monarch",
     "describe_layer",

@@ -10,7 +10,14 @@ from typing import Any
 
 from nanomoe.compare.runner import Run
 
-CONFIG_KEYS = (("num_blocks", "K"), ("rank", "r"), ("blocks", "b"), ("width", "w"))
+CONFIG_KEYS = (
+    ("num_blocks", "K"),
+    ("rank", "r"),
+    ("blocks", "b"),
+    ("width", "w"),
+    ("experts", "E"),
+    ("hidden", "h"),
+)
 
 
 @dataclass

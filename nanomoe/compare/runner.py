@@ -1,11 +1,13 @@
 """Training runs of the comparison: one model per (task, layer type, budget, learning rate, seed).
 
-Every layer type gets the same budget of trials: its structure (NanoMoE's block count, Monarch's)
-and the learning rate are tuned together on a small grid by held-out (validation) quality with the
-first seed, and the best pair is then trained with every seed and reported on the test split. A
-layer type with no structure to choose (dense, low-rank) spends the same number of trials on a
-finer learning-rate grid over the same range. Dense ``nn.Linear`` has no budget and runs once per
-task.
+Every layer type gets the same budget of trials: its structure (NanoMoE's block count, Monarch's,
+the routed MoE's expert count) and the learning rate are tuned together on a small grid by
+held-out (validation) quality with the first seed, and the best pair is then trained with every
+seed and reported on the test split. A layer type with no structure to choose (dense, low-rank)
+spends the same number of trials on a finer learning-rate grid over the same range. Dense
+``nn.Linear`` has no budget and runs once per task. A structure whose layers cannot fit the budget
+is no candidate; a layer type none of whose structures fit is left out of that budget's results
+(a routed MoE at a small parameter budget).
 """
 
 import math
@@ -19,6 +21,7 @@ from tqdm import tqdm
 
 from nanomoe.compare import LinearFactory
 from nanomoe.compare.layers import describe_layer, layer_factory
+from nanomoe.compare.moe import balance_loss
 from nanomoe.compare.tasks import Task
 
 CURVE_POINTS = 50  # training-loss samples kept per run, for the loss-curve plot
@@ -33,13 +36,21 @@ class Settings:
     seeds: tuple[int, ...]
     block_counts: tuple[int, ...] = (4, 16, 64)  # NanoMoE's K, tuned with the learning rate
     monarch_blocks: tuple[int, ...] = (2, 4, 8)  # Monarch's block count, likewise
+    moe_experts: tuple[int, ...] = (2, 4, 8)  # the routed MoE's expert count, likewise
     steps: Optional[int] = None  # None: each task's own default
 
     def __post_init__(self) -> None:
-        if len(self.block_counts) != len(self.monarch_blocks):
+        grids = {  # the structure grids of the layer types compared
+            "block_counts": any(kind.startswith("nanomoe-") for kind in self.kinds),
+            "monarch_blocks": "monarch" in self.kinds,
+            "moe_experts": "moe" in self.kinds,
+        }
+        used = {name: getattr(self, name) for name, compared in grids.items() if compared}
+        if len({len(grid) for grid in used.values()}) > 1:
+            listed = ", ".join(f"{name}={grid}" for name, grid in used.items())
             raise ValueError(
-                "block_counts and monarch_blocks need as many entries (the same trials for "
-                f"every layer type), got {self.block_counts} and {self.monarch_blocks}"
+                f"the structure grids need as many entries (the same trials for every layer "
+                f"type), got {listed}"
             )
 
 
@@ -127,7 +138,7 @@ def train(
         model.train()
         loss = task.loss(model, *batch)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss + balance_loss(model)).backward()
         optimizer.step()
         losses.append(loss.item())
         if step % every == 0 or step == steps - 1:
@@ -173,7 +184,7 @@ def configurations(settings: Settings) -> list[tuple[str, float]]:
     return pairs
 
 
-Structure = dict[str, int]  # layer_factory's structural arguments: num_blocks, monarch_blocks
+Structure = dict[str, int]  # layer_factory's structural arguments: num_blocks, monarch_blocks...
 
 
 def spread(rates: tuple[float, ...], count: int) -> tuple[float, ...]:
@@ -191,6 +202,8 @@ def trials(kind: str, settings: Settings) -> list[tuple[Structure, float]]:
         return [({"num_blocks": k}, rate) for k in settings.block_counts for rate in rates]
     if kind == "monarch":
         return [({"monarch_blocks": b}, rate) for b in settings.monarch_blocks for rate in rates]
+    if kind == "moe":
+        return [({"moe_experts": e}, rate) for e in settings.moe_experts for rate in rates]
     return [({}, rate) for rate in spread(rates, len(settings.block_counts) * len(rates))]
 
 
@@ -245,9 +258,11 @@ def compare_task(task: Task, settings: Settings, progress: Optional[tqdm] = None
                 continue
             tuning.append((labelled_run(task, config, rate, first, steps, progress), config))
         if not tuning:
-            raise ValueError(
-                f"{task.name}: no {kind} structure fits {budget:g} of the dense layers"
-            )
+            message = f"{task.name}: no {kind} structure fits {budget:g} of the dense layers"
+            tqdm.write(f"{message}; left out")
+            if progress is not None:
+                progress.update(len(settings.seeds) - 1)
+            continue
         best, config = max(tuning, key=lambda pair: quality(task, pair[0].val))
         runs.append(best)
         runs += [

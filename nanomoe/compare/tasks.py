@@ -6,6 +6,8 @@ a ``LinearFactory``, needs no download, and is deterministic for a fixed seed on
 - ``digits``: an MLP on scikit-learn's bundled 8x8 handwritten digits; metric accuracy.
 - ``teacher``: a student MLP regressing a fixed random teacher MLP whose weights have a decaying
   singular-value spectrum, so that rank is what the compared layers must buy; metric normalized MSE.
+- ``teacher-flat``: the same with a flat spectrum (every direction of the teacher matters as much),
+  the regime where a layer's rank, not its parameter count, limits it.
 
 Each has three sizes: ``tiny`` (tests), ``default`` (the tool's default run) and ``full``.
 
@@ -14,6 +16,7 @@ seeds vary only the model's initialization and the order of the training batches
 """
 
 import abc
+import dataclasses
 import functools
 import math
 import sysconfig
@@ -29,7 +32,7 @@ from nanomoe.compare import LinearFactory
 
 __all__ = ["SIZES", "TASKS", "CharLMTask", "DigitsTask", "Task", "TeacherTask", "make_task"]
 
-TASKS = ("charlm", "digits", "teacher")
+TASKS = ("charlm", "digits", "teacher", "teacher-flat")
 SIZES = ("tiny", "default", "full")
 SPLITS = ("val", "test")
 
@@ -384,11 +387,11 @@ class TeacherTask(Task):
     structured layers can fit. Held-out targets are noiseless: the metric measures the function
     learned, not the noise."""
 
-    name = "teacher"
     metric = "nmse"
     higher_is_better = False
 
-    def __init__(self, config: TeacherConfig) -> None:
+    def __init__(self, config: TeacherConfig, name: str = "teacher") -> None:
+        self.name = name
         self.config = config
         self.steps, self.batch_size = config.steps, config.batch_size
         self.tokens_per_batch = config.batch_size
@@ -442,4 +445,6 @@ def make_task(name: str, size: str = "default") -> Task:
         return DigitsTask(DIGITS_SIZES[size])
     if name == "teacher":
         return TeacherTask(TEACHER_SIZES[size])
+    if name == "teacher-flat":
+        return TeacherTask(dataclasses.replace(TEACHER_SIZES[size], decay=0.0), name)
     raise ValueError(f"task must be one of {TASKS}, got {name!r}")

@@ -1,0 +1,173 @@
+"""Where NanoMoE wins, ties or loses, task by task, read from ``nanomoe compare`` result files.
+
+Against each baseline, NanoMoE is its best variant at a budget, picked by validation quality (never
+by the test split it is then judged on). Three views:
+
+- equal parameters: a run with ``--budget-kind params``, same budget;
+- equal multiply-adds: a run with ``--budget-kind flops``, same budget;
+- equal wall-clock: the baseline may use any of its budgets whose training step is no slower than
+  NanoMoE's (each run trains for the same number of steps, so the same time per step is the same
+  training time); with none that fast, there is no verdict.
+
+A difference of means within the sum of the two standard deviations over seeds is a tie.
+
+    python -m nanomoe.compare.verdict results/compare.json results/flops/compare.json
+"""
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+BASELINES = ("lowrank", "monarch", "moe", "dense")
+NAMES = {"lowrank": "low-rank", "monarch": "Monarch", "moe": "routed MoE", "dense": "dense"}
+TIME_TOLERANCE = 1.05  # step times within 5% count as equal (the machine is shared and noisy)
+
+
+@dataclass(frozen=True)
+class Result:
+    """One row of a compare summary: what the verdicts need."""
+
+    task: str
+    kind: str
+    budget: float
+    test_mean: float
+    test_std: float
+    val_mean: float
+    step_ms: float
+
+
+def load(path: Path) -> tuple[list[Result], dict[str, bool]]:
+    """A compare.json's rows, and per task whether higher is better (from its metric)."""
+    summary = json.loads(path.read_text())["summary"]
+    fields = Result.__dataclass_fields__
+    rows = [Result(**{key: row[key] for key in fields}) for row in summary]
+    higher = {row["task"]: row["metric"] == "accuracy" for row in summary}
+    return rows, higher
+
+
+def compare_means(mine: Result, theirs: Result, higher_is_better: bool) -> str:
+    """``"win"``, ``"tie"`` or ``"lose"`` for ``mine`` on the test metric."""
+    difference = mine.test_mean - theirs.test_mean
+    if abs(difference) <= mine.test_std + theirs.test_std:
+        return "tie"
+    return "win" if (difference > 0) == higher_is_better else "lose"
+
+
+def best_nanomoe(rows: list[Result], task: str, budget: float, higher: bool) -> Optional[Result]:
+    """NanoMoE's variant with the best validation quality at a budget."""
+    candidates = [
+        r for r in rows if r.task == task and r.budget == budget and r.kind.startswith("nanomoe-")
+    ]
+    if not candidates:
+        return None
+    return max(candidates, key=lambda r: r.val_mean if higher else -r.val_mean)
+
+
+def at_same_time(rows: list[Result], mine: Result, kind: str, higher: bool) -> Optional[Result]:
+    """The baseline's best-validated row among those whose step is no slower than ``mine``'s."""
+    fast = [
+        r
+        for r in rows
+        if r.task == mine.task and r.kind == kind and r.step_ms <= mine.step_ms * TIME_TOLERANCE
+    ]
+    if not fast:
+        return None
+    return max(fast, key=lambda r: r.val_mean if higher else -r.val_mean)
+
+
+def verdicts(
+    rows: list[Result], higher: dict[str, bool], task: str, kind: str, by_time: bool
+) -> list[str]:
+    """One verdict per budget of the task (``"-"`` where one side is missing)."""
+    budgets = sorted({r.budget for r in rows if r.task == task and r.kind != "dense"}, reverse=True)
+    out = []
+    for budget in budgets:
+        mine = best_nanomoe(rows, task, budget, higher[task])
+        theirs: Optional[Result]
+        if mine is not None and by_time:
+            theirs = at_same_time(rows, mine, kind, higher[task])
+        else:
+            same = (r for r in rows if r.task == task and r.kind == kind)
+            theirs = next((r for r in same if kind == "dense" or r.budget == budget), None)
+        out.append(
+            "-" if mine is None or theirs is None else compare_means(mine, theirs, higher[task])
+        )
+    return out
+
+
+def tally(marks: list[str]) -> str:
+    """``["win", "tie", "win"]`` -> ``"2 W, 1 T"``."""
+    counts = [(marks.count(word), word[0].upper()) for word in ("win", "tie", "lose")]
+    text = ", ".join(f"{count} {letter}" for count, letter in counts if count)
+    return text or "-"
+
+
+def verdict_table(params: list[Result], flops: list[Result], higher: dict[str, bool]) -> str:
+    """Markdown: per task and baseline, NanoMoE's wins, ties and losses over the budgets."""
+    lines = [
+        "| task | against | equal parameters | equal multiply-adds | equal wall-clock |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for task in dict.fromkeys(r.task for r in params):
+        for kind in BASELINES:
+            if not any(r.task == task and r.kind == kind for r in params + flops):
+                continue
+            cells = [
+                tally(verdicts(params, higher, task, kind, by_time=False)),
+                tally(verdicts(flops, higher, task, kind, by_time=False)),
+                tally(verdicts(params, higher, task, kind, by_time=True)),
+            ]
+            lines.append(f"| {task} | {NAMES[kind]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def quality_table(rows: list[Result], higher: dict[str, bool]) -> str:
+    """Markdown: a row per layer type, a column per task with its test means at every budget (the
+    best compressed layer of each budget in bold)."""
+    tasks = list(dict.fromkeys(r.task for r in rows))
+    budgets = sorted({r.budget for r in rows if r.kind != "dense"}, reverse=True)
+    names = ", ".join(f"1/{round(1 / b)}" for b in budgets)
+    lines = [
+        "| layer | " + " | ".join(f"{task} ({names})" for task in tasks) + " |",
+        "| --- |" + " --- |" * len(tasks),
+    ]
+    best = {}
+    for task in tasks:
+        for budget in budgets:
+            group = [r for r in rows if r.task == task and r.budget == budget]
+            if group:
+                pick = max if higher[task] else min
+                best[task, budget] = pick(group, key=lambda r: r.test_mean)
+    for kind in dict.fromkeys(r.kind for r in rows):
+        cells = []
+        for task in tasks:
+            mine = [r for r in rows if r.task == task and r.kind == kind]
+            marks = [
+                f"**{r.test_mean:.4g}**"
+                if best.get((task, r.budget)) is r
+                else f"{r.test_mean:.4g}"
+                for r in mine
+            ]
+            cells.append(", ".join(marks) or "-")
+        lines.append(f"| {NAMES.get(kind, kind)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("params", type=Path, help="compare.json of a --budget-kind params run")
+    parser.add_argument("flops", type=Path, help="compare.json of a --budget-kind flops run")
+    args = parser.parse_args(argv)
+    params, higher = load(args.params)
+    flops, _ = load(args.flops)
+    for title, rows in (("equal parameters", params), ("equal multiply-adds", flops)):
+        print(f"Test quality at {title}:\n\n{quality_table(rows, higher)}\n")
+    print(
+        f"NanoMoE's best variant against each baseline:\n\n{verdict_table(params, flops, higher)}"
+    )
+
+
+if __name__ == "__main__":
+    main()
