@@ -143,7 +143,7 @@ def nanomoe_rank_for_budget(
             return nanomoe_macs(in_features, out_features, rank, num_blocks, mixing)
         return nanomoe_params(in_features, out_features, rank, num_blocks, mixing, bias)
 
-    _check_metric(metric)
+    check_metric(metric)
     return largest_rank(cost, budget, f"NanoMoE {mixing} with {num_blocks} blocks")
 
 
@@ -161,7 +161,7 @@ def lowrank_rank_for_budget(
             return lowrank_macs(in_features, out_features, rank)
         return lowrank_params(in_features, out_features, rank, bias)
 
-    _check_metric(metric)
+    check_metric(metric)
     return largest_rank(cost, budget, "low-rank")
 
 
@@ -189,7 +189,7 @@ def feasible_configs(
     appears once, at its largest rank. Pairs where even rank 1 is over budget are left out.
     Sorted by ``(K_out, K_in)``.
     """
-    _check_metric(metric)
+    check_metric(metric)
     configs = []
     for k_out in _divisors(out_features):
         for k_in in _divisors(in_features):
@@ -216,7 +216,8 @@ def _divisors(value: int) -> list[int]:
     return [k for k in range(1, value + 1) if value % k == 0]
 
 
-def _check_metric(metric: str) -> None:
+def check_metric(metric: str) -> None:
+    """Raise ``ValueError`` unless ``metric`` is ``"params"`` or ``"macs"``."""
     if metric not in ("params", "macs"):
         raise ValueError(f"metric must be 'params' or 'macs', got {metric!r}")
 
@@ -240,7 +241,7 @@ def absolute_budget(
 ) -> int:
     """``budget`` in parameters (or multiply-adds per token): an int as it is, a float in
     ``(0, 1]`` as that fraction of the ``nn.Linear`` of the same shape (its bias counted)."""
-    _check_metric(metric)
+    check_metric(metric)
     if isinstance(budget, bool) or not isinstance(budget, (int, float)):
         raise ValueError(f"budget must be an int (a count) or a float in (0, 1], got {budget!r}")
     if isinstance(budget, float):

@@ -148,3 +148,20 @@ def test_weight_gradients_repeat_bitwise_and_agree_across_threads(
     for name, grad in first.items():
         assert torch.equal(grad, again[name]), name
         assert_close_to(single[name], grad.double(), dtype, f"grad of {name}, 1 against 2 threads")
+
+
+@pytest.mark.parametrize("tokens", [5, 13, 131])
+@pytest.mark.parametrize("mixing", ["scalar", "diagonal", "diagonal_outer"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mixing_by_block(tokens: int, mixing: str, dtype: torch.dtype) -> None:
+    """The transposed gate mixes by block too (its destination is the input blocks)."""
+    generator = torch.Generator().manual_seed(tokens)
+    for k_out, k_in, rank in [(64, 64, 4), (20, 36, 3), (36, 20, 1), (17, 5, 2)]:
+        case = make_case((tokens,), k_out, k_in, 3, 2, rank, mixing, dtype, True, generator)
+        grad_out = torch.randn(tokens, k_out * 2, generator=generator, dtype=torch.float64)
+        got = grads_of(torch.ops.nanomoe.linear, case, grad_out.to(dtype))
+        expected = grads_of(nanomoe_linear_reference, case.map(torch.Tensor.double), grad_out)
+        scale = grads_of(nanomoe_linear_reference, magnitude(case), grad_out.abs())
+        for name, grad in got.items():
+            label = f"grad of {name}, K=({k_out}, {k_in}) rank={rank}"
+            assert_close_to(grad, expected[name], dtype, label, scale[name])

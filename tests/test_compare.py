@@ -6,10 +6,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from tqdm import tqdm
 
 from nanomoe.compare.cli import main
 from nanomoe.compare.layers import LAYER_KINDS
-from nanomoe.compare.runner import Settings, compare, run_count, trials
+from nanomoe.compare.runner import Settings, compare, compare_task, run_count, trials
 from nanomoe.compare.tasks import make_task
 
 KINDS = ["dense", "lowrank", "monarch", "nanomoe-scalar", "nanomoe-full"]
@@ -93,6 +94,8 @@ def test_every_layer_type_gets_the_same_trials() -> None:
     with pytest.raises(ValueError, match=r"as many entries .*moe_experts=\(2, 4, 8\)"):
         Settings(("moe", "nanomoe-scalar"), (0.25,), "params", (1e-3,), (0,), (4, 16))
     Settings(("lowrank", "nanomoe-scalar"), (0.25,), "params", (1e-3,), (0,), (4, 16))
+    with pytest.raises(ValueError, match=r"as many entries .*block_counts=\(4, 16\)"):
+        Settings(("lowrank", "moe"), (0.25,), "params", (1e-3,), (0,), (4, 16), moe_experts=(2,))
 
 
 def test_same_seed_same_result() -> None:
@@ -146,7 +149,9 @@ def test_a_layer_type_that_never_fits_is_left_out(capsys: pytest.CaptureFixture)
     settings = Settings(
         ("lowrank", "moe"), (0.25, 0.5), "params", (3e-3,), (0, 1), (1,), (1,), (2,), steps=2
     )
-    runs = compare([make_task("teacher", "tiny")], settings)
+    with tqdm(total=run_count(settings, 1)) as progress:
+        runs = compare_task(make_task("teacher", "tiny"), settings, progress)
+        assert progress.n == progress.total
     assert sorted((run.kind, run.budget) for run in runs) == [
         ("lowrank", 0.25),
         ("lowrank", 0.25),

@@ -10,7 +10,6 @@ from torch.utils.flop_counter import FlopCounterMode
 import nanomoe
 from nanomoe.compare.layers import (
     LAYER_KINDS,
-    MOE_TOP_K,
     Monarch,
     describe_layer,
     layer_factory,
@@ -235,7 +234,7 @@ def test_factory_says_when_nothing_fits(kind) -> None:
 
 def test_moe_factory_routes_top_k_of_its_experts() -> None:
     info = describe_layer(layer_factory("moe", 1 / 4, "flops", moe_experts=4)(128, 512, True))
-    assert (info["kind"], info["experts"], info["top_k"]) == ("moe", 4, MOE_TOP_K)
+    assert (info["kind"], info["experts"], info["top_k"]) == ("moe", 4, 1)  # Switch routing
     # the multiply-add budget pays for the experts a token visits, not for all of them
     params = describe_layer(layer_factory("moe", 1 / 4, "params", moe_experts=4)(128, 512, True))
     assert info["hidden"] > params["hidden"]

@@ -16,9 +16,15 @@ from nanomoe.compare.verdict import (
 
 
 def row(
-    kind: str, budget: float, test: float, std: float = 0.01, val: float = 0.0, ms: float = 1.0
-):
-    return Result("teacher", kind, budget, test, std, val or test, ms)
+    kind: str,
+    budget: float,
+    test: float,
+    std: float = 0.01,
+    val: float = 0.0,
+    ms: float = 1.0,
+    seeds: int = 2,
+) -> Result:
+    return Result("teacher", kind, budget, test, std, val or test, ms, seeds)
 
 
 def test_means_within_the_spread_tie() -> None:
@@ -26,6 +32,19 @@ def test_means_within_the_spread_tie() -> None:
     assert compare_means(mine, theirs, higher_is_better=False) == "tie"  # 0.015 <= 0.01 + 0.01
     assert compare_means(mine, row("lowrank", 0.25, 0.53), higher_is_better=False) == "win"
     assert compare_means(mine, row("lowrank", 0.25, 0.53), higher_is_better=True) == "lose"
+    assert compare_means(mine, row("lowrank", 0.25, 0.9, seeds=1), higher_is_better=False) == "-"
+
+
+def test_a_diverged_run_is_the_worst() -> None:
+    nan = float("nan")
+    diverged_mine, diverged_theirs = row("nanomoe-scalar", 0.25, nan), row("lowrank", 0.25, nan)
+    fine = row("lowrank", 0.25, 0.5)
+    for higher in (True, False):
+        assert compare_means(diverged_mine, fine, higher) == "lose"
+        assert compare_means(row("nanomoe-scalar", 0.25, 0.5), diverged_theirs, higher) == "win"
+    # nor is a diverged variant picked by its (not finite) validation score
+    rows = [row("nanomoe-scalar", 0.25, 0.6, val=nan), row("nanomoe-diagonal", 0.25, 0.6, val=0.7)]
+    assert verdicts([*rows, fine], {"teacher": False}, "teacher", "lowrank", False) == ["lose"]
 
 
 def test_nanomoe_is_its_best_validated_variant() -> None:
@@ -71,7 +90,8 @@ def test_tables(tmp_path: Path) -> None:
         "| teacher | low-rank | 2 W | 1 L | 1 W, 1 L |" in table
     )  # at 1/8, low-rank 1/4 is as fast
     assert "| teacher | dense | 2 L | - | 2 L |" in table
-    quality = quality_table(params, higher)
+    quality = quality_table([*params, row("moe", 0.125, 0.7)], higher)
+    assert "| routed MoE | -, 0.7 |" in quality  # left out at 1/4: its 1/8 result stays under 1/8
     assert "| layer | teacher (1/4, 1/8) |" in quality
     assert "| low-rank | 0.45, 0.6 |" in quality
     assert "| nanomoe-scalar | **0.4**, **0.5** |" in quality
@@ -79,7 +99,7 @@ def test_tables(tmp_path: Path) -> None:
     def write(rows: list[Result], name: str) -> Path:
         summary = [dict(r.__dict__, metric="nmse") for r in rows]
         path = tmp_path / name
-        path.write_text(json.dumps({"summary": summary}))
+        path.write_text(json.dumps({"summary": summary, "higher_is_better": higher}))
         return path
 
     loaded, loaded_higher = load(write(params, "params.json"))

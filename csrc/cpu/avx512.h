@@ -1,4 +1,5 @@
-// Small AVX-512 helpers shared by the kernels' translation units (projection.cpp, gate_tile.cpp).
+// Small AVX-512 helpers shared by the kernels' translation units (projection.cpp, gate_tile.cpp,
+// gate_by_block.cpp).
 // Every function carries the target attribute itself and sits in an unnamed namespace, so each
 // includer gets its own copy and no other translation unit can end up calling an AVX-512 one.
 #pragma once
@@ -6,6 +7,7 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <type_traits>
 
 // GCC 12's intrinsics (_mm512_unpacklo_ps, _mm512_shuffle_f32x4, _mm512_reduce_add_ps, ...)
 // start from an undefined vector, which -W(maybe-)uninitialized reports once per inlined call; the
@@ -47,6 +49,32 @@ NANOMOE_AVX512 inline __m512 sum_lanes16(const __m512 v[16]) {
   }
   return _mm512_add_ps(_mm512_shuffle_f32x4(octs[0], octs[1], _MM_SHUFFLE(2, 0, 2, 0)),
                        _mm512_shuffle_f32x4(octs[0], octs[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// Stores the lanes of value as T: float32, or bfloat16 bits rounded to nearest even.
+template <typename T>
+NANOMOE_AVX512 inline void store_lanes(T* out, __mmask16 lanes, __m512 value) {
+  if constexpr (std::is_same_v<T, float>) {
+    _mm512_mask_storeu_ps(out, lanes, value);
+  } else {
+    _mm256_mask_storeu_epi16(out, lanes, (__m256i)_mm512_cvtneps_pbh(value));
+  }
+}
+
+// count elements of src as float32: widened into buffer (bfloat16 bits are float32's high
+// half), or in place.
+template <typename T>
+NANOMOE_AVX512 inline const float* as_float(const T* src, int64_t count, float* buffer) {
+  if constexpr (std::is_same_v<T, float>) {
+    return src;
+  } else {
+    for (int64_t c = 0; c < count; c += 16) {
+      const __mmask16 lanes = first_lanes(count - c);
+      const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, src + c));
+      _mm512_mask_storeu_ps(buffer + c, lanes, _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16)));
+    }
+    return buffer;
+  }
 }
 
 }  // namespace

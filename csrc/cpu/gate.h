@@ -7,6 +7,7 @@
 
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 
@@ -34,8 +35,9 @@ struct Gate {
   using acc_t = at::opmath_type<scalar_t>;
   Mixing mixing;
   at::Tensor mix, left, right;  // acc_t copies (the weights themselves when scalar_t is acc_t)
-  GateRows<acc_t> rows;         // scalar, diagonal, diagonal_outer
-  at::Tensor matrix;            // full only: (K_dst * r, K_src * r)
+  at::Tensor mix_by_block, left_by_block, right_by_block;  // see GateRows, when used
+  GateRows<acc_t> rows;                                    // scalar, diagonal, diagonal_outer
+  at::Tensor matrix;                                       // full only: (K_dst * r, K_src * r)
 
   static Gate make(const LinearDims& dims, const Weights& w, bool transposed) {
     const auto acc = c10::CppTypeToScalarType<acc_t>::value;
@@ -61,7 +63,31 @@ struct Gate {
     g.rows.mix = g.mix.template const_data_ptr<acc_t>();
     g.rows.left = outer ? g.left.template const_data_ptr<acc_t>() : nullptr;
     g.rows.right = outer ? g.right.template const_data_ptr<acc_t>() : nullptr;
+    if constexpr (std::is_same_v<acc_t, float>) {  // the AVX-512 mixing's layout (gate_tile.h)
+      if (mixes_by_block(dims.rank, g.rows.dst_blocks)) g.lay_out_by_block(transposed);
+    }
     return g;
+  }
+
+  // mix, left and right again with the destination block innermost (GateRows::mix_by_block).
+  void lay_out_by_block(bool transposed) {
+    const int64_t dst = rows.dst_blocks;
+    rows.dst_lanes = (dst + kGateLanes - 1) / kGateLanes * kGateLanes;
+    // Forward, a tensor is (dst = i, src = j[, c]); transposed, (src = i, dst = j[, c]).
+    const auto by_block = [&](const at::Tensor& t) {
+      const at::Tensor moved = t.dim() == 2 ? (transposed ? t : t.t())
+                               : transposed ? t.permute({0, 2, 1})
+                                            : t.permute({1, 2, 0});
+      return at::constant_pad_nd(moved, {0, rows.dst_lanes - dst}).contiguous();
+    };
+    mix_by_block = by_block(mix);
+    rows.mix_by_block = mix_by_block.template const_data_ptr<acc_t>();
+    if (left.defined()) {
+      left_by_block = by_block(left);
+      right_by_block = by_block(right);
+      rows.left_by_block = left_by_block.template const_data_ptr<acc_t>();
+      rows.right_by_block = right_by_block.template const_data_ptr<acc_t>();
+    }
   }
 };
 

@@ -16,6 +16,25 @@ struct GateRows {
   const acc_t* mix;
   const acc_t* left;   // diagonal_outer only
   const acc_t* right;  // diagonal_outer only
+  // The same tensors with the destination block innermost, set where mixes_by_block says so (else
+  // null): entry (s, c, d) at (s * steps + c) * dst_lanes + d, steps = 1 for scalar and rank
+  // otherwise, dst_lanes = dst_blocks rounded up to a multiple of 16 (the padding is zeros).
+  const acc_t* mix_by_block;
+  const acc_t* left_by_block;
+  const acc_t* right_by_block;
+  int64_t dst_lanes;
 };
+
+constexpr int64_t kGateLanes = 16;  // float32 lanes of an AVX-512 vector
+
+// Whether the AVX-512 mixing runs with destination blocks as its vector lanes (a product of the
+// (dst, src) gate with the (src, tokens) activations per rank position: one GEMM-shaped step)
+// rather than rank positions: when the rank fills fewer lanes than the block count does.
+inline bool mixes_by_block(int64_t rank, int64_t dst_blocks) {
+  const auto filled = [](int64_t n) {
+    return double(n) / double((n + kGateLanes - 1) / kGateLanes * kGateLanes);
+  };
+  return filled(dst_blocks) > filled(rank);
+}
 
 }  // namespace nanomoe::cpu

@@ -1,5 +1,6 @@
 // AVX-512 mixing (see gate_tile.h): eight tokens at a time, each destination block 16 lanes at a
 // time in registers, summed over the source blocks; each load of the gate serves the eight tokens.
+// Where the rank fills the lanes worse than the block count, gate_by_block.cpp mixes instead.
 // Their source rows (converted to float32 once when they are bfloat16) and the gate stay in L1.
 #include "gate_tile.h"
 
@@ -10,6 +11,7 @@
 #include <vector>
 
 #include "avx512.h"
+#include "gate_by_block.h"
 
 namespace nanomoe::cpu::gate_tile {
 namespace {
@@ -17,15 +19,6 @@ namespace {
 // Tokens that share each load of the gate: also the number of independent sums in flight, which
 // must cover the FMA latency times its two pipes (4 tokens measured half the rate of 8).
 constexpr int kGroupTokens = 8;
-
-template <typename T>
-NANOMOE_AVX512 inline void store(T* y, __mmask16 lanes, __m512 value) {
-  if constexpr (std::is_same_v<T, float>) {
-    _mm512_mask_storeu_ps(y, lanes, value);
-  } else {
-    _mm256_mask_storeu_epi16(y, lanes, (__m256i)_mm512_cvtneps_pbh(value));
-  }
-}
 
 template <bool kMasked>
 NANOMOE_AVX512 inline __m512 load(__mmask16 lanes, const float* from) {
@@ -80,7 +73,7 @@ NANOMOE_AVX512 __attribute__((always_inline)) inline void mix_lanes(const GateRo
     }
   }
 #pragma GCC unroll 8
-  for (int t = 0; t < kTokens; ++t) store(y + t * y_row + c, lanes, acc[t]);
+  for (int t = 0; t < kTokens; ++t) store_lanes(y + t * y_row + c, lanes, acc[t]);
 }
 
 template <int kVariant, int kTokens, typename T>
@@ -120,22 +113,6 @@ NANOMOE_AVX512 void mix_group_of(int64_t tokens, const GateRows<float>& g, const
       return mix_group_of<kVariant, kTokens - 1>(tokens, g, x, x_row, dots, y, y_row);
   }
   mix_group<kVariant, kTokens>(g, x, x_row, dots, y, y_row);
-}
-
-// count elements of src as float32: widened into buffer (bfloat16 bits are float32's high
-// half), or in place.
-template <typename T>
-NANOMOE_AVX512 const float* as_float(const T* src, int64_t count, float* buffer) {
-  if constexpr (std::is_same_v<T, float>) {
-    return src;
-  } else {
-    for (int64_t c = 0; c < count; c += 16) {
-      const __mmask16 lanes = first_lanes(count - c);
-      const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, src + c));
-      _mm512_mask_storeu_ps(buffer + c, lanes, _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16)));
-    }
-    return buffer;
-  }
 }
 
 template <int kVariant, typename T>
@@ -313,10 +290,12 @@ void accumulate_grads(const GateRows<float>& g, const uint16_t* src, const uint1
 }
 
 void mix(const GateRows<float>& g, const float* src, float* dst, int64_t tokens) {
+  if (g.mix_by_block) return gate_by_block::mix(g, src, dst, tokens);
   mix_any(g, src, dst, tokens);
 }
 
 void mix(const GateRows<float>& g, const uint16_t* src, uint16_t* dst, int64_t tokens) {
+  if (g.mix_by_block) return gate_by_block::mix(g, src, dst, tokens);
   mix_any(g, src, dst, tokens);
 }
 

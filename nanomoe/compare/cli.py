@@ -38,21 +38,22 @@ def parser() -> argparse.ArgumentParser:
         nargs="+",
         type=int,
         default=[4, 16, 64],
-        help="NanoMoE block counts K, tuned with the learning rate",
+        help="NanoMoE block counts K, tuned with the learning rate (dense and low-rank try as "
+        "many learning rates instead)",
     )
     p.add_argument(
         "--monarch-blocks",
         nargs="+",
         type=int,
         default=[2, 4, 8],
-        help="Monarch block counts, tuned likewise (as many as --block-counts)",
+        help="Monarch block counts, tuned likewise (every grid compared needs as many entries)",
     )
     p.add_argument(
         "--moe-experts",
         nargs="+",
         type=int,
         default=[2, 4, 8],
-        help="routed-MoE expert counts (top-1 routing), tuned likewise",
+        help="routed-MoE expert counts (top-1 routing), tuned likewise (as many entries)",
     )
     p.add_argument("--steps", type=int, help="training steps (default: each task's own)")
     p.add_argument("--size", choices=("tiny", "default", "full"), help="task size")
@@ -89,11 +90,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     )
     tasks = [make_task(name, size) for name in args.tasks]
     metrics = {task.name: task.metric for task in tasks}
+    higher_is_better = {task.name: task.higher_is_better for task in tasks}
     args.out.mkdir(parents=True, exist_ok=True)
     json_path = args.out / "compare.json"
 
     def save(runs: list) -> None:  # after every task, so a long run leaves results as it goes
-        report.write_json(json_path, settings, machine(), runs, report.summarize(runs, metrics))
+        rows = report.summarize(runs, metrics)
+        report.write_json(json_path, settings, machine(), higher_is_better, runs, rows)
 
     runs = compare(tasks, settings, on_task_done=save)
     rows = report.summarize(runs, metrics)

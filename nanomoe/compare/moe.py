@@ -11,7 +11,9 @@ them; a multiply-add budget counts the router and the ``top_k`` experts a token 
 
 Training adds Switch's load-balancing loss, ``BALANCE_WEIGHT * experts * sum_e f_e P_e`` (``f_e``
 the fraction of routing slots given to expert ``e``, ``P_e`` its mean router probability), so the
-router does not collapse onto one expert; ``balance_loss(model)`` collects it for the runner.
+router does not collapse onto one expert; ``balance_loss(model)`` collects it for the runner. With
+``top_k > 1``, ``f_e`` is a fraction of all ``top_k`` slots per token (Mixtral's implementation
+counts per token, which is ``top_k`` times larger).
 """
 
 import math
@@ -21,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nanomoe.budget import Metric, largest_rank
+from nanomoe.budget import Metric, check_metric, largest_rank
 from nanomoe.layers import uniform_with_variance_
 
 BALANCE_WEIGHT = 0.01  # Switch Transformers' coefficient
@@ -64,6 +66,7 @@ def moe_hidden_for_budget(
     metric: Metric,
 ) -> int:
     """Largest expert hidden width whose cost stays within ``limit``."""
+    check_metric(metric)
 
     def cost(hidden: int) -> int:
         if metric == "macs":
@@ -98,7 +101,7 @@ class RoutedMoE(nn.Module):
         out_features: int,
         experts: int,
         hidden: int,
-        top_k: int = 2,
+        top_k: int = 1,
         bias: bool = True,
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
@@ -113,7 +116,8 @@ class RoutedMoE(nn.Module):
         self.second = nn.Parameter(torch.empty(experts, out_features, hidden, **factory))
         self.hidden_bias = nn.Parameter(torch.empty(experts, hidden, **factory)) if bias else None
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
-        self.balance_loss: Tensor = torch.zeros((), **factory)  # of the last training forward
+        # The load-balancing loss of the last training forward, until balance_loss() takes it.
+        self.pending_balance: Optional[Tensor] = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -145,9 +149,10 @@ class RoutedMoE(nn.Module):
                 inner = inner + self.hidden_bias[expert]
             routed = F.gelu(inner) @ self.second[expert].T
             out = out.index_add(0, rows, routed * weights[rows, slots, None])
+        self.pending_balance = None
         if self.training and tokens.shape[0] > 0:
             share = F.one_hot(chosen, self.experts).to(probs.dtype).mean((0, 1))
-            self.balance_loss = self.experts * (share * probs.mean(0)).sum()
+            self.pending_balance = self.experts * (share * probs.mean(0)).sum()
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*lead, self.out_features)
@@ -162,8 +167,13 @@ class RoutedMoE(nn.Module):
 
 def balance_loss(model: nn.Module) -> Tensor:
     """``BALANCE_WEIGHT`` times the sum of the load-balancing losses of the model's routed-MoE
-    layers from their last training forward; zero for a model without any."""
-    losses = [m.balance_loss for m in model.modules() if isinstance(m, RoutedMoE)]
+    layers from their last training forward, which it takes (a second call, or one after an eval
+    forward, finds none): zero for a model without any."""
+    losses = []
+    for module in model.modules():
+        if isinstance(module, RoutedMoE) and module.pending_balance is not None:
+            losses.append(module.pending_balance)
+            module.pending_balance = None
     if not losses:
         return torch.zeros(())
     return BALANCE_WEIGHT * torch.stack(losses).sum()

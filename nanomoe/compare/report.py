@@ -94,11 +94,19 @@ def format_table(rows: list[Summary]) -> str:
 
 
 def write_json(
-    path: Path, settings: Any, machine: dict, runs: list[Run], rows: list[Summary]
+    path: Path,
+    settings: Any,
+    machine: dict,
+    higher_is_better: dict[str, bool],
+    runs: list[Run],
+    rows: list[Summary],
 ) -> None:
+    """The settings, the machine, per task whether its metric is better higher, the summary rows
+    and every run."""
     payload = {
         "settings": asdict(settings),
         "machine": machine,
+        "higher_is_better": higher_is_better,
         "summary": [asdict(row) for row in rows],
         "runs": [asdict(run) for run in runs],
     }

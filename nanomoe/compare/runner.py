@@ -40,8 +40,8 @@ class Settings:
     steps: Optional[int] = None  # None: each task's own default
 
     def __post_init__(self) -> None:
-        grids = {  # the structure grids of the layer types compared
-            "block_counts": any(kind.startswith("nanomoe-") for kind in self.kinds),
+        grids = {  # the grids that set each compared type's trials (dense, low-rank: block_counts)
+            "block_counts": any(kind not in ("monarch", "moe") for kind in self.kinds),
             "monarch_blocks": "monarch" in self.kinds,
             "moe_experts": "moe" in self.kinds,
         }

@@ -1,7 +1,8 @@
 """Where NanoMoE wins, ties or loses, task by task, read from ``nanomoe compare`` result files.
 
 Against each baseline, NanoMoE is its best variant at a budget, picked by validation quality (never
-by the test split it is then judged on). Three views:
+by the test split it is then judged on): so NanoMoE as a whole had four variants' trials to the
+baseline's one, as a user who tries every variant would. Three views:
 
 - equal parameters: a run with ``--budget-kind params``, same budget;
 - equal multiply-adds: a run with ``--budget-kind flops``, same budget;
@@ -9,13 +10,16 @@ by the test split it is then judged on). Three views:
   NanoMoE's (each run trains for the same number of steps, so the same time per step is the same
   training time); with none that fast, there is no verdict.
 
-A difference of means within the sum of the two standard deviations over seeds is a tie.
+A difference of means within the sum of the two standard deviations over seeds is a tie; with
+fewer than two seeds on a side there is no verdict, and a diverged run (a metric that is not
+finite) is the worst result there is.
 
     python -m nanomoe.compare.verdict results/compare.json results/flops/compare.json
 """
 
 import argparse
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -36,23 +40,36 @@ class Result:
     test_std: float
     val_mean: float
     step_ms: float
+    seeds: int
 
 
 def load(path: Path) -> tuple[list[Result], dict[str, bool]]:
-    """A compare.json's rows, and per task whether higher is better (from its metric)."""
-    summary = json.loads(path.read_text())["summary"]
+    """A compare.json's rows, and per task whether higher is better."""
+    payload = json.loads(path.read_text())
     fields = Result.__dataclass_fields__
-    rows = [Result(**{key: row[key] for key in fields}) for row in summary]
-    higher = {row["task"]: row["metric"] == "accuracy" for row in summary}
-    return rows, higher
+    rows = [Result(**{key: row[key] for key in fields}) for row in payload["summary"]]
+    return rows, payload["higher_is_better"]
+
+
+def score(value: float, higher_is_better: bool) -> float:
+    """A metric as a number to maximize; not finite (diverged) is the worst."""
+    if not math.isfinite(value):
+        return -math.inf
+    return value if higher_is_better else -value
 
 
 def compare_means(mine: Result, theirs: Result, higher_is_better: bool) -> str:
-    """``"win"``, ``"tie"`` or ``"lose"`` for ``mine`` on the test metric."""
-    difference = mine.test_mean - theirs.test_mean
-    if abs(difference) <= mine.test_std + theirs.test_std:
+    """``"win"``, ``"tie"``, ``"lose"`` for ``mine`` on the test metric, or ``"-"`` (too few
+    seeds to tell)."""
+    if min(mine.seeds, theirs.seeds) < 2:
+        return "-"
+    ours, others = (
+        score(mine.test_mean, higher_is_better),
+        score(theirs.test_mean, higher_is_better),
+    )
+    if ours == others or abs(ours - others) <= mine.test_std + theirs.test_std:
         return "tie"
-    return "win" if (difference > 0) == higher_is_better else "lose"
+    return "win" if ours > others else "lose"
 
 
 def best_nanomoe(rows: list[Result], task: str, budget: float, higher: bool) -> Optional[Result]:
@@ -62,7 +79,7 @@ def best_nanomoe(rows: list[Result], task: str, budget: float, higher: bool) -> 
     ]
     if not candidates:
         return None
-    return max(candidates, key=lambda r: r.val_mean if higher else -r.val_mean)
+    return max(candidates, key=lambda r: score(r.val_mean, higher))
 
 
 def at_same_time(rows: list[Result], mine: Result, kind: str, higher: bool) -> Optional[Result]:
@@ -74,7 +91,7 @@ def at_same_time(rows: list[Result], mine: Result, kind: str, higher: bool) -> O
     ]
     if not fast:
         return None
-    return max(fast, key=lambda r: r.val_mean if higher else -r.val_mean)
+    return max(fast, key=lambda r: score(r.val_mean, higher))
 
 
 def verdicts(
@@ -123,6 +140,13 @@ def verdict_table(params: list[Result], flops: list[Result], higher: dict[str, b
     return "\n".join(lines)
 
 
+def _cell(row: Optional[Result], best: Optional[Result]) -> str:
+    """A test mean, in bold when it is the best of its budget; "-" for a layer left out there."""
+    if row is None:
+        return "-"
+    return f"**{row.test_mean:.4g}**" if row is best else f"{row.test_mean:.4g}"
+
+
 def quality_table(rows: list[Result], higher: dict[str, bool]) -> str:
     """Markdown: a row per layer type, a column per task with its test means at every budget (the
     best compressed layer of each budget in bold)."""
@@ -138,19 +162,16 @@ def quality_table(rows: list[Result], higher: dict[str, bool]) -> str:
         for budget in budgets:
             group = [r for r in rows if r.task == task and r.budget == budget]
             if group:
-                pick = max if higher[task] else min
-                best[task, budget] = pick(group, key=lambda r: r.test_mean)
+                best[task, budget] = max(group, key=lambda r: score(r.test_mean, higher[task]))
     for kind in dict.fromkeys(r.kind for r in rows):
         cells = []
         for task in tasks:
-            mine = [r for r in rows if r.task == task and r.kind == kind]
-            marks = [
-                f"**{r.test_mean:.4g}**"
-                if best.get((task, r.budget)) is r
-                else f"{r.test_mean:.4g}"
-                for r in mine
-            ]
-            cells.append(", ".join(marks) or "-")
+            mine = {r.budget: r for r in rows if r.task == task and r.kind == kind}
+            if kind == "dense":
+                marks = [f"{r.test_mean:.4g}" for r in mine.values()]
+            else:
+                marks = [_cell(mine.get(b), best.get((task, b))) for b in budgets]
+            cells.append(", ".join(marks))
         lines.append(f"| {NAMES.get(kind, kind)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -1,0 +1,162 @@
+// Mixing with destination blocks as the vector lanes (see gate_by_block.h). At each rank position
+// c, 16 destination blocks of 12 tokens are the product of the gate's (16 x K_src) slice at c with
+// the tokens' (K_src x 12) activations at c: one GEMM-shaped step, each load of the gate serving
+// 12 broadcast activations, every lane doing useful work however small the rank. The sums land in
+// a staging area (rank position major) and are gathered from there into dst's (block, rank) order.
+#include "gate_by_block.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "avx512.h"
+
+namespace nanomoe::cpu::gate_by_block {
+namespace {
+
+constexpr int kTokens = 12;  // sums per load of the gate: enough to cover the FMA latency
+constexpr int64_t kLanes = kGateLanes;
+
+// diagonal_outer's rank-one part needs <right_ds, src_ts> for the 16 blocks from d0:
+// dots[(s * kTokens + t) * 16 + l] for every source block s.
+NANOMOE_AVX512 void outer_dots(const GateRows<float>& g, const float* x, int64_t x_row, int64_t d0,
+                               float* dots) {
+  const int64_t r = g.rank;
+  for (int64_t s = 0; s < g.src_blocks; ++s) {
+    const float* right = g.right_by_block + s * r * g.dst_lanes + d0;
+    __m512 acc[kTokens];
+#pragma GCC unroll 12
+    for (int t = 0; t < kTokens; ++t) acc[t] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < r; ++c) {
+      const __m512 weight = _mm512_loadu_ps(right + c * g.dst_lanes);
+      const float* at = x + s * r + c;
+#pragma GCC unroll 12
+      for (int t = 0; t < kTokens; ++t) {
+        acc[t] = _mm512_fmadd_ps(weight, _mm512_set1_ps(at[t * x_row]), acc[t]);
+      }
+    }
+#pragma GCC unroll 12
+    for (int t = 0; t < kTokens; ++t) _mm512_storeu_ps(dots + (s * kTokens + t) * kLanes, acc[t]);
+  }
+}
+
+// The 16 blocks from d0 at rank position c, for every token of the group, into
+// stage[(t * rank + c) * 16 + l].
+template <int kVariant>
+NANOMOE_AVX512 void sums_at(const GateRows<float>& g, const float* x, int64_t x_row, int64_t d0,
+                            int64_t c, const float* dots, float* stage) {
+  const int64_t r = g.rank, steps = kVariant == 0 ? 1 : r;
+  const float* gate = g.mix_by_block + (kVariant == 0 ? 0 : c) * g.dst_lanes + d0;
+  const float* left = kVariant == 2 ? g.left_by_block + c * g.dst_lanes + d0 : nullptr;
+  __m512 acc[kTokens];
+#pragma GCC unroll 12
+  for (int t = 0; t < kTokens; ++t) acc[t] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < g.src_blocks; ++s) {
+    const __m512 weight = _mm512_loadu_ps(gate + s * steps * g.dst_lanes);
+    const float* at = x + s * r + c;
+#pragma GCC unroll 12
+    for (int t = 0; t < kTokens; ++t) {
+      acc[t] = _mm512_fmadd_ps(weight, _mm512_set1_ps(at[t * x_row]), acc[t]);
+    }
+    if constexpr (kVariant == 2) {
+      const __m512 scale = _mm512_loadu_ps(left + s * r * g.dst_lanes);
+      const float* dot = dots + s * kTokens * kLanes;
+#pragma GCC unroll 12
+      for (int t = 0; t < kTokens; ++t) {
+        acc[t] = _mm512_fmadd_ps(scale, _mm512_loadu_ps(dot + t * kLanes), acc[t]);
+      }
+    }
+  }
+#pragma GCC unroll 12
+  for (int t = 0; t < kTokens; ++t) _mm512_storeu_ps(stage + (t * r + c) * kLanes, acc[t]);
+}
+
+// One token's run of dst, blocks [d0, d0 + width) x every rank position, from its staging area
+// (element (c, l) at c * 16 + l); order[e] is where run element e = l * rank + c lies there.
+template <typename T>
+NANOMOE_AVX512 void gather_run(const float* stage, int64_t run, const int32_t* order, T* out) {
+  for (int64_t e = 0; e < run; e += kLanes) {
+    const __mmask16 lanes = first_lanes(run - e);
+    const __m512i where = _mm512_loadu_si512(order + e);
+    const __m512 value = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes, where, stage, 4);
+    store_lanes(out + e, lanes, value);
+  }
+}
+
+template <int kVariant, typename T>
+NANOMOE_AVX512 void mix_tokens(const GateRows<float>& g, const T* src, T* dst, int64_t tokens) {
+  const int64_t r = g.rank, src_row = g.src_blocks * r, dst_row = g.dst_blocks * r;
+  // A group's source rows as float32; zeros stand in for the tokens past the end of a last group.
+  std::vector<float> rows(kTokens * src_row, 0.0f);
+  std::vector<float> stage(kTokens * r * kLanes);
+  std::vector<float> dots(kVariant == 2 ? g.src_blocks * kTokens * kLanes : 0);
+  std::vector<int32_t> order(kLanes * r);
+  for (int64_t e = 0; e < kLanes * r; ++e) order[e] = static_cast<int32_t>(e % r * kLanes + e / r);
+  for (int64_t t0 = 0; t0 < tokens; t0 += kTokens) {
+    const int64_t group = std::min<int64_t>(kTokens, tokens - t0);
+    const T* from = src + t0 * src_row;
+    const float* x = rows.data();
+    if constexpr (std::is_same_v<T, float>) {
+      if (group == kTokens) {
+        x = from;  // whole groups are read in place
+      } else {
+        std::memcpy(rows.data(), from, group * src_row * sizeof(float));
+      }
+    } else {
+      as_float(from, group * src_row, rows.data());
+    }
+    for (int64_t d0 = 0; d0 < g.dst_blocks; d0 += kLanes) {
+      if constexpr (kVariant == 2) outer_dots(g, x, src_row, d0, dots.data());
+      for (int64_t c = 0; c < r; ++c) {
+        sums_at<kVariant>(g, x, src_row, d0, c, dots.data(), stage.data());
+      }
+      const int64_t run = std::min(kLanes, g.dst_blocks - d0) * r;
+      for (int64_t t = 0; t < group; ++t) {
+        gather_run(stage.data() + t * r * kLanes, run, order.data(),
+                   dst + (t0 + t) * dst_row + d0 * r);
+      }
+    }
+  }
+}
+
+template <typename T>
+void mix_any(const GateRows<float>& g, const T* src, T* dst, int64_t tokens) {
+  switch (g.variant) {
+    case 0:
+      return mix_tokens<0>(g, src, dst, tokens);
+    case 1:
+      return mix_tokens<1>(g, src, dst, tokens);
+    default:
+      return mix_tokens<2>(g, src, dst, tokens);
+  }
+}
+
+}  // namespace
+
+void mix(const GateRows<float>& g, const float* src, float* dst, int64_t tokens) {
+  mix_any(g, src, dst, tokens);
+}
+
+void mix(const GateRows<float>& g, const uint16_t* src, uint16_t* dst, int64_t tokens) {
+  mix_any(g, src, dst, tokens);
+}
+
+}  // namespace nanomoe::cpu::gate_by_block
+
+#else  // not x86-64: projection::runs_float() is false, so this is never reached
+
+#include <cstdlib>
+
+namespace nanomoe::cpu::gate_by_block {
+void mix(const GateRows<float>&, const float*, float*, int64_t) {
+  std::abort();
+}
+void mix(const GateRows<float>&, const uint16_t*, uint16_t*, int64_t) {
+  std::abort();
+}
+}  // namespace nanomoe::cpu::gate_by_block
+
+#endif
