@@ -122,6 +122,149 @@ NANOMOE_AVX512 void mix_tokens(const GateRows<float>& g, const T* src, T* dst, i
   }
 }
 
+// ---- the gate's weight gradients ------------------------------------------------------------
+
+constexpr int64_t kGradTokens = 64;  // tokens whose activations are gathered per pass
+constexpr int kGradSources = 8;      // source blocks whose sums sit in registers at once
+
+// One pass's operands: the source rows as float32, grad_dst with the block innermost
+// (grad_t[(t * rank + c) * dst_lanes + d], padding zero), and for diagonal_outer, per 16 blocks
+// from d0, dots_right[(s * kGradTokens + t) * 16 + l] = <right_(d0+l)s, x_ts> and dots_left
+// likewise with <left_(d0+l)s, grad_t(d0+l)>.
+struct GradPass {
+  const float* x;
+  const float* grad_t;
+  float* dots_right;
+  float* dots_left;
+  int64_t tokens;
+};
+
+// sums[j] (16 lanes: blocks d0..) added into out at block stride dst_stride, for width blocks.
+NANOMOE_AVX512 inline void add_lanes(__m512 sum, int64_t width, int64_t dst_stride, float* out) {
+  alignas(64) float lanes[kLanes];
+  _mm512_store_ps(lanes, sum);
+  for (int64_t l = 0; l < width; ++l) out[l * dst_stride] += lanes[l];
+}
+
+NANOMOE_AVX512 void outer_grad_dots(const GateRows<float>& g, const GradPass& pass, int64_t d0) {
+  const int64_t r = g.rank, src_row = g.src_blocks * r;
+  for (int64_t s = 0; s < g.src_blocks; ++s) {
+    const float* right = g.right_by_block + s * r * g.dst_lanes + d0;
+    const float* left = g.left_by_block + s * r * g.dst_lanes + d0;
+    for (int64_t t = 0; t < pass.tokens; ++t) {
+      __m512 by_right = _mm512_setzero_ps(), by_left = _mm512_setzero_ps();
+      for (int64_t c = 0; c < r; ++c) {
+        by_right = _mm512_fmadd_ps(_mm512_loadu_ps(right + c * g.dst_lanes),
+                                   _mm512_set1_ps(pass.x[t * src_row + s * r + c]), by_right);
+        by_left =
+            _mm512_fmadd_ps(_mm512_loadu_ps(left + c * g.dst_lanes),
+                            _mm512_loadu_ps(pass.grad_t + (t * r + c) * g.dst_lanes + d0), by_left);
+      }
+      _mm512_storeu_ps(pass.dots_right + (s * kGradTokens + t) * kLanes, by_right);
+      _mm512_storeu_ps(pass.dots_left + (s * kGradTokens + t) * kLanes, by_left);
+    }
+  }
+}
+
+// Source blocks [s0, s0 + kCount) x the 16 blocks from d0: grad_mix[d, s(, c)] += sum_t
+// grad_dst[t, d, c] x[t, s, c] (scalar: over c too) and, for diagonal_outer, grad_left[d, s, c] +=
+// sum_t dots_right[t, d, s] grad_dst[t, d, c], grad_right[d, s, c] += sum_t dots_left[t, d, s]
+// x[t, s, c]. Sums laid out like mix (g's strides).
+template <int kVariant, int kCount>
+NANOMOE_AVX512 void grads_from(const GateRows<float>& g, const GradPass& pass, int64_t d0,
+                               int64_t s0, float* grad_mix, float* grad_left, float* grad_right) {
+  const int64_t r = g.rank, src_row = g.src_blocks * r;
+  const int64_t width = std::min(kLanes, g.dst_blocks - d0);
+  const int64_t at = d0 * g.dst_stride + s0 * g.src_stride;
+  __m512 mix[kCount];
+  for (int j = 0; j < kCount; ++j) mix[j] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < r; ++c) {
+    __m512 left[kCount], right[kCount];
+    for (int j = 0; j < kCount; ++j) {
+      if constexpr (kVariant != 0) mix[j] = _mm512_setzero_ps();
+      left[j] = right[j] = _mm512_setzero_ps();
+    }
+    for (int64_t t = 0; t < pass.tokens; ++t) {
+      const __m512 gy = _mm512_loadu_ps(pass.grad_t + (t * r + c) * g.dst_lanes + d0);
+      const float* x = pass.x + t * src_row + s0 * r + c;
+#pragma GCC unroll 8
+      for (int j = 0; j < kCount; ++j) {
+        const __m512 xs = _mm512_set1_ps(x[j * r]);
+        mix[j] = _mm512_fmadd_ps(gy, xs, mix[j]);
+        if constexpr (kVariant == 2) {
+          const int64_t dot = ((s0 + j) * kGradTokens + t) * kLanes;
+          left[j] = _mm512_fmadd_ps(_mm512_loadu_ps(pass.dots_right + dot), gy, left[j]);
+          right[j] = _mm512_fmadd_ps(_mm512_loadu_ps(pass.dots_left + dot), xs, right[j]);
+        }
+      }
+    }
+    if constexpr (kVariant != 0) {
+      for (int j = 0; j < kCount; ++j) {
+        const int64_t pair = at + j * g.src_stride + c;
+        add_lanes(mix[j], width, g.dst_stride, grad_mix + pair);
+        if constexpr (kVariant == 2) {
+          add_lanes(left[j], width, g.dst_stride, grad_left + pair);
+          add_lanes(right[j], width, g.dst_stride, grad_right + pair);
+        }
+      }
+    }
+  }
+  if constexpr (kVariant == 0) {
+    for (int j = 0; j < kCount; ++j) {
+      add_lanes(mix[j], width, g.dst_stride, grad_mix + at + j * g.src_stride);
+    }
+  }
+}
+
+template <int kVariant, typename T>
+NANOMOE_AVX512 void grads_tokens(const GateRows<float>& g, const T* src, const T* grad_dst,
+                                 int64_t tokens, float* grad_mix, float* grad_left,
+                                 float* grad_right) {
+  const int64_t r = g.rank, src_row = g.src_blocks * r, dst_row = g.dst_blocks * r;
+  constexpr bool kConvert = !std::is_same_v<T, float>;
+  std::vector<float> x_rows(kConvert ? kGradTokens * src_row : 0);
+  std::vector<float> grad_rows(kConvert ? kGradTokens * dst_row : 0);
+  std::vector<float> grad_t(kGradTokens * r * g.dst_lanes, 0.0f);
+  const int64_t dots = kVariant == 2 ? g.src_blocks * kGradTokens * kLanes : 0;
+  std::vector<float> dots_right(dots), dots_left(dots);
+  for (int64_t t0 = 0; t0 < tokens; t0 += kGradTokens) {
+    const int64_t n = std::min(kGradTokens, tokens - t0);
+    const float* gy = as_float(grad_dst + t0 * dst_row, n * dst_row, grad_rows.data());
+    for (int64_t t = 0; t < n; ++t) {  // (d, c) -> (c, d): the blocks become the lanes
+      for (int64_t d = 0; d < g.dst_blocks; ++d) {
+        for (int64_t c = 0; c < r; ++c) {
+          grad_t[(t * r + c) * g.dst_lanes + d] = gy[t * dst_row + d * r + c];
+        }
+      }
+    }
+    const GradPass pass{as_float(src + t0 * src_row, n * src_row, x_rows.data()), grad_t.data(),
+                        dots_right.data(), dots_left.data(), n};
+    for (int64_t d0 = 0; d0 < g.dst_blocks; d0 += kLanes) {
+      if constexpr (kVariant == 2) outer_grad_dots(g, pass, d0);
+      int64_t s = 0;
+      for (; s + kGradSources <= g.src_blocks; s += kGradSources) {
+        grads_from<kVariant, kGradSources>(g, pass, d0, s, grad_mix, grad_left, grad_right);
+      }
+      for (; s < g.src_blocks; ++s) {
+        grads_from<kVariant, 1>(g, pass, d0, s, grad_mix, grad_left, grad_right);
+      }
+    }
+  }
+}
+
+template <typename T>
+void grads_any(const GateRows<float>& g, const T* src, const T* grad_dst, int64_t tokens,
+               float* grad_mix, float* grad_left, float* grad_right) {
+  switch (g.variant) {
+    case 0:
+      return grads_tokens<0>(g, src, grad_dst, tokens, grad_mix, grad_left, grad_right);
+    case 1:
+      return grads_tokens<1>(g, src, grad_dst, tokens, grad_mix, grad_left, grad_right);
+    default:
+      return grads_tokens<2>(g, src, grad_dst, tokens, grad_mix, grad_left, grad_right);
+  }
+}
+
 template <typename T>
 void mix_any(const GateRows<float>& g, const T* src, T* dst, int64_t tokens) {
   switch (g.variant) {
@@ -144,6 +287,16 @@ void mix(const GateRows<float>& g, const uint16_t* src, uint16_t* dst, int64_t t
   mix_any(g, src, dst, tokens);
 }
 
+void accumulate_grads(const GateRows<float>& g, const float* src, const float* grad_dst,
+                      int64_t tokens, float* grad_mix, float* grad_left, float* grad_right) {
+  grads_any(g, src, grad_dst, tokens, grad_mix, grad_left, grad_right);
+}
+
+void accumulate_grads(const GateRows<float>& g, const uint16_t* src, const uint16_t* grad_dst,
+                      int64_t tokens, float* grad_mix, float* grad_left, float* grad_right) {
+  grads_any(g, src, grad_dst, tokens, grad_mix, grad_left, grad_right);
+}
+
 }  // namespace nanomoe::cpu::gate_by_block
 
 #else  // not x86-64: projection::runs_float() is false, so this is never reached
@@ -155,6 +308,14 @@ void mix(const GateRows<float>&, const float*, float*, int64_t) {
   std::abort();
 }
 void mix(const GateRows<float>&, const uint16_t*, uint16_t*, int64_t) {
+  std::abort();
+}
+void accumulate_grads(const GateRows<float>&, const float*, const float*, int64_t, float*, float*,
+                      float*) {
+  std::abort();
+}
+void accumulate_grads(const GateRows<float>&, const uint16_t*, const uint16_t*, int64_t, float*,
+                      float*, float*) {
   std::abort();
 }
 }  // namespace nanomoe::cpu::gate_by_block

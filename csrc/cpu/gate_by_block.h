@@ -13,4 +13,11 @@ namespace nanomoe::cpu::gate_by_block {
 void mix(const GateRows<float>& g, const float* src, float* dst, int64_t tokens);
 void mix(const GateRows<float>& g, const uint16_t* src, uint16_t* dst, int64_t tokens);
 
+// The forward gate's weight gradients as gate_tile::accumulate_grads, with the output blocks as the
+// lanes: g is the forward gate, laid out by block.
+void accumulate_grads(const GateRows<float>& g, const float* src, const float* grad_dst,
+                      int64_t tokens, float* grad_mix, float* grad_left, float* grad_right);
+void accumulate_grads(const GateRows<float>& g, const uint16_t* src, const uint16_t* grad_dst,
+                      int64_t tokens, float* grad_mix, float* grad_left, float* grad_right);
+
 }  // namespace nanomoe::cpu::gate_by_block

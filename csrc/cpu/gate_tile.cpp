@@ -281,11 +281,19 @@ void mix_any(const GateRows<float>& g, const T* src, T* dst, int64_t tokens) {
 
 void accumulate_grads(const GateRows<float>& g, const float* src, const float* grad_dst,
                       int64_t tokens, float* grad_mix, float* grad_left, float* grad_right) {
+  if (g.mix_by_block) {
+    return gate_by_block::accumulate_grads(g, src, grad_dst, tokens, grad_mix, grad_left,
+                                           grad_right);
+  }
   accumulate_grads_any(g, src, grad_dst, tokens, grad_mix, grad_left, grad_right);
 }
 
 void accumulate_grads(const GateRows<float>& g, const uint16_t* src, const uint16_t* grad_dst,
                       int64_t tokens, float* grad_mix, float* grad_left, float* grad_right) {
+  if (g.mix_by_block) {
+    return gate_by_block::accumulate_grads(g, src, grad_dst, tokens, grad_mix, grad_left,
+                                           grad_right);
+  }
   accumulate_grads_any(g, src, grad_dst, tokens, grad_mix, grad_left, grad_right);
 }
 

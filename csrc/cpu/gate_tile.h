@@ -1,5 +1,6 @@
 // The elementwise gates applied to a token tile with AVX-512, for the forward of
-// projected_forward.h (raw pointers only, like projection.h, for the same reason).
+// projected_forward.h (raw pointers only, like projection.h, for the same reason). A gate laid out
+// by block (GateRows::mix_by_block set) is handed to gate_by_block.h.
 #pragma once
 
 #include <cstdint>
