@@ -151,10 +151,11 @@ def test_weight_gradients_repeat_bitwise_and_agree_across_threads(
 
 
 @pytest.mark.parametrize("tokens", [5, 13, 131])
-@pytest.mark.parametrize("mixing", ["scalar", "diagonal", "diagonal_outer"])
+@pytest.mark.parametrize("mixing", MIXINGS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_mixing_by_block(tokens: int, mixing: str, dtype: torch.dtype) -> None:
-    """The transposed gate mixes by block too (its destination is the input blocks)."""
+def test_many_blocks_small_ranks(tokens: int, mixing: str, dtype: torch.dtype) -> None:
+    """The transposed gate mixes by block too (its destination is the input blocks), and the gate's
+    gradients are summed by block; the full gate's transpose is one product."""
     generator = torch.Generator().manual_seed(tokens)
     for k_out, k_in, rank in [(64, 64, 4), (20, 36, 3), (36, 20, 1), (17, 5, 2)]:
         case = make_case((tokens,), k_out, k_in, 3, 2, rank, mixing, dtype, True, generator)

@@ -135,16 +135,17 @@ def test_bitwise_same_for_one_and_two_threads(tokens: int, mixing: str, dtype: t
     assert torch.equal(single, double)
 
 
-# Many blocks at small ranks: the mixing runs with destination blocks as the vector lanes
+# Many blocks at small ranks: the elementwise gates mix with destination blocks as the vector lanes
 # (gate_by_block.cpp), 12 tokens a group, 16 blocks a pass: block counts under, at and over 16,
-# K_out != K_in both ways, ranks 1 to 15 (and 20, over 16 but filling lanes worse than 64 blocks).
+# K_out != K_in both ways, ranks 1 to 15 (and 20, over 16 but filling lanes worse than 64 blocks);
+# the full gate is one (K_out r, K_in r) product.
 BY_BLOCK_SHAPES = [(64, 64, 4), (20, 36, 3), (36, 20, 1), (17, 5, 2), (64, 32, 15), (8, 8, 4)]
 
 
 @pytest.mark.parametrize("tokens", [1, 12, 13, 17, 40, 131])
-@pytest.mark.parametrize("mixing", ["scalar", "diagonal", "diagonal_outer"])
+@pytest.mark.parametrize("mixing", MIXINGS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_mixing_by_block(tokens: int, mixing: str, dtype: torch.dtype) -> None:
+def test_many_blocks_small_ranks(tokens: int, mixing: str, dtype: torch.dtype) -> None:
     for k_out, k_in, rank in [*BY_BLOCK_SHAPES, (64, 64, 20)]:
         case = make_case((tokens,), k_out, k_in, 3, 2, rank, mixing, dtype)
         scale = reference64(magnitude(case))

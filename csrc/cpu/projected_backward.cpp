@@ -101,17 +101,18 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
   std::optional<Gate<scalar_t>> gate_t;
   if (!layer.full() && need_grad_hidden) gate_t = Gate<scalar_t>::make(d, w, /*transposed=*/true);
 
-  // The weights by steps: up[i] (m_b steps of r), down[j] (r steps of n_b), and the transposed
-  // full gate into input block j (K_out r steps (i, a) of r: mix[i, j, a, :]).
+  // The weights by steps: up[i] (m_b steps of r), down[j] (r steps of n_b), and the full gate as
+  // one matrix (K_out r steps (i, a) of K_in r columns (j, b)), so grad_hidden is one product with
+  // every column in the lanes, however small the rank.
   const bool full_t_needed = layer.full() && need_grad_hidden;
-  const Tensor full_t = full_t_needed ? w.mix.permute({1, 0, 2, 3}).contiguous() : Tensor();
+  const Tensor full_matrix = full_t_needed ? full_mix_matrix(w.mix).contiguous() : Tensor();
   const int64_t up_size = steps_size<T>(m_b, r), down_size = steps_size<T>(r, n_b);
-  const int64_t full_t_size = steps_size<T>(mixed_row, r);
-  Tensor paired = at::empty({d.out_blocks * up_size + d.in_blocks * down_size +
-                             (full_t_needed ? d.in_blocks : 0) * full_t_size},
-                            x_rows.options());
+  const int64_t full_size = full_t_needed ? steps_size<T>(mixed_row, hidden_row) : 0;
+  Tensor paired =
+      at::empty({d.out_blocks * up_size + d.in_blocks * down_size + full_size}, x_rows.options());
   T* paired_at = Layer<scalar_t>::data(paired);
-  std::vector<Steps<T>> up_steps, down_steps, full_t_steps;
+  std::vector<Steps<T>> up_steps, down_steps;
+  Steps<T> full_steps{};
   for (int64_t i = 0; i < d.out_blocks; ++i) {
     up_steps.push_back(as_steps(m_b, r, layer.up + i * m_b * r, r, paired_at + i * up_size));
   }
@@ -122,11 +123,8 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
   }
   paired_at += d.in_blocks * down_size;
   if (full_t_needed) {
-    const T* mix_t = Layer<scalar_t>::data(full_t);
-    for (int64_t j = 0; j < d.in_blocks; ++j) {
-      full_t_steps.push_back(
-          as_steps(mixed_row, r, mix_t + j * mixed_row * r, r, paired_at + j * full_t_size));
-    }
+    full_steps =
+        as_steps(mixed_row, hidden_row, Layer<scalar_t>::data(full_matrix), hidden_row, paired_at);
   }
 
   // Each thread's scratch for one tile, and its float32 sums of the weight gradients.
@@ -171,10 +169,8 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
       if (gate_t) {
         gate_tile::mix(gate_t->rows, gm, gh, rows);
       } else {
-        for (int64_t j = 0; j < d.in_blocks; ++j) {
-          projection::project_steps(rows, gm, mixed_row, full_t_steps[j], r, mixed_row, gh + j * r,
-                                    hidden_row);
-        }
+        projection::project_steps(rows, gm, mixed_row, full_steps, hidden_row, mixed_row, gh,
+                                  hidden_row);
       }
     }
     if (needs[kX]) {

@@ -88,21 +88,28 @@ Packed<T> pack_blocks(int64_t blocks, const RowsOf& rows_of, at::ScalarType dtyp
 }
 
 // The forward gate for many tokens: the elementwise gates in AVX-512 (gate_tile), or the full gate
-// as one register-tiled projection per output block from its rows, packed once per call.
+// as one register-tiled projection of the whole (K_out r, K_in r) matrix, packed once per call (per
+// output block, a small rank would leave most of each 32-column panel empty).
 template <typename scalar_t>
 struct PackedMixing {
   using T = typename Layer<scalar_t>::T;
   const Layer<scalar_t>& layer;
   std::optional<Gate<scalar_t>> gate;  // the elementwise gates
-  Packed<T> full;                      // the full gate
+  Packed<T> full;                      // the full gate's matrix
 
   PackedMixing(const Layer<scalar_t>& layer_in, const Weights& w, at::ScalarType dtype)
       : layer(layer_in) {
     if (!layer.full()) {
       gate = Gate<scalar_t>::make(layer.d, w, /*transposed=*/false);
     } else {
-      full =
-          pack_blocks<T>(layer.d.out_blocks, [&](int64_t i) { return layer.full_rows(i); }, dtype);
+      const at::Tensor matrix = full_mix_matrix(w.mix).contiguous();
+      const projection::WeightRows<T> rows{Layer<scalar_t>::data(matrix),
+                                           layer.mixed_row(),
+                                           1,
+                                           layer.hidden_row(),
+                                           layer.hidden_row(),
+                                           0};
+      full = pack_blocks<T>(1, [&](int64_t) { return rows; }, dtype);
     }
   }
 
@@ -112,11 +119,8 @@ struct PackedMixing {
       gate_tile::mix(gate->rows, hidden, mixed, tokens);
       return;
     }
-    const int64_t r = layer.d.rank;
-    for (int64_t i = 0; i < layer.d.out_blocks; ++i) {
-      projection::project_packed(tokens, hidden, layer.hidden_row(), full.block(i), r,
-                                 layer.hidden_row(), nullptr, mixed + i * r, layer.mixed_row());
-    }
+    projection::project_packed(tokens, hidden, layer.hidden_row(), full.block(0), layer.mixed_row(),
+                               layer.hidden_row(), nullptr, mixed, layer.mixed_row());
   }
 };
 
