@@ -5,7 +5,12 @@ the reference's forward multiple. The full gate does K^2 r^2 more multiply-adds 
 cell gives its forward arithmetic rate beside low-rank's. A second table gives the peak memory
 of forward+backward, kernel against reference.
 
+A result file of ``speed.py --suite blocks`` gets its own table instead: per variant, the kernel's
+forward / forward+backward time as a multiple of the LowRankLinear of the same parameter count
+(and of the same rank, in brackets); a variant whose gate costs more than dense has no cell.
+
     python benchmarks/readme_table.py benchmarks/results/speed-cpu.json
+    python benchmarks/readme_table.py benchmarks/results/speed-cpu-blocks.json
 """
 
 import argparse
@@ -71,10 +76,34 @@ def memory_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _equal_params(kernel: dict) -> str:
+    same_params = (kernel["forward_vs_same_params"], kernel["forward_backward_vs_same_params"])
+    same_rank = (kernel["forward_vs_lowrank"], kernel["forward_backward_vs_lowrank"])
+    return "{:.2f} / {:.2f} ({:.2f} / {:.2f})".format(*same_params, *same_rank)
+
+
+def blocks_table(rows: list[dict]) -> str:
+    mixings = (*ELEMENTWISE, "full")
+    lines = [
+        "| size (B x in x out x rank x K) | dtype | " + " | ".join(mixings) + " |",
+        "| --- | --- |" + " --- |" * len(mixings),
+    ]
+    for (size, dtype), layers in _by_layer(rows).items():
+        cells = [size, dtype]
+        for mixing in mixings:
+            kernel = layers.get(f"nanomoe {mixing}")
+            cells.append("-" if kernel is None else _equal_params(kernel))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", type=Path)
     rows = json.loads(parser.parse_args().results.read_text())["rows"]
+    if any(row["forward_vs_same_params"] is not None for row in rows):
+        print(blocks_table(rows))
+        return
     print(speed_table(rows))
     print()
     print(memory_table(rows))

@@ -95,3 +95,7 @@ def test_blocks_suite_times_low_rank_at_each_variants_parameters(tmp_path: Path)
         assert kernel["forward_vs_same_params"] == pytest.approx(ratio)
         assert kernel["forward_backward_vs_same_params"] > 0
     assert rows["nanomoe scalar"]["forward_vs_lowrank"] > 0
+    command = [sys.executable, str(ROOT / "benchmarks" / "readme_table.py"), str(out)]
+    table = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    line = next(line for line in table.splitlines() if line.startswith("| 3x16x16x2x8"))
+    assert line.count("|") == 7 and line.endswith("| - | - |")  # outer and full over dense

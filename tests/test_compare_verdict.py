@@ -84,12 +84,12 @@ def test_tables(tmp_path: Path) -> None:
     ]
     flops = [row("lowrank", 0.25, 0.30), row("nanomoe-scalar", 0.25, 0.40)]
     higher = {"teacher": False}
-    assert tally(["win", "tie", "win"]) == "2 W, 1 T" and tally(["-"]) == "-"
+    assert tally(["win", "tie", "win"]) == "2 W, 1 T" and tally(["-", "lose"]) == "1 L, 1 -"
     table = verdict_table(params, flops, higher)
     assert (
         "| teacher | low-rank | 2 W | 1 L | 1 W, 1 L |" in table
     )  # at 1/8, low-rank 1/4 is as fast
-    assert "| teacher | dense | 2 L | - | 2 L |" in table
+    assert "| teacher | dense | 2 L | 1 - | 2 L |" in table
     quality = quality_table([*params, row("moe", 0.125, 0.7)], higher)
     assert "| routed MoE | -, 0.7 |" in quality  # left out at 1/4: its 1/8 result stays under 1/8
     assert "| layer | teacher (1/4, 1/8) |" in quality

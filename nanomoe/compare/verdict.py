@@ -115,10 +115,10 @@ def verdicts(
 
 
 def tally(marks: list[str]) -> str:
-    """``["win", "tie", "win"]`` -> ``"2 W, 1 T"``."""
+    """``["win", "tie", "win", "-"]`` -> ``"2 W, 1 T, 1 -"`` (``-``: no verdict at that budget)."""
     counts = [(marks.count(word), word[0].upper()) for word in ("win", "tie", "lose")]
-    text = ", ".join(f"{count} {letter}" for count, letter in counts if count)
-    return text or "-"
+    counts.append((marks.count("-"), "-"))
+    return ", ".join(f"{count} {letter}" for count, letter in counts if count)
 
 
 def verdict_table(params: list[Result], flops: list[Result], higher: dict[str, bool]) -> str:
