@@ -151,3 +151,16 @@ def test_many_blocks_small_ranks(tokens: int, mixing: str, dtype: torch.dtype) -
         scale = reference64(magnitude(case))
         label = f"{mixing} {dtype} tokens={tokens} K=({k_out}, {k_in}) rank={rank}"
         assert_close_to(run(case), reference64(case), dtype, label, scale)
+
+
+@pytest.mark.parametrize("tokens", [17, 50, 131])
+@pytest.mark.parametrize("mixing", MIXINGS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_down_projection_by_dot_products(tokens: int, mixing: str, dtype: torch.dtype) -> None:
+    """Many tokens, a rank of 8 or less from blocks of 64 features or more: the down-projection
+    takes dot products instead of the register tile (ranks and widths on both sides of the rule)."""
+    for k_out, k_in, n_b, rank in [(2, 2, 64, 3), (3, 4, 70, 8), (2, 3, 64, 9), (2, 2, 63, 4)]:
+        case = make_case((tokens,), k_out, k_in, n_b, 5, rank, mixing, dtype)
+        scale = reference64(magnitude(case))
+        label = f"{mixing} {dtype} tokens={tokens} n_b={n_b} rank={rank}"
+        assert_close_to(run(case), reference64(case), dtype, label, scale)

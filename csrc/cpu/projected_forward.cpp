@@ -1,7 +1,9 @@
 // Down-projections, mixing and up-projections of a token tile back to back on one core, the tile's
 // intermediates in L2. Many tokens: the weights are packed once per call and every tile runs the
-// register-tiled product. A few tokens: the weights dominate, so they are read once, as they lie,
-// by dot products, and the work is split across threads by weight rows instead of tokens.
+// register-tiled product (but a down-projection to a small rank from a wide block takes the dot
+// products below: see kDotsMaxRank). A few tokens: the weights
+// dominate, so they are read once, as they lie, by dot products, and the work is split across
+// threads by weight rows instead of tokens.
 #include "projected_forward.h"
 
 #include <ATen/Parallel.h>
@@ -28,6 +30,12 @@ constexpr int64_t kRowsTokens = 16;
 constexpr Tiling kPackedTiling{96, 12, 24};
 // project_rows tasks: this many weight rows each (a multiple of its 4-row step).
 constexpr int64_t kRowsPerTask = 16;
+// Down-projections to at most this rank, from blocks of at least this many features, take dot
+// products along the weight rows even for many tokens: the register tile's 32 columns would be at
+// most a quarter full, and each dot product's lane reduction is paid back over 64 elements (from
+// 16- or 32-feature blocks, measured slower).
+constexpr int64_t kDotsMaxRank = 8;
+constexpr int64_t kDotsMinDepth = 64;
 
 template <typename T>
 WeightRows<T> row_range(const WeightRows<T>& w, int64_t first, int64_t last) {
@@ -89,8 +97,11 @@ void many_tokens(const Layer<scalar_t>& layer, const Weights& w, const Tensor& x
   const LinearDims& d = layer.d;
   const int64_t r = d.rank, x_stride = x_rows.stride(0);
   const at::ScalarType dtype = x_rows.scalar_type();
+  const bool down_by_dots = r <= kDotsMaxRank && d.in_block >= kDotsMinDepth;
   const auto down =
-      pack_blocks<T>(d.in_blocks, [&](int64_t j) { return layer.down_rows(j); }, dtype);
+      down_by_dots
+          ? Packed<T>{}
+          : pack_blocks<T>(d.in_blocks, [&](int64_t j) { return layer.down_rows(j); }, dtype);
   const auto up = pack_blocks<T>(d.out_blocks, [&](int64_t i) { return layer.up_rows(i); }, dtype);
   const PackedMixing<scalar_t> mix(layer, w, dtype);
   const T* x = Layer<scalar_t>::data(x_rows);
@@ -113,9 +124,14 @@ void many_tokens(const Layer<scalar_t>& layer, const Weights& w, const Tensor& x
     T* hid = Layer<scalar_t>::data(hidden);
     T* mid = Layer<scalar_t>::data(mixed);
     for (int64_t j = 0; j < d.in_blocks; ++j) {
-      projection::project_packed(rows, x + begin * x_stride + j * d.in_block, x_stride,
-                                 down.block(j), r, d.in_block, nullptr, hid + j * r,
+      const T* x_block = x + begin * x_stride + j * d.in_block;
+      if (down_by_dots) {
+        projection::project_rows(rows, x_block, x_stride, layer.down_rows(j), nullptr, hid + j * r,
                                  layer.hidden_row());
+      } else {
+        projection::project_packed(rows, x_block, x_stride, down.block(j), r, d.in_block, nullptr,
+                                   hid + j * r, layer.hidden_row());
+      }
     }
     mix(hid, mid, rows);
     for (int64_t i = 0; i < d.out_blocks; ++i) {
