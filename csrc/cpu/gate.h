@@ -39,7 +39,9 @@ struct Gate {
   GateRows<acc_t> rows;                                    // scalar, diagonal, diagonal_outer
   at::Tensor matrix;                                       // full only: (K_dst * r, K_src * r)
 
-  static Gate make(const LinearDims& dims, const Weights& w, bool transposed) {
+  // by_block: also lay the elementwise gates out for gate_by_block.h where mixes_by_block says so
+  // (only the AVX-512 kernels read that layout).
+  static Gate make(const LinearDims& dims, const Weights& w, bool transposed, bool by_block) {
     const auto acc = c10::CppTypeToScalarType<acc_t>::value;
     Gate g{};
     g.mixing = dims.mixing;
@@ -63,8 +65,8 @@ struct Gate {
     g.rows.mix = g.mix.template const_data_ptr<acc_t>();
     g.rows.left = outer ? g.left.template const_data_ptr<acc_t>() : nullptr;
     g.rows.right = outer ? g.right.template const_data_ptr<acc_t>() : nullptr;
-    if constexpr (std::is_same_v<acc_t, float>) {  // the AVX-512 mixing's layout (gate_tile.h)
-      if (mixes_by_block(dims.rank, g.rows.dst_blocks)) g.lay_out_by_block(transposed);
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (by_block && mixes_by_block(dims.rank, g.rows.dst_blocks)) g.lay_out_by_block(transposed);
     }
     return g;
   }

@@ -17,8 +17,18 @@
 namespace nanomoe::cpu::gate_by_block {
 namespace {
 
-constexpr int kTokens = 12;  // sums per load of the gate: enough to cover the FMA latency
+// Sums per load of the gate: enough to cover the FMA latency on both pipes.
+constexpr int kTokens = static_cast<int>(kByBlockTokens);
 constexpr int64_t kLanes = kGateLanes;
+
+// A buffer of this thread's that outlives the call, of at least n elements. Every tile of every
+// call needs its buffers, some of hundreds of KiB: allocated afresh, they made threads queue on
+// the kernel's memory map (see projected_forward.cpp).
+template <typename U>
+U* thread_buffer(std::vector<U>& buffer, int64_t n) {
+  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
+  return buffer.data();
+}
 
 // diagonal_outer's rank-one part needs <right_ds, src_ts> for the 16 blocks from d0:
 // dots[(s * kTokens + t) * 16 + l] for every source block s.
@@ -89,34 +99,34 @@ NANOMOE_AVX512 void gather_run(const float* stage, int64_t run, const int32_t* o
 template <int kVariant, typename T>
 NANOMOE_AVX512 void mix_tokens(const GateRows<float>& g, const T* src, T* dst, int64_t tokens) {
   const int64_t r = g.rank, src_row = g.src_blocks * r, dst_row = g.dst_blocks * r;
-  // A group's source rows as float32; zeros stand in for the tokens past the end of a last group.
-  std::vector<float> rows(kTokens * src_row, 0.0f);
-  std::vector<float> stage(kTokens * r * kLanes);
-  std::vector<float> dots(kVariant == 2 ? g.src_blocks * kTokens * kLanes : 0);
-  std::vector<int32_t> order(kLanes * r);
+  // A group's source rows as float32. The rows past the end of a last group hold whatever the
+  // buffer held (earlier rows, or zeros when it was grown): their sums are never gathered.
+  thread_local std::vector<float> rows_buffer, stage_buffer, dots_buffer;
+  thread_local std::vector<int32_t> order_buffer;
+  float* rows = thread_buffer(rows_buffer, kTokens * src_row);
+  float* stage = thread_buffer(stage_buffer, kTokens * r * kLanes);
+  float* dots = thread_buffer(dots_buffer, kVariant == 2 ? g.src_blocks * kTokens * kLanes : 0);
+  int32_t* order = thread_buffer(order_buffer, kLanes * r);
   for (int64_t e = 0; e < kLanes * r; ++e) order[e] = static_cast<int32_t>(e % r * kLanes + e / r);
   for (int64_t t0 = 0; t0 < tokens; t0 += kTokens) {
     const int64_t group = std::min<int64_t>(kTokens, tokens - t0);
     const T* from = src + t0 * src_row;
-    const float* x = rows.data();
+    const float* x = rows;
     if constexpr (std::is_same_v<T, float>) {
       if (group == kTokens) {
         x = from;  // whole groups are read in place
       } else {
-        std::memcpy(rows.data(), from, group * src_row * sizeof(float));
+        std::memcpy(rows, from, group * src_row * sizeof(float));
       }
     } else {
-      as_float(from, group * src_row, rows.data());
+      as_float(from, group * src_row, rows);
     }
     for (int64_t d0 = 0; d0 < g.dst_blocks; d0 += kLanes) {
-      if constexpr (kVariant == 2) outer_dots(g, x, src_row, d0, dots.data());
-      for (int64_t c = 0; c < r; ++c) {
-        sums_at<kVariant>(g, x, src_row, d0, c, dots.data(), stage.data());
-      }
+      if constexpr (kVariant == 2) outer_dots(g, x, src_row, d0, dots);
+      for (int64_t c = 0; c < r; ++c) sums_at<kVariant>(g, x, src_row, d0, c, dots, stage);
       const int64_t run = std::min(kLanes, g.dst_blocks - d0) * r;
       for (int64_t t = 0; t < group; ++t) {
-        gather_run(stage.data() + t * r * kLanes, run, order.data(),
-                   dst + (t0 + t) * dst_row + d0 * r);
+        gather_run(stage + t * r * kLanes, run, order, dst + (t0 + t) * dst_row + d0 * r);
       }
     }
   }
@@ -182,7 +192,7 @@ NANOMOE_AVX512 void grads_from(const GateRows<float>& g, const GradPass& pass, i
     __m512 left[kCount], right[kCount];
     for (int j = 0; j < kCount; ++j) {
       if constexpr (kVariant != 0) mix[j] = _mm512_setzero_ps();
-      left[j] = right[j] = _mm512_setzero_ps();
+      if constexpr (kVariant == 2) left[j] = right[j] = _mm512_setzero_ps();
     }
     for (int64_t t = 0; t < pass.tokens; ++t) {
       const __m512 gy = _mm512_loadu_ps(pass.grad_t + (t * r + c) * g.dst_lanes + d0);
@@ -222,14 +232,18 @@ NANOMOE_AVX512 void grads_tokens(const GateRows<float>& g, const T* src, const T
                                  float* grad_right) {
   const int64_t r = g.rank, src_row = g.src_blocks * r, dst_row = g.dst_blocks * r;
   constexpr bool kConvert = !std::is_same_v<T, float>;
-  std::vector<float> x_rows(kConvert ? kGradTokens * src_row : 0);
-  std::vector<float> grad_rows(kConvert ? kGradTokens * dst_row : 0);
-  std::vector<float> grad_t(kGradTokens * r * g.dst_lanes, 0.0f);
+  // grad_t's padding lanes (blocks past dst_blocks) are never written: whatever they hold only
+  // reaches the padding lanes of the sums, which are never stored.
+  thread_local std::vector<float> x_buffer, grad_buffer, grad_t_buffer, right_buffer, left_buffer;
+  float* x_rows = thread_buffer(x_buffer, kConvert ? kGradTokens * src_row : 0);
+  float* grad_rows = thread_buffer(grad_buffer, kConvert ? kGradTokens * dst_row : 0);
+  float* grad_t = thread_buffer(grad_t_buffer, kGradTokens * r * g.dst_lanes);
   const int64_t dots = kVariant == 2 ? g.src_blocks * kGradTokens * kLanes : 0;
-  std::vector<float> dots_right(dots), dots_left(dots);
+  float* dots_right = thread_buffer(right_buffer, dots);
+  float* dots_left = thread_buffer(left_buffer, dots);
   for (int64_t t0 = 0; t0 < tokens; t0 += kGradTokens) {
     const int64_t n = std::min(kGradTokens, tokens - t0);
-    const float* gy = as_float(grad_dst + t0 * dst_row, n * dst_row, grad_rows.data());
+    const float* gy = as_float(grad_dst + t0 * dst_row, n * dst_row, grad_rows);
     for (int64_t t = 0; t < n; ++t) {  // (d, c) -> (c, d): the blocks become the lanes
       for (int64_t d = 0; d < g.dst_blocks; ++d) {
         for (int64_t c = 0; c < r; ++c) {
@@ -237,8 +251,8 @@ NANOMOE_AVX512 void grads_tokens(const GateRows<float>& g, const T* src, const T
         }
       }
     }
-    const GradPass pass{as_float(src + t0 * src_row, n * src_row, x_rows.data()), grad_t.data(),
-                        dots_right.data(), dots_left.data(), n};
+    const GradPass pass{as_float(src + t0 * src_row, n * src_row, x_rows), grad_t, dots_right,
+                        dots_left, n};
     for (int64_t d0 = 0; d0 < g.dst_blocks; d0 += kLanes) {
       if constexpr (kVariant == 2) outer_grad_dots(g, pass, d0);
       int64_t s = 0;

@@ -25,16 +25,25 @@ struct GateRows {
   int64_t dst_lanes;
 };
 
-constexpr int64_t kGateLanes = 16;  // float32 lanes of an AVX-512 vector
+constexpr int64_t kGateLanes = 16;      // float32 lanes of an AVX-512 vector
+constexpr int64_t kByBlockTokens = 12;  // tokens per load of the gate when mixing by block
+
+// The share of the lanes that n elements fill, in as many vectors as they need.
+inline double filled_lanes(int64_t n) {
+  return double(n) / double((n + kGateLanes - 1) / kGateLanes * kGateLanes);
+}
 
 // Whether the AVX-512 mixing runs with destination blocks as its vector lanes (a product of the
 // (dst, src) gate with the (src, tokens) activations per rank position: one GEMM-shaped step)
 // rather than rank positions: when the rank fills fewer lanes than the block count does.
 inline bool mixes_by_block(int64_t rank, int64_t dst_blocks) {
-  const auto filled = [](int64_t n) {
-    return double(n) / double((n + kGateLanes - 1) / kGateLanes * kGateLanes);
-  };
-  return filled(dst_blocks) > filled(rank);
+  return filled_lanes(dst_blocks) > filled_lanes(rank);
+}
+
+// The same for a call of `tokens` tokens: below kByBlockTokens, part of each group is padding.
+inline bool mixes_by_block(int64_t rank, int64_t dst_blocks, int64_t tokens) {
+  const double group = double(tokens < kByBlockTokens ? tokens : kByBlockTokens) / kByBlockTokens;
+  return group * filled_lanes(dst_blocks) > filled_lanes(rank);
 }
 
 }  // namespace nanomoe::cpu

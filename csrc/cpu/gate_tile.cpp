@@ -297,13 +297,18 @@ void accumulate_grads(const GateRows<float>& g, const uint16_t* src, const uint1
   accumulate_grads_any(g, src, grad_dst, tokens, grad_mix, grad_left, grad_right);
 }
 
+// The gate is laid out by block once per call; whether a tile of `tokens` uses it is per tile.
+bool by_block(const GateRows<float>& g, int64_t tokens) {
+  return g.mix_by_block && mixes_by_block(g.rank, g.dst_blocks, tokens);
+}
+
 void mix(const GateRows<float>& g, const float* src, float* dst, int64_t tokens) {
-  if (g.mix_by_block) return gate_by_block::mix(g, src, dst, tokens);
+  if (by_block(g, tokens)) return gate_by_block::mix(g, src, dst, tokens);
   mix_any(g, src, dst, tokens);
 }
 
 void mix(const GateRows<float>& g, const uint16_t* src, uint16_t* dst, int64_t tokens) {
-  if (g.mix_by_block) return gate_by_block::mix(g, src, dst, tokens);
+  if (by_block(g, tokens)) return gate_by_block::mix(g, src, dst, tokens);
   mix_any(g, src, dst, tokens);
 }
 

@@ -99,7 +99,8 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
   // The forward gate (for mixed and the gate's gradients) and the transposed one (grad_hidden).
   const PackedMixing<scalar_t> mix(layer, w, dtype);
   std::optional<Gate<scalar_t>> gate_t;
-  if (!layer.full() && need_grad_hidden) gate_t = Gate<scalar_t>::make(d, w, /*transposed=*/true);
+  if (!layer.full() && need_grad_hidden)
+    gate_t = Gate<scalar_t>::make(d, w, /*transposed=*/true, /*by_block=*/true);
 
   // The weights by steps: up[i] (m_b steps of r), down[j] (r steps of n_b), and the full gate as
   // one matrix (K_out r steps (i, a) of K_in r columns (j, b)), so grad_hidden is one product with

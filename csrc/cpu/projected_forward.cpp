@@ -152,7 +152,7 @@ void forward_as(const LinearDims& dims, const Tensor& x_rows, const Weights& w, 
     return;
   }
   std::optional<Gate<scalar_t>> gate;
-  if (!layer.full()) gate = Gate<scalar_t>::make(dims, w, /*transposed=*/false);
+  if (!layer.full()) gate = Gate<scalar_t>::make(dims, w, /*transposed=*/false, /*by_block=*/true);
   Tensor hidden = hidden_all.defined()
                       ? hidden_all
                       : at::empty({dims.tokens, dims.in_blocks, dims.rank}, x_rows.options());

@@ -100,7 +100,7 @@ struct PackedMixing {
   PackedMixing(const Layer<scalar_t>& layer_in, const Weights& w, at::ScalarType dtype)
       : layer(layer_in) {
     if (!layer.full()) {
-      gate = Gate<scalar_t>::make(layer.d, w, /*transposed=*/false);
+      gate = Gate<scalar_t>::make(layer.d, w, /*transposed=*/false, /*by_block=*/true);
     } else {
       const at::Tensor matrix = full_mix_matrix(w.mix).contiguous();
       const projection::WeightRows<T> rows{Layer<scalar_t>::data(matrix),
