@@ -166,3 +166,21 @@ def test_many_blocks_small_ranks(tokens: int, mixing: str, dtype: torch.dtype) -
         for name, grad in got.items():
             label = f"grad of {name}, K=({k_out}, {k_in}) rank={rank}"
             assert_close_to(grad, expected[name], dtype, label, scale[name])
+
+
+@pytest.mark.parametrize("mixing", ["scalar", "diagonal_outer"])
+def test_gate_gradients_by_block_add_up_over_tiles(mixing: str) -> None:
+    """One thread, 450 tokens: three 192-token tiles each add into the same gate-gradient sums."""
+    generator = torch.Generator().manual_seed(7)
+    case = make_case((450,), 20, 36, 2, 2, 3, mixing, torch.float32, True, generator)
+    grad_out = torch.randn(450, 40, generator=generator, dtype=torch.float64)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        got = grads_of(torch.ops.nanomoe.linear, case, grad_out.float())
+    finally:
+        torch.set_num_threads(threads)
+    expected = grads_of(nanomoe_linear_reference, case.map(torch.Tensor.double), grad_out)
+    for name in ("mix", "mix_left", "mix_right"):
+        if name in got:
+            assert_close_to(got[name], expected[name], torch.float32, f"grad of {name}")
