@@ -266,49 +266,28 @@ NANOMOE_AVX512 void grads_tokens(const GateRows<float>& g, const T* src, const T
   }
 }
 
-template <typename T>
-void grads_any(const GateRows<float>& g, const T* src, const T* grad_dst, int64_t tokens,
-               float* grad_mix, float* grad_left, float* grad_right) {
-  switch (g.variant) {
-    case 0:
-      return grads_tokens<0>(g, src, grad_dst, tokens, grad_mix, grad_left, grad_right);
-    case 1:
-      return grads_tokens<1>(g, src, grad_dst, tokens, grad_mix, grad_left, grad_right);
-    default:
-      return grads_tokens<2>(g, src, grad_dst, tokens, grad_mix, grad_left, grad_right);
-  }
-}
-
-template <typename T>
-void mix_any(const GateRows<float>& g, const T* src, T* dst, int64_t tokens) {
-  switch (g.variant) {
-    case 0:
-      return mix_tokens<0>(g, src, dst, tokens);
-    case 1:
-      return mix_tokens<1>(g, src, dst, tokens);
-    default:
-      return mix_tokens<2>(g, src, dst, tokens);
-  }
-}
-
 }  // namespace
 
 void mix(const GateRows<float>& g, const float* src, float* dst, int64_t tokens) {
-  mix_any(g, src, dst, tokens);
+  with_variant(g.variant, [&](auto v) { mix_tokens<decltype(v)::value>(g, src, dst, tokens); });
 }
 
 void mix(const GateRows<float>& g, const uint16_t* src, uint16_t* dst, int64_t tokens) {
-  mix_any(g, src, dst, tokens);
+  with_variant(g.variant, [&](auto v) { mix_tokens<decltype(v)::value>(g, src, dst, tokens); });
 }
 
 void accumulate_grads(const GateRows<float>& g, const float* src, const float* grad_dst,
                       int64_t tokens, float* grad_mix, float* grad_left, float* grad_right) {
-  grads_any(g, src, grad_dst, tokens, grad_mix, grad_left, grad_right);
+  with_variant(g.variant, [&](auto v) {
+    grads_tokens<decltype(v)::value>(g, src, grad_dst, tokens, grad_mix, grad_left, grad_right);
+  });
 }
 
 void accumulate_grads(const GateRows<float>& g, const uint16_t* src, const uint16_t* grad_dst,
                       int64_t tokens, float* grad_mix, float* grad_left, float* grad_right) {
-  grads_any(g, src, grad_dst, tokens, grad_mix, grad_left, grad_right);
+  with_variant(g.variant, [&](auto v) {
+    grads_tokens<decltype(v)::value>(g, src, grad_dst, tokens, grad_mix, grad_left, grad_right);
+  });
 }
 
 }  // namespace nanomoe::cpu::gate_by_block

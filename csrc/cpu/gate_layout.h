@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 namespace nanomoe::cpu {
 
@@ -44,6 +45,20 @@ inline bool mixes_by_block(int64_t rank, int64_t dst_blocks) {
 inline bool mixes_by_block(int64_t rank, int64_t dst_blocks, int64_t tokens) {
   const double group = double(tokens < kByBlockTokens ? tokens : kByBlockTokens) / kByBlockTokens;
   return group * filled_lanes(dst_blocks) > filled_lanes(rank);
+}
+
+// fn(std::integral_constant<int, variant>{}): the variant as a compile-time constant, for the
+// kernels templated on it.
+template <typename F>
+void with_variant(int variant, const F& fn) {
+  switch (variant) {
+    case 0:
+      return fn(std::integral_constant<int, 0>{});
+    case 1:
+      return fn(std::integral_constant<int, 1>{});
+    default:
+      return fn(std::integral_constant<int, 2>{});
+  }
 }
 
 }  // namespace nanomoe::cpu

@@ -252,29 +252,9 @@ void accumulate_grads_as(const GateRows<float>& g, const T* src, const T* grad_d
   }
 }
 
-template <typename T>
-void accumulate_grads_any(const GateRows<float>& g, const T* src, const T* grad_dst, int64_t tokens,
-                          float* grad_mix, float* grad_left, float* grad_right) {
-  switch (g.variant) {
-    case 0:
-      return accumulate_grads_as<0>(g, src, grad_dst, tokens, grad_mix, grad_left, grad_right);
-    case 1:
-      return accumulate_grads_as<1>(g, src, grad_dst, tokens, grad_mix, grad_left, grad_right);
-    default:
-      return accumulate_grads_as<2>(g, src, grad_dst, tokens, grad_mix, grad_left, grad_right);
-  }
-}
-
-template <typename T>
-void mix_any(const GateRows<float>& g, const T* src, T* dst, int64_t tokens) {
-  switch (g.variant) {
-    case 0:
-      return mix_tokens<0>(g, src, dst, tokens);
-    case 1:
-      return mix_tokens<1>(g, src, dst, tokens);
-    default:
-      return mix_tokens<2>(g, src, dst, tokens);
-  }
+// The gate is laid out by block once per call; whether a tile of `tokens` uses it is per tile.
+bool by_block(const GateRows<float>& g, int64_t tokens) {
+  return g.mix_by_block && mixes_by_block(g.rank, g.dst_blocks, tokens);
 }
 
 }  // namespace
@@ -285,7 +265,10 @@ void accumulate_grads(const GateRows<float>& g, const float* src, const float* g
     return gate_by_block::accumulate_grads(g, src, grad_dst, tokens, grad_mix, grad_left,
                                            grad_right);
   }
-  accumulate_grads_any(g, src, grad_dst, tokens, grad_mix, grad_left, grad_right);
+  with_variant(g.variant, [&](auto v) {
+    accumulate_grads_as<decltype(v)::value>(g, src, grad_dst, tokens, grad_mix, grad_left,
+                                            grad_right);
+  });
 }
 
 void accumulate_grads(const GateRows<float>& g, const uint16_t* src, const uint16_t* grad_dst,
@@ -294,22 +277,20 @@ void accumulate_grads(const GateRows<float>& g, const uint16_t* src, const uint1
     return gate_by_block::accumulate_grads(g, src, grad_dst, tokens, grad_mix, grad_left,
                                            grad_right);
   }
-  accumulate_grads_any(g, src, grad_dst, tokens, grad_mix, grad_left, grad_right);
-}
-
-// The gate is laid out by block once per call; whether a tile of `tokens` uses it is per tile.
-bool by_block(const GateRows<float>& g, int64_t tokens) {
-  return g.mix_by_block && mixes_by_block(g.rank, g.dst_blocks, tokens);
+  with_variant(g.variant, [&](auto v) {
+    accumulate_grads_as<decltype(v)::value>(g, src, grad_dst, tokens, grad_mix, grad_left,
+                                            grad_right);
+  });
 }
 
 void mix(const GateRows<float>& g, const float* src, float* dst, int64_t tokens) {
   if (by_block(g, tokens)) return gate_by_block::mix(g, src, dst, tokens);
-  mix_any(g, src, dst, tokens);
+  with_variant(g.variant, [&](auto v) { mix_tokens<decltype(v)::value>(g, src, dst, tokens); });
 }
 
 void mix(const GateRows<float>& g, const uint16_t* src, uint16_t* dst, int64_t tokens) {
   if (by_block(g, tokens)) return gate_by_block::mix(g, src, dst, tokens);
-  mix_any(g, src, dst, tokens);
+  with_variant(g.variant, [&](auto v) { mix_tokens<decltype(v)::value>(g, src, dst, tokens); });
 }
 
 }  // namespace nanomoe::cpu::gate_tile
