@@ -3,6 +3,8 @@
 // autograd is registered in csrc/autograd.cpp.
 #include <torch/library.h>
 
+#include "cpu/features.h"
+
 TORCH_LIBRARY(nanomoe, m) {
   // y = NanoMoE(x): see SPEC.md sections 2 and 3. The variant is read from the gate tensors.
   m.def(
@@ -19,4 +21,6 @@ TORCH_LIBRARY(nanomoe, m) {
       "linear_backward(Tensor grad_out, Tensor x, Tensor down, Tensor mix, Tensor up, "
       "Tensor? mix_left, Tensor? mix_right, Tensor hidden, bool[7] output_mask) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The CPU instruction sets the kernels use on this machine (no tensors, so one kernel for all).
+  m.def("cpu_features() -> str[]", &nanomoe::cpu::features);
 }

@@ -87,7 +87,7 @@ def test_no_grad_keeps_nothing_and_matches() -> None:
 # 16-lane tails and odd depths (bfloat16 multiplies pairs of tokens and of features).
 @pytest.mark.parametrize("tokens", [17, 23, 191, 193, 397])
 @pytest.mark.parametrize("mixing", MIXINGS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_kernel_tile_edges(tokens: int, mixing: str, dtype: torch.dtype) -> None:
     generator = torch.Generator().manual_seed(tokens)
     for k_out, k_in, n_b, m_b, rank in [(2, 3, 33, 40, 17), (1, 2, 64, 31, 32), (3, 1, 7, 65, 33)]:
@@ -102,7 +102,7 @@ def test_kernel_tile_edges(tokens: int, mixing: str, dtype: torch.dtype) -> None
 
 
 @pytest.mark.parametrize("mixing", MIXINGS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("wanted", [("x",), ("down", "up"), ("mix", "mix_left"), ("bias",)])
 def test_kernel_computes_only_requested(mixing: str, dtype: torch.dtype, wanted: tuple) -> None:
     case = make_case((300,), 3, 2, 5, 4, 3, mixing, dtype)
@@ -128,7 +128,7 @@ def test_kernel_reads_strided_inputs() -> None:
 
 
 @pytest.mark.parametrize("mixing", MIXINGS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_weight_gradients_repeat_bitwise_and_agree_across_threads(
     mixing: str, dtype: torch.dtype
 ) -> None:
@@ -152,7 +152,7 @@ def test_weight_gradients_repeat_bitwise_and_agree_across_threads(
 
 @pytest.mark.parametrize("tokens", [5, 13, 131])
 @pytest.mark.parametrize("mixing", MIXINGS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_many_blocks_small_ranks(tokens: int, mixing: str, dtype: torch.dtype) -> None:
     """The transposed gate mixes by block too (its destination is the input blocks), and the gate's
     gradients are summed by block; the full gate's transpose is one product."""

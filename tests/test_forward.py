@@ -105,10 +105,11 @@ def test_training_forward_returns_hidden() -> None:
 
 # The AVX-512 kernels' edges: the register tile (12 tokens x 32 rows), the thread tile (96 tokens),
 # the switch from reading weights in place to packing them (more than 16 tokens), 16-lane vector
-# tails, and odd depths (bfloat16 multiplies pairs of elements).
-@pytest.mark.parametrize("tokens", [1, 4, 5, 11, 12, 13, 16, 17, 95, 97, 250])
+# tails, and odd depths (bfloat16 multiplies pairs of elements). On AMX, bfloat16 blocks of 32 and
+# 16 tokens with the rest on the register tile, and depths that are not multiples of 32.
+@pytest.mark.parametrize("tokens", [1, 4, 5, 11, 12, 13, 16, 17, 32, 48, 95, 97, 250])
 @pytest.mark.parametrize("mixing", MIXINGS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_kernel_tile_edges(tokens: int, mixing: str, dtype: torch.dtype) -> None:
     for k_out, k_in, n_b, m_b, rank in [(2, 3, 33, 40, 17), (1, 2, 64, 31, 32), (3, 1, 7, 65, 33)]:
         case = make_case((tokens,), k_out, k_in, n_b, m_b, rank, mixing, dtype)
@@ -119,7 +120,7 @@ def test_kernel_tile_edges(tokens: int, mixing: str, dtype: torch.dtype) -> None
 
 @pytest.mark.parametrize("tokens", [3, 16, 200])
 @pytest.mark.parametrize("mixing", MIXINGS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_bitwise_same_for_one_and_two_threads(tokens: int, mixing: str, dtype: torch.dtype) -> None:
     # Threads split tokens (many) or weight rows (few), never a sum: every output element is
     # computed by the same operations in the same order whatever the thread count.
@@ -144,7 +145,7 @@ BY_BLOCK_SHAPES = [(64, 64, 4), (20, 36, 3), (36, 20, 1), (17, 5, 2), (64, 32, 1
 
 @pytest.mark.parametrize("tokens", [1, 12, 13, 17, 40, 131])
 @pytest.mark.parametrize("mixing", MIXINGS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_many_blocks_small_ranks(tokens: int, mixing: str, dtype: torch.dtype) -> None:
     for k_out, k_in, rank in [*BY_BLOCK_SHAPES, (64, 64, 20)]:
         case = make_case((tokens,), k_out, k_in, 3, 2, rank, mixing, dtype)
@@ -155,7 +156,7 @@ def test_many_blocks_small_ranks(tokens: int, mixing: str, dtype: torch.dtype) -
 
 @pytest.mark.parametrize("tokens", [17, 50, 131])
 @pytest.mark.parametrize("mixing", MIXINGS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_down_projection_by_dot_products(tokens: int, mixing: str, dtype: torch.dtype) -> None:
     """Many tokens, a rank of 8 or less from blocks of 64 features or more: the down-projection
     takes dot products instead of the register tile (ranks and widths on both sides of the rule)."""

@@ -4,13 +4,17 @@
 //   two vector loads of a packed weight panel per step of the reduction;
 // - project_rows, for a few tokens: dot products along the weight rows as they lie in memory, four
 //   rows by up to four tokens at a time, their 16 sums reduced across lanes together at the end.
+// Where the CPU has AMX (amx.h), bfloat16 register tiles with the input's pairs side by side give
+// their leading tokens to AMX blocks of 32 tokens x one panel.
 #include "projection.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 
 #include <algorithm>
 #include <cstring>
+#include <optional>
 
+#include "amx.h"
 #include "avx512.h"
 
 namespace nanomoe::cpu::projection {
@@ -286,17 +290,49 @@ void pack_rows(const WeightRows<T>& w, T* packed) {
   }
 }
 
+// The leading tokens (a multiple of 16) of one bfloat16 panel on AMX, 32 at a time, each block's
+// float32 sums handed to `out` as the register tile hands its own; returns how many it covered.
+template <typename Out>
+NANOMOE_AVX512 int64_t amx_panel(int64_t tokens, int64_t depth, Input<uint16_t> in,
+                                 const uint16_t* panel, int64_t panel_stride, __mmask16 lo,
+                                 __mmask16 hi, const Out& out) {
+  alignas(64) float sums[amx::kTokens * amx::kCols];
+  const int64_t covered = tokens / 16 * 16;
+  for (int64_t t = 0; t < covered; t += amx::kTokens) {
+    const int64_t rows = std::min(amx::kTokens, covered - t);
+    // A step is a pair, so pair p lies kStep steps of panel_stride after pair p - 1.
+    amx::product(rows, in.data + t * in.row_stride, in.row_stride, panel,
+                 BFloat16Ops::kStep * panel_stride, depth, sums);
+    const Out block = out.at(t, 0);
+    for (int64_t row = 0; row < rows; ++row) {
+      block.put(row, 0, lo, _mm512_load_ps(sums + row * amx::kCols));
+      block.put(row, 1, hi, _mm512_load_ps(sums + row * amx::kCols + 16));
+    }
+  }
+  return covered;
+}
+
 // Panel by panel (the panel stays in L1 while every row passes), rows kTileTokens at a time.
-// Panel p starts at w + p * panel_offset, its step k panel_stride further per k.
+// Panel p starts at w + p * panel_offset, its step k panel_stride further per k. bfloat16 with
+// the input's pairs side by side takes AMX where the CPU has it, on every panel whose 32 columns
+// may all be read: all when padded (packed panels are), else the whole ones.
 template <bool kUnitK, typename T, typename Out>
 void project_panels(int64_t tokens, int64_t depth, int64_t cols, Input<T> in, const T* w,
-                    int64_t panel_offset, int64_t panel_stride, const Out& out) {
+                    int64_t panel_offset, int64_t panel_stride, bool padded, const Out& out) {
   using Ops = typename OpsOf<T>::type;
+  constexpr bool kAmxShape = std::is_same_v<T, uint16_t> && kUnitK;
+  std::optional<amx::Tiles> tiles;
+  if (kAmxShape && tokens >= 16 && amx::available()) tiles.emplace();
   for (int64_t p = 0; p < panels_of(cols); ++p) {
     const int64_t first = p * kPanelRows, width = std::min(kPanelRows, cols - first);
     const __mmask16 lo = first_lanes(width), hi = first_lanes(width - 16);
     const T* panel = w + p * panel_offset;
     int64_t t = 0;
+    if constexpr (kAmxShape) {
+      if (tiles && (padded || width == kPanelRows)) {
+        t = amx_panel(tokens, depth, in, panel, panel_stride, lo, hi, out.at(0, first));
+      }
+    }
     for (; t + kTileTokens <= tokens; t += kTileTokens) {
       Tile<Ops, kTileTokens, kUnitK>::run(depth, in.at(t), panel, panel_stride, lo, hi,
                                           out.at(t, first));
@@ -328,7 +364,7 @@ void project_from_packed(int64_t tokens, const T* in, int64_t in_stride, const T
   using Ops = typename OpsOf<T>::type;
   const int64_t size = panel_size(WeightRows<T>{nullptr, rows, 1, depth, depth, 0});
   project_panels<true>(tokens, depth, rows, Input<T>{in, in_stride, 1}, packed, size, kPanelRows,
-                       Store<Ops>{out, out_stride, bias});
+                       /*padded=*/true, Store<Ops>{out, out_stride, bias});
 }
 
 // A panel of 32 columns of a matrix by steps begins kStep * 32 elements after the previous one.
@@ -337,7 +373,8 @@ void project_by_steps(int64_t tokens, const T* in, int64_t in_stride, Steps<T> w
                       int64_t depth, T* out, int64_t out_stride) {
   using Ops = typename OpsOf<T>::type;
   project_panels<true>(tokens, depth, cols, Input<T>{in, in_stride, 1}, w.data,
-                       Ops::kStep * kPanelRows, w.stride, Store<Ops>{out, out_stride, nullptr});
+                       Ops::kStep * kPanelRows, w.stride, /*padded=*/false,
+                       Store<Ops>{out, out_stride, nullptr});
 }
 
 // The rows of the tile are a's columns: (a_col, k) at a.data + a_col * kStep + k * a.stride.
@@ -346,7 +383,8 @@ void accumulate_steps(int64_t depth, Steps<T> a, int64_t a_cols, Steps<T> b, int
                       float* sums, int64_t sums_stride) {
   constexpr int64_t kStep = kElementsPerStep<T>;
   project_panels<false>(a_cols, depth, b_cols, Input<T>{a.data, kStep, a.stride}, b.data,
-                        kStep * kPanelRows, b.stride, Accumulate{sums, sums_stride});
+                        kStep * kPanelRows, b.stride, /*padded=*/false,
+                        Accumulate{sums, sums_stride});
 }
 
 // Rows k and k + 1 of src side by side, one 32-bit pair per column: the first row's bits low.

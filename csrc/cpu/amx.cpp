@@ -1,0 +1,184 @@
+// The AMX block product of amx.h. Tiles 0-3 hold the sums (two rows of 16 tokens by two halves of
+// 16 columns), 4-5 the input's two 16-token rows, 6-7 the weights' two 16-column halves; every
+// tile is 16 rows of 64 bytes, so one configuration serves all eight.
+#include "amx.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <cstring>
+
+#define NANOMOE_AMX __attribute__((target("amx-tile,amx-bf16")))
+
+namespace nanomoe::cpu::amx {
+namespace {
+
+constexpr int kTileRows = 16;
+constexpr int kTileBytes = 64;
+constexpr int64_t kDepth = 32;  // the reduction one TDPBF16PS covers: 16 pairs per tile row
+
+// The layout LDTILECFG reads (palette 1).
+struct alignas(64) Config {
+  uint8_t palette;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t row_bytes[16];
+  uint8_t rows[16];
+};
+
+bool cpu_has_amx_bf16() {
+  unsigned eax, ebx, ecx, edx;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+  const bool tile = (edx >> 24) & 1, bf16 = (edx >> 22) & 1;
+  return tile && bf16;
+}
+
+// Linux hands the 8 KiB tile state to a process only on request; without it the first tile
+// instruction faults.
+bool os_grants_tiles() {
+  constexpr long kRequestPermission = 0x1023;  // ARCH_REQ_XCOMP_PERM
+  constexpr long kTileData = 18;               // XFEATURE_XTILEDATA
+  return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
+}
+
+bool switched_off() {
+  const char* value = std::getenv("NANOMOE_AMX");
+  return value != nullptr && std::strcmp(value, "0") == 0;
+}
+
+// GCC's tile loads are asm statements that do not say they read memory, so the stores that fill a
+// buffer only they read could be dropped; this says the memory at p is read here.
+inline void tiles_read(const void* p) {
+  asm volatile("" : : "r"(p) : "memory");
+}
+
+// kRowTiles rows of 16 tokens. The depth's last partial stretch of 32 (and an odd depth's lone
+// element) is copied into zero-padded tiles, so nothing past the operands' ends is read.
+template <int kRowTiles>
+NANOMOE_AMX void product_rows(const uint16_t* in, int64_t in_stride, const uint16_t* weights,
+                              int64_t pair_stride, int64_t depth, float* sums) {
+  const int64_t in_bytes = in_stride * 2, weight_bytes = pair_stride * 2;
+  const uint16_t* second_row = in + kTileRows * in_stride;
+  _tile_zero(0);
+  _tile_zero(1);
+  if constexpr (kRowTiles == 2) {
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  const int64_t whole = depth / kDepth * kDepth;
+  for (int64_t k = 0; k < whole; k += kDepth) {
+    const uint16_t* pairs = weights + k / 2 * pair_stride;
+    _tile_loadd(6, pairs, weight_bytes);
+    _tile_loadd(7, pairs + kCols, weight_bytes);
+    _tile_loadd(4, in + k, in_bytes);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    if constexpr (kRowTiles == 2) {
+      _tile_loadd(5, second_row + k, in_bytes);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  if (whole < depth) {
+    const int64_t rest = depth - whole;
+    alignas(64) uint16_t in_tail[kRowTiles * kTileRows][kDepth] = {};
+    alignas(64) uint16_t weight_tail[kTileRows][2 * kCols] = {};
+    for (int t = 0; t < kRowTiles * kTileRows; ++t) {
+      std::memcpy(in_tail[t], in + t * in_stride + whole, rest * sizeof(uint16_t));
+    }
+    for (int64_t p = 0; p < (rest + 1) / 2; ++p) {
+      std::memcpy(weight_tail[p], weights + (whole / 2 + p) * pair_stride, sizeof weight_tail[p]);
+    }
+    tiles_read(in_tail);
+    tiles_read(weight_tail);
+    _tile_loadd(6, weight_tail, kTileBytes * 2);
+    _tile_loadd(7, &weight_tail[0][kCols], kTileBytes * 2);
+    _tile_loadd(4, in_tail, kTileBytes);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    if constexpr (kRowTiles == 2) {
+      _tile_loadd(5, in_tail[kTileRows], kTileBytes);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  constexpr int64_t sums_bytes = kCols * sizeof(float);
+  _tile_stored(0, sums, sums_bytes);
+  _tile_stored(1, sums + kTileRows, sums_bytes);
+  if constexpr (kRowTiles == 2) {
+    _tile_stored(2, sums + kTileRows * kCols, sums_bytes);
+    _tile_stored(3, sums + kTileRows * kCols + kTileRows, sums_bytes);
+  }
+}
+
+constexpr Config every_tile_16_by_64() {
+  Config config{};
+  config.palette = 1;
+  for (int tile = 0; tile < 8; ++tile) {
+    config.rows[tile] = kTileRows;
+    config.row_bytes[tile] = kTileBytes;
+  }
+  return config;
+}
+
+// In static memory: GCC 12 drops the stores that fill a configuration on the stack, as if
+// LDTILECFG did not read it (seen: only the palette byte was written).
+constexpr Config kConfig = every_tile_16_by_64();
+
+NANOMOE_AMX void load_configuration() {
+  _tile_loadconfig(&kConfig);
+}
+
+NANOMOE_AMX void release() {
+  _tile_release();
+}
+
+}  // namespace
+
+bool available() {
+  static const bool runs = !switched_off() && cpu_has_amx_bf16() && os_grants_tiles();
+  return runs;
+}
+
+Tiles::Tiles() {
+  load_configuration();
+}
+
+Tiles::~Tiles() {
+  release();
+}
+
+void product(int64_t tokens, const uint16_t* in, int64_t in_stride, const uint16_t* weights,
+             int64_t pair_stride, int64_t depth, float* sums) {
+  if (tokens == kTokens) {
+    product_rows<2>(in, in_stride, weights, pair_stride, depth, sums);
+  } else {
+    product_rows<1>(in, in_stride, weights, pair_stride, depth, sums);
+  }
+}
+
+}  // namespace nanomoe::cpu::amx
+
+#else  // not x86-64: never available, so never called
+
+#include <cstdlib>
+
+namespace nanomoe::cpu::amx {
+bool available() {
+  return false;
+}
+Tiles::Tiles() {
+  std::abort();
+}
+Tiles::~Tiles() {}
+void product(int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, float*) {
+  std::abort();
+}
+}  // namespace nanomoe::cpu::amx
+
+#endif

@@ -1,0 +1,42 @@
+// bfloat16 products on Intel's AMX tile unit (Sapphire Rapids and later): one TDPBF16PS multiplies
+// a 16 x 32 tile of the input by a 32 x 16 tile of the weights into 16 x 16 float32 sums, 16 times
+// the multiply-adds of an AVX-512 vdpbf16ps. oneDNN uses it for ATen's bfloat16 matmuls (so for
+// LowRankLinear) wherever the CPU has it; the projections here do too.
+//
+// Raw pointers only, like projection.h: amx.cpp is compiled for AMX, no ATen.
+#pragma once
+
+#include <cstdint>
+
+namespace nanomoe::cpu::amx {
+
+// Whether the products below run here: the CPU has AMX-TILE and AMX-BF16, Linux granted this
+// process the tile state (arch_prctl ARCH_REQ_XCOMP_PERM), and NANOMOE_AMX is not "0" in the
+// environment when first asked (the switch that lets tests and A/Bs run the AVX-512 tile instead).
+bool available();
+
+// A block of the product is kTokens x kCols: two (or one) 16-token rows of tiles by two 16-column
+// tiles.
+constexpr int64_t kTokens = 32;
+constexpr int64_t kCols = 32;
+
+// Holds the tile unit's configuration on the calling thread for its lifetime. Configure once per
+// run of blocks on one thread (the configuration zeroes the tiles, and other libraries on this
+// thread, oneDNN among them, may configure it otherwise between calls).
+class Tiles {
+ public:
+  Tiles();
+  ~Tiles();
+  Tiles(const Tiles&) = delete;
+  Tiles& operator=(const Tiles&) = delete;
+};
+
+// sums[t * kCols + c] = sum_{k < depth} in[t * in_stride + k] * W(k, c), for t < tokens (16 or
+// 32) and c < kCols. W is laid out by pairs of steps, as projection.h's packed panels and Steps
+// are: the pair (W(2p, c), W(2p + 1, c)) at weights + p * pair_stride + 2 * c, for every
+// p < ceil(depth / 2) and c < kCols, and an odd depth's missing partner reads as zero. The input
+// is read only for k < depth. Needs a live Tiles on this thread.
+void product(int64_t tokens, const uint16_t* in, int64_t in_stride, const uint16_t* weights,
+             int64_t pair_stride, int64_t depth, float* sums);
+
+}  // namespace nanomoe::cpu::amx
