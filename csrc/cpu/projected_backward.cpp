@@ -195,14 +195,14 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
                                         own_sums + at_sums.down + j * r * n_b, n_b);
       }
     }
-    if (needs[kUp]) {
+    if (needs[kUp]) {  // summed as up[i] transposed: the narrow mixed is the side AMX transposes
       const auto grad_tile = as_steps(rows, d.out_features, go, grad_stride, grad_buffer);
       const auto mixed =
           as_steps(rows, mixed_row, static_cast<const T*>(mid), mixed_row, second_buffer);
       for (int64_t i = 0; i < d.out_blocks; ++i) {
-        projection::accumulate_products(rows, from_column(grad_tile, i * m_b), m_b,
-                                        from_column(mixed, i * r), r,
-                                        own_sums + at_sums.up + i * m_b * r, r);
+        projection::accumulate_products(rows, from_column(mixed, i * r), r,
+                                        from_column(grad_tile, i * m_b), m_b,
+                                        own_sums + at_sums.up + i * r * m_b, m_b);
       }
     }
     if (need_gate && layer.full()) {  // (i, a) x (j, b) sums, permuted to mix's layout at the end
@@ -229,6 +229,14 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
   const auto gradient = [&](bool needed, int64_t at, const Tensor& like) {
     return needed ? total.narrow(0, at, like.numel()).view(like.sizes()).to(dtype) : Tensor();
   };
+  Tensor grad_up;
+  if (needs[kUp]) {
+    grad_up = total.narrow(0, at_sums.up, w.up.numel())
+                  .view({d.out_blocks, r, m_b})
+                  .transpose(1, 2)
+                  .to(dtype)
+                  .contiguous();
+  }
   Tensor grad_mix;
   if (needs[kMix] && layer.full()) {
     grad_mix = total.narrow(0, at_sums.mix, w.mix.numel())
@@ -242,7 +250,7 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
   return {grad_x,
           gradient(needs[kDown], at_sums.down, w.down),
           grad_mix,
-          gradient(needs[kUp], at_sums.up, w.up),
+          grad_up,
           needs[kBias] ? total.narrow(0, at_sums.bias, d.out_features).to(dtype) : Tensor(),
           gradient(needs[kMixLeft], at_sums.left, w.mix),
           gradient(needs[kMixRight], at_sums.right, w.mix)};

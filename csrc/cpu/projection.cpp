@@ -4,8 +4,9 @@
 //   two vector loads of a packed weight panel per step of the reduction;
 // - project_rows, for a few tokens: dot products along the weight rows as they lie in memory, four
 //   rows by up to four tokens at a time, their 16 sums reduced across lanes together at the end.
-// Where the CPU has AMX (amx.h), bfloat16 register tiles with the input's pairs side by side give
-// their leading tokens to AMX blocks of 32 tokens x one panel.
+// Where the CPU has AMX (amx.h), bfloat16 products give their leading rows to AMX blocks of 32 rows
+// x one panel: the input rows as they lie, or for the weight gradients (whose reduction runs over
+// tokens) the narrow operand transposed, its pairs of tokens side by side.
 #include "projection.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -13,6 +14,7 @@
 #include <algorithm>
 #include <cstring>
 #include <optional>
+#include <vector>
 
 #include "amx.h"
 #include "avx512.h"
@@ -290,19 +292,25 @@ void pack_rows(const WeightRows<T>& w, T* packed) {
   }
 }
 
-// The leading tokens (a multiple of 16) of one bfloat16 panel on AMX, 32 at a time, each block's
+// The rows AMX multiplies: row t at data + t * stride, its k side by side (the tile's input itself
+// when its k_stride is 1; for the weight gradients, a transposed copy). Null data: no AMX.
+struct AmxRows {
+  const uint16_t* data = nullptr;
+  int64_t stride = 0;
+};
+
+// The leading rows (a multiple of 16) of one bfloat16 panel on AMX, 32 at a time, each block's
 // float32 sums handed to `out` as the register tile hands its own; returns how many it covered.
 template <typename Out>
-NANOMOE_AVX512 int64_t amx_panel(int64_t tokens, int64_t depth, Input<uint16_t> in,
-                                 const uint16_t* panel, int64_t panel_stride, __mmask16 lo,
-                                 __mmask16 hi, const Out& out) {
+NANOMOE_AVX512 int64_t amx_panel(int64_t tokens, int64_t depth, AmxRows in, const uint16_t* panel,
+                                 int64_t panel_stride, __mmask16 lo, __mmask16 hi, const Out& out) {
   alignas(64) float sums[amx::kTokens * amx::kCols];
   const int64_t covered = tokens / 16 * 16;
   for (int64_t t = 0; t < covered; t += amx::kTokens) {
     const int64_t rows = std::min(amx::kTokens, covered - t);
     // A step is a pair, so pair p lies kStep steps of panel_stride after pair p - 1.
-    amx::product(rows, in.data + t * in.row_stride, in.row_stride, panel,
-                 BFloat16Ops::kStep * panel_stride, depth, sums);
+    amx::product(rows, in.data + t * in.stride, in.stride, panel, BFloat16Ops::kStep * panel_stride,
+                 depth, sums);
     const Out block = out.at(t, 0);
     for (int64_t row = 0; row < rows; ++row) {
       block.put(row, 0, lo, _mm512_load_ps(sums + row * amx::kCols));
@@ -313,24 +321,24 @@ NANOMOE_AVX512 int64_t amx_panel(int64_t tokens, int64_t depth, Input<uint16_t> 
 }
 
 // Panel by panel (the panel stays in L1 while every row passes), rows kTileTokens at a time.
-// Panel p starts at w + p * panel_offset, its step k panel_stride further per k. bfloat16 with
-// the input's pairs side by side takes AMX where the CPU has it, on every panel whose 32 columns
-// may all be read: all when padded (packed panels are), else the whole ones.
+// Panel p starts at w + p * panel_offset, its step k panel_stride further per k. Given amx rows,
+// the leading rows go to AMX on every panel whose 32 columns may all be read: all when padded
+// (packed panels are), else the whole ones.
 template <bool kUnitK, typename T, typename Out>
 void project_panels(int64_t tokens, int64_t depth, int64_t cols, Input<T> in, const T* w,
-                    int64_t panel_offset, int64_t panel_stride, bool padded, const Out& out) {
+                    int64_t panel_offset, int64_t panel_stride, bool padded, const Out& out,
+                    AmxRows amx_rows = {}) {
   using Ops = typename OpsOf<T>::type;
-  constexpr bool kAmxShape = std::is_same_v<T, uint16_t> && kUnitK;
   std::optional<amx::Tiles> tiles;
-  if (kAmxShape && tokens >= 16 && amx::available()) tiles.emplace();
+  if (amx_rows.data && tokens >= 16) tiles.emplace();
   for (int64_t p = 0; p < panels_of(cols); ++p) {
     const int64_t first = p * kPanelRows, width = std::min(kPanelRows, cols - first);
     const __mmask16 lo = first_lanes(width), hi = first_lanes(width - 16);
     const T* panel = w + p * panel_offset;
     int64_t t = 0;
-    if constexpr (kAmxShape) {
+    if constexpr (std::is_same_v<T, uint16_t>) {
       if (tiles && (padded || width == kPanelRows)) {
-        t = amx_panel(tokens, depth, in, panel, panel_stride, lo, hi, out.at(0, first));
+        t = amx_panel(tokens, depth, amx_rows, panel, panel_stride, lo, hi, out.at(0, first));
       }
     }
     for (; t + kTileTokens <= tokens; t += kTileTokens) {
@@ -340,6 +348,77 @@ void project_panels(int64_t tokens, int64_t depth, int64_t cols, Input<T> in, co
     tail_tile<Ops, kUnitK>(tokens - t, depth, in.at(t), panel, panel_stride, lo, hi,
                            out.at(t, first));
   }
+}
+
+// The input rows as they lie, for AMX where it runs: bfloat16 with unit k_stride.
+template <typename T>
+AmxRows amx_rows_of(const T* in, int64_t in_stride) {
+  if constexpr (std::is_same_v<T, uint16_t>) {
+    if (amx::available()) return {in, in_stride};
+  }
+  return {};
+}
+
+// dst row c (at dst + c * dst_stride) = column c of src by steps, its pairs side by side: a
+// transpose of 32-bit pairs, 16 x 16 at a time, src's `pairs` pair rows (at src + 2 q *
+// src_stride) by `cols` columns.
+NANOMOE_AVX512 void transpose_pairs(int64_t pairs, int64_t cols, const uint16_t* src,
+                                    int64_t src_stride, uint16_t* dst, int64_t dst_stride) {
+  for (int64_t q0 = 0; q0 < pairs; q0 += 16) {
+    for (int64_t c0 = 0; c0 < cols; c0 += 16) {
+      const __mmask16 in_cols = first_lanes(cols - c0);
+      __m512i row[16], half[16], quarter[16];
+      for (int i = 0; i < 16; ++i) {
+        row[i] = q0 + i < pairs
+                     ? _mm512_maskz_loadu_epi32(in_cols, src + (q0 + i) * 2 * src_stride + 2 * c0)
+                     : _mm512_setzero_si512();
+      }
+      // In 128-bit lane L of quarter[4 g + e]: element 4 L + e of rows 4 g .. 4 g + 3.
+      for (int i = 0; i < 16; i += 2) {
+        half[i] = _mm512_unpacklo_epi32(row[i], row[i + 1]);
+        half[i + 1] = _mm512_unpackhi_epi32(row[i], row[i + 1]);
+      }
+      for (int g = 0; g < 4; ++g) {
+        const __m512i* h = half + 4 * g;
+        quarter[4 * g] = _mm512_unpacklo_epi64(h[0], h[2]);
+        quarter[4 * g + 1] = _mm512_unpackhi_epi64(h[0], h[2]);
+        quarter[4 * g + 2] = _mm512_unpacklo_epi64(h[1], h[3]);
+        quarter[4 * g + 3] = _mm512_unpackhi_epi64(h[1], h[3]);
+      }
+      const __mmask16 out_pairs = first_lanes(pairs - q0);
+      for (int e = 0; e < 4; ++e) {
+        // Lanes 0 and 2 (even) or 1 and 3 (odd) of rows 0-7, then of rows 8-15.
+        const __m512i even_low = _mm512_shuffle_i32x4(quarter[e], quarter[4 + e], 0x88);
+        const __m512i odd_low = _mm512_shuffle_i32x4(quarter[e], quarter[4 + e], 0xdd);
+        const __m512i even_high = _mm512_shuffle_i32x4(quarter[8 + e], quarter[12 + e], 0x88);
+        const __m512i odd_high = _mm512_shuffle_i32x4(quarter[8 + e], quarter[12 + e], 0xdd);
+        const __m512i column[4] = {_mm512_shuffle_i32x4(even_low, even_high, 0x88),
+                                   _mm512_shuffle_i32x4(odd_low, odd_high, 0x88),
+                                   _mm512_shuffle_i32x4(even_low, even_high, 0xdd),
+                                   _mm512_shuffle_i32x4(odd_low, odd_high, 0xdd)};
+        for (int lane = 0; lane < 4; ++lane) {
+          const int64_t c = c0 + 4 * lane + e;
+          if (c < cols) {
+            _mm512_mask_storeu_epi32(dst + c * dst_stride + 2 * q0, out_pairs, column[lane]);
+          }
+        }
+      }
+    }
+  }
+}
+
+// a's columns as AMX rows, transposed into this thread's buffer (kept between calls), when AMX
+// runs and there are rows and columns enough for it.
+AmxRows amx_rows_of(int64_t depth, Steps<uint16_t> a, int64_t a_cols, int64_t b_cols) {
+  if (a_cols < 16 || b_cols < kPanelRows || !amx::available()) return {};
+  thread_local std::vector<uint16_t> buffer;
+  const int64_t pairs = (depth + 1) / 2, stride = (pairs + 15) / 16 * 32;
+  if (static_cast<int64_t>(buffer.size()) < a_cols * stride) buffer.resize(a_cols * stride);
+  transpose_pairs(pairs, a_cols, a.data, a.stride, buffer.data(), stride);
+  return {buffer.data(), stride};
+}
+AmxRows amx_rows_of(int64_t, Steps<float>, int64_t, int64_t) {
+  return {};
 }
 
 // Rows kDotRows at a time (they stay in L1 while every token passes), tokens kDotTokens at a time.
@@ -364,7 +443,8 @@ void project_from_packed(int64_t tokens, const T* in, int64_t in_stride, const T
   using Ops = typename OpsOf<T>::type;
   const int64_t size = panel_size(WeightRows<T>{nullptr, rows, 1, depth, depth, 0});
   project_panels<true>(tokens, depth, rows, Input<T>{in, in_stride, 1}, packed, size, kPanelRows,
-                       /*padded=*/true, Store<Ops>{out, out_stride, bias});
+                       /*padded=*/true, Store<Ops>{out, out_stride, bias},
+                       amx_rows_of(in, in_stride));
 }
 
 // A panel of 32 columns of a matrix by steps begins kStep * 32 elements after the previous one.
@@ -374,7 +454,7 @@ void project_by_steps(int64_t tokens, const T* in, int64_t in_stride, Steps<T> w
   using Ops = typename OpsOf<T>::type;
   project_panels<true>(tokens, depth, cols, Input<T>{in, in_stride, 1}, w.data,
                        Ops::kStep * kPanelRows, w.stride, /*padded=*/false,
-                       Store<Ops>{out, out_stride, nullptr});
+                       Store<Ops>{out, out_stride, nullptr}, amx_rows_of(in, in_stride));
 }
 
 // The rows of the tile are a's columns: (a_col, k) at a.data + a_col * kStep + k * a.stride.
@@ -384,7 +464,7 @@ void accumulate_steps(int64_t depth, Steps<T> a, int64_t a_cols, Steps<T> b, int
   constexpr int64_t kStep = kElementsPerStep<T>;
   project_panels<false>(a_cols, depth, b_cols, Input<T>{a.data, kStep, a.stride}, b.data,
                         kStep * kPanelRows, b.stride, /*padded=*/false,
-                        Accumulate{sums, sums_stride});
+                        Accumulate{sums, sums_stride}, amx_rows_of(depth, a, a_cols, b_cols));
 }
 
 // Rows k and k + 1 of src side by side, one 32-bit pair per column: the first row's bits low.
