@@ -118,22 +118,25 @@ def test_kernel_tile_edges(tokens: int, mixing: str, dtype: torch.dtype) -> None
         assert_close_to(run(case), reference64(case), dtype, label, scale)
 
 
-@pytest.mark.parametrize("tokens", [3, 16, 200])
+@pytest.mark.parametrize("tokens", [3, 16, 200, 1001])
 @pytest.mark.parametrize("mixing", MIXINGS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_bitwise_same_for_one_and_two_threads(tokens: int, mixing: str, dtype: torch.dtype) -> None:
     # Threads split tokens (many) or weight rows (few), never a sum: every output element is
-    # computed by the same operations in the same order whatever the thread count.
-    case = make_case((tokens,), 4, 4, 20, 24, 18, mixing, dtype)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        single = run(case)
-        torch.set_num_threads(2)
-        double = run(case)
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(single, double)
+    # computed by the same operations in the same order whatever the thread count. On AMX, that
+    # needs the same tokens to go to AMX blocks (which sum in another order than the register
+    # tile) for any split: depths of 32 and more, so AMX's sums differ from the tile's.
+    for n_b, m_b, rank in [(20, 24, 18), (96, 40, 64)]:
+        case = make_case((tokens,), 4, 4, n_b, m_b, rank, mixing, dtype)
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            single = run(case)
+            torch.set_num_threads(2)
+            double = run(case)
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(single, double), f"n_b={n_b} m_b={m_b} rank={rank}"
 
 
 # Many blocks at small ranks: the elementwise gates mix with destination blocks as the vector lanes

@@ -29,7 +29,7 @@ using projection::Steps;
 
 // Tiles of at most 192 tokens: the depth of each weight-gradient product per tile, so the float32
 // sums are read and written once per 192 tokens; a tile's intermediates still fit in L2.
-constexpr Tiling kBackwardTiling{192, 12, 24};
+constexpr Tiling kBackwardTiling{192, kShareTokens, 24};
 
 // Elements a (rows, cols) matrix needs as Steps: none in float32, read in place.
 template <typename T>

@@ -26,8 +26,9 @@ using projection::WeightRows;
 // Up to this many tokens the weights are read in place (project_rows), beyond it packed.
 constexpr int64_t kRowsTokens = 16;
 // Packed path: tiles of at most 96 tokens (8 register tiles of 12), so a tile's hidden and mixed
-// (tokens x K x r each) stay in L2; batches up to 12 tokens per thread run as one tile.
-constexpr Tiling kPackedTiling{96, 12, 24};
+// (tokens x K x r each) stay in L2; batches up to 12 tokens per thread run as one tile. Threads'
+// shares are multiples of kShareTokens, so the same tokens fall to AMX for any thread count.
+constexpr Tiling kPackedTiling{96, kShareTokens, 24};
 // project_rows tasks: this many weight rows each (a multiple of its 4-row step).
 constexpr int64_t kRowsPerTask = 16;
 // Down-projections to at most this rank, from blocks of at least this many features, take dot

@@ -17,6 +17,11 @@
 
 namespace nanomoe::cpu {
 
+// The projections' token tiles start at multiples of this, a multiple of the register tile's 12
+// rows and of AMX's 16: a token's products then go to AMX or to the register tile (which sum in
+// different orders) whatever the thread count, so results stay bitwise the same for any count.
+constexpr int64_t kShareTokens = 48;
+
 // The kernels' element type: bfloat16 as its bits.
 template <typename scalar_t>
 struct Element {
