@@ -13,7 +13,11 @@
 #include <cstdlib>
 #include <cstring>
 
-#define NANOMOE_AMX __attribute__((target("amx-tile,amx-bf16")))
+// GCC 12's masked-load intrinsics start from an undefined vector (see avx512.h).
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+#define NANOMOE_AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw")))
 
 namespace nanomoe::cpu::amx {
 namespace {
@@ -85,14 +89,24 @@ NANOMOE_AMX void product_rows(const uint16_t* in, int64_t in_stride, const uint1
     }
   }
   if (whole < depth) {
-    const int64_t rest = depth - whole;
-    alignas(64) uint16_t in_tail[kRowTiles * kTileRows][kDepth] = {};
-    alignas(64) uint16_t weight_tail[kTileRows][2 * kCols] = {};
+    // Masked vector copies: zeros past the depth in every row, and in every pair row past it.
+    const int64_t rest = depth - whole, rest_pairs = (rest + 1) / 2;
+    const __mmask32 in_lanes = (__mmask32(1) << rest) - 1;
+    alignas(64) uint16_t in_tail[kRowTiles * kTileRows][kDepth];
+    alignas(64) uint16_t weight_tail[kTileRows][2 * kCols];
     for (int t = 0; t < kRowTiles * kTileRows; ++t) {
-      std::memcpy(in_tail[t], in + t * in_stride + whole, rest * sizeof(uint16_t));
+      _mm512_store_si512(in_tail[t],
+                         _mm512_maskz_loadu_epi16(in_lanes, in + t * in_stride + whole));
     }
-    for (int64_t p = 0; p < (rest + 1) / 2; ++p) {
-      std::memcpy(weight_tail[p], weights + (whole / 2 + p) * pair_stride, sizeof weight_tail[p]);
+    for (int64_t p = 0; p < kTileRows; ++p) {
+      __m512i first_half = _mm512_setzero_si512(), second_half = _mm512_setzero_si512();
+      if (p < rest_pairs) {
+        const uint16_t* pair_row = weights + (whole / 2 + p) * pair_stride;
+        first_half = _mm512_loadu_si512(pair_row);
+        second_half = _mm512_loadu_si512(pair_row + kCols);
+      }
+      _mm512_store_si512(weight_tail[p], first_half);
+      _mm512_store_si512(&weight_tail[p][kCols], second_half);
     }
     tiles_read(in_tail);
     tiles_read(weight_tail);
