@@ -12,7 +12,19 @@ _library.load()
 
 from nanomoe import budget, reference  # noqa: E402
 from nanomoe._ops import nanomoe_linear  # noqa: E402
+from nanomoe.fit import fit_dense  # noqa: E402
 from nanomoe.layers import LowRankLinear, NanoMoELinear  # noqa: E402
+from nanomoe.replace import CompressionReport, LayerReport, replace_linear  # noqa: E402
 
-__all__ = ["LowRankLinear", "NanoMoELinear", "budget", "nanomoe_linear", "reference"]
+__all__ = [
+    "CompressionReport",
+    "LayerReport",
+    "LowRankLinear",
+    "NanoMoELinear",
+    "budget",
+    "fit_dense",
+    "nanomoe_linear",
+    "reference",
+    "replace_linear",
+]
 __version__ = "0.1.0"
