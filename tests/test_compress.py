@@ -1,0 +1,155 @@
+"""``nanomoe compress``: Hugging Face directories and torch.save'd modules, saved and reloaded."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import nanomoe
+import nanomoe.cli
+from nanomoe.compress import METADATA, compress, load, main
+
+
+@pytest.fixture(scope="module")
+def transformers():
+    module = pytest.importorskip("transformers")
+    module.logging.set_verbosity_error()
+    return module
+
+
+def gpt2_dir(transformers, tmp_path):
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2, bos_token_id=0
+    )
+    path = tmp_path / "gpt2"
+    transformers.GPT2LMHeadModel(config).save_pretrained(path)
+    return path
+
+
+def nanomoe_layers(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, nanomoe.NanoMoELinear)]
+
+
+def test_gpt2_round_trip(transformers, tmp_path, capsys):
+    source = gpt2_dir(transformers, tmp_path)
+    out, report_path = tmp_path / "out", tmp_path / "report.json"
+    argv = [str(source), "--out", str(out), "--budget", "0.5", "--include", "mlp"]
+    main([*argv, "--report", str(report_path), "--iters", "2"])
+    printed = capsys.readouterr()
+    assert "h.0.mlp.c_fc" in printed.out and "h.1.mlp.c_proj" in printed.out
+    assert "replaced 4 of 4 selected layers" in printed.out
+    assert "loading" in printed.err and "replace_linear" in printed.err  # steps and the bar
+
+    report = json.loads(report_path.read_text())
+    names = [layer["name"] for layer in report["layers"]]
+    assert names == [f"transformer.h.{i}.mlp.{p}" for i in (0, 1) for p in ("c_fc", "c_proj")]
+    assert all(layer["replaced"] and layer["kind"] == "Conv1D" for layer in report["layers"])
+    assert report["params_after"] < report["params_before"]
+    assert report["budget"] == 0.5 and report["mixing"] == "scalar"
+
+    # The same compression in memory (the fit is deterministic) against the saved one reloaded.
+    compressed, _ = compress(
+        source, tmp_path / "again", budget=0.5, include="mlp", iters=2, progress=False
+    )
+    reloaded = load(out)
+    assert type(reloaded).__name__ == "GPT2LMHeadModel" and not reloaded.training
+    assert nanomoe_layers(reloaded) == names
+    assert reloaded.lm_head.weight is reloaded.transformer.wte.weight  # still tied
+    ids = torch.randint(0, 64, (2, 8))
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, compressed.eval()(ids).logits)
+
+    metadata = json.loads((out / METADATA).read_text())
+    assert metadata["architecture"] == "GPT2LMHeadModel"
+    assert metadata["options"]["include"] == "mlp"
+    assert [layer["num_blocks"] for layer in metadata["layers"]] == [
+        list(layer["num_blocks"]) for layer in report["layers"]
+    ]
+
+
+def test_bert_fixed_blocks_through_the_nanomoe_command(transformers, tmp_path, capsys):
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=16,
+    )
+    source, out = tmp_path / "bert", tmp_path / "out"
+    transformers.BertModel(config).eval().save_pretrained(source)
+    argv = [str(source), "--out", str(out), "--budget", "0.5", "--include", "intermediate"]
+    nanomoe.cli.main(["compress", *argv, "--num-blocks", "2", "--init", "random", "--no-progress"])
+    printed = capsys.readouterr()
+    assert "encoder.layer.0.intermediate.dense" in printed.out
+    assert "Loading weights" not in printed.err and "replace_linear" not in printed.err
+    reloaded = load(out)
+    layers = [reloaded.get_submodule(name) for name in nanomoe_layers(reloaded)]
+    assert [layer.num_blocks for layer in layers] == [(2, 2), (2, 2)]
+    saved = torch.load(out / "nanomoe_model.pt", weights_only=True)
+    assert all(torch.equal(saved[key], value) for key, value in reloaded.state_dict().items())
+
+
+def test_torch_save_round_trip(tmp_path, capsys):
+    torch.manual_seed(0)
+    source, out = tmp_path / "net.pt", tmp_path / "sub" / "net-nanomoe.pt"
+    torch.save(nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16)), source)
+    main([str(source), "--out", str(out), "--budget", "0.5", "--num-blocks", "2x4"])
+    assert "replaced 2 of 2" in capsys.readouterr().out
+    reloaded = torch.load(out, weights_only=False)
+    assert isinstance(reloaded[0], nanomoe.NanoMoELinear) and reloaded[0].num_blocks == (2, 4)
+    compressed, _ = compress(
+        source, tmp_path / "again.pt", budget=0.5, num_blocks=(2, 4), progress=False
+    )
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), compressed(x))
+        assert torch.equal(load(out)(x), compressed(x))
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "does not exist"),
+        ("empty_dir", "without config.json"),
+        ("state_dict", "not an nn.Module"),
+        ("no_match", "select none"),
+        (
+            "config_only",
+            "nanomoe compress: error: ",
+        ),  # transformers fails to load it (or is absent)
+    ],
+)
+def test_bad_inputs_exit_with_a_message(tmp_path, capsys, case, message):
+    path = tmp_path / case
+    if case == "empty_dir":
+        path.mkdir()
+    elif case == "state_dict":
+        torch.save(nn.Linear(4, 4).state_dict(), path)
+    elif case == "config_only":
+        path.mkdir()
+        (path / "config.json").write_text("{}")
+    elif case == "no_match":
+        torch.save(nn.Sequential(nn.Linear(8, 8)), path)
+    argv = [str(path), "--out", str(tmp_path / "out"), "--budget", "0.5", "--include", "nothing"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    text = capsys.readouterr().err + str(exit_info.value.code)
+    assert message in text
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv", [["m", "--budget", "0.5"], ["m", "--out", "o", "--budget", "x"]])
+def test_argument_errors(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and "usage: nanomoe compress" in capsys.readouterr().err
+
+
+def test_unknown_command(capsys):
+    with pytest.raises(SystemExit):
+        nanomoe.cli.main(["compres"])
+    assert "compress" in capsys.readouterr().err
