@@ -1,0 +1,275 @@
+"""Compressing a trained model: NanoMoE fit against truncated SVD on ``nanomoe compare``'s charlm.
+
+The character-level GPT of ``nanomoe compare`` (its ``default`` size: 2 layers, d=128, context 64)
+is trained densely, then each budget and method starts from a copy of the trained model and
+replaces its hidden layers (the attention projections and the MLP; embeddings and the LM head stay
+dense) at the same parameter budget:
+
+- NanoMoE fit: ``nanomoe.replace_linear`` (``init="fit"``, ``num_blocks="auto"``), per mixing;
+- truncated SVD: ``LowRankLinear`` with ``up = U S^1/2``, ``down = S^1/2 V^T`` at the largest rank
+  within the budget (``nanomoe.budget.lowrank_rank_for_budget``).
+
+Held-out loss is measured right after compression and after a short fine-tune (Adam, the training
+learning rate), with the mean relative Frobenius error of the replaced weights.
+
+    python benchmarks/compress_charlm.py                       # ~2-3 minutes on one CPU thread
+    python benchmarks/compress_charlm.py --budgets 0.25 --train-steps 300 --finetune-steps 50
+"""
+
+import argparse
+import copy
+import json
+import math
+import platform
+import re
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+import nanomoe
+from nanomoe.budget import absolute_budget, lowrank_rank_for_budget
+from nanomoe.compare.tasks import SIZES, Task, make_task
+from nanomoe.layers import LowRankLinear
+
+RESULTS = Path(__file__).resolve().parent / "results"
+HIDDEN = r"^blocks\."  # the layers nanomoe compare compares: everything inside the GPT blocks
+MIXINGS = ("scalar", "diagonal")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--size", choices=SIZES, default="default", help="charlm size")
+    p.add_argument("--budgets", nargs="+", type=float, default=[1 / 2, 1 / 4, 1 / 8])
+    p.add_argument("--mixings", nargs="+", choices=MIXINGS, default=list(MIXINGS))
+    p.add_argument(
+        "--train-steps", type=int, default=2000, help="dense training (compare's default: 200)"
+    )
+    p.add_argument("--finetune-steps", type=int, default=200)
+    p.add_argument("--lr", type=float, default=3e-3, help="Adam, for training and fine-tuning")
+    p.add_argument("--iters", type=int, default=30, help="fit_dense's iterations")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, default=RESULTS / "compress-charlm.json")
+    p.add_argument("--no-plot", action="store_true")
+    return p
+
+
+def svd_layer(layer: nn.Linear, budget: float) -> Tuple[LowRankLinear, float]:
+    """Truncated SVD of ``layer`` as a ``LowRankLinear`` within ``budget`` of its parameters, and
+    its relative weight error."""
+    out_features, in_features = layer.weight.shape
+    has_bias = layer.bias is not None
+    limit = absolute_budget(in_features, out_features, budget, has_bias)
+    rank = lowrank_rank_for_budget(in_features, out_features, limit, has_bias)
+    weight = layer.weight.detach().double()
+    u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+    root = s[:rank].sqrt()
+    new = LowRankLinear(in_features, out_features, rank, has_bias)
+    with torch.no_grad():
+        new.up.copy_(u[:, :rank] * root)
+        new.down.copy_(root[:, None] * vh[:rank])
+        if has_bias:
+            new.bias.copy_(layer.bias)
+    approx = new.up.detach().double() @ new.down.detach().double()
+    error = (torch.linalg.matrix_norm(weight - approx) / torch.linalg.matrix_norm(weight)).item()
+    return new, error
+
+
+def replace_svd(model: nn.Module, budget: float) -> Dict[str, Any]:
+    """Every hidden ``nn.Linear`` of ``model`` replaced by its truncated SVD, in place."""
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and re.search(HIDDEN, name)
+    ]
+    errors, ranks = [], []
+    for name, module in targets:
+        new, error = svd_layer(module, budget)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, new)
+        errors.append(error)
+        ranks.append(new.rank)
+    return {"layers": len(targets), "weight_error": sum(errors) / len(errors), "ranks": ranks}
+
+
+def replace_nanomoe(model: nn.Module, budget: float, mixing: str, iters: int) -> Dict[str, Any]:
+    """``replace_linear`` fit of the hidden layers, in place."""
+    report = nanomoe.replace_linear(
+        model, budget=budget, mixing=mixing, include=HIDDEN, iters=iters, progress=False
+    )
+    layers = report.replaced
+    if not layers:
+        raise RuntimeError(f"replace_linear replaced nothing at budget {budget} ({mixing})")
+    return {
+        "layers": len(layers),
+        "weight_error": sum(layer.nanomoe_error for layer in layers) / len(layers),
+        "svd_error": sum(layer.svd_error for layer in layers) / len(layers),
+        "ranks": [layer.rank for layer in layers],
+        "num_blocks": [list(layer.num_blocks) for layer in layers],
+        "skipped": len(report.skipped),
+    }
+
+
+def hidden_params(model: nn.Module) -> int:
+    """Parameters of the compressed layers (the LayerNorms of the blocks left out)."""
+    kinds = (nn.Linear, LowRankLinear, nanomoe.NanoMoELinear)
+    return sum(
+        p.numel()
+        for name, module in model.named_modules()
+        if re.search(HIDDEN, name) and isinstance(module, kinds)
+        for p in module.parameters()
+    )
+
+
+def fine_tune(task: Task, model: nn.Module, steps: int, lr: float, seed: int) -> float:
+    """``steps`` Adam steps on the task's training batches for ``seed`` (runner.train's loop, on a
+    given model); the mean training loss of the last tenth."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    batches: Iterator[Tuple[Tensor, Tensor]] = task.train_batches(seed)
+    model.train()
+    losses: List[float] = []
+    for _ in range(steps):
+        loss = task.loss(model, *next(batches))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    tail = losses[-max(1, steps // 10) :]
+    return sum(tail) / len(tail) if tail else math.nan
+
+
+def run(args: argparse.Namespace) -> Dict[str, Any]:
+    torch.set_num_threads(args.threads)
+    task = make_task("charlm", args.size)
+    started = time.perf_counter()
+    # The same model and optimizer as nanomoe compare's dense runs (runner.train), kept here.
+    torch.manual_seed(args.seed)
+    dense = task.build(lambda i, o, b: nn.Linear(i, o, b), args.seed)
+    dense_train_loss = fine_tune(task, dense, args.train_steps, args.lr, args.seed)
+    dense.eval()
+    dense_scores = {"val": task.evaluate(dense, "val"), "test": task.evaluate(dense, "test")}
+    train_seconds = time.perf_counter() - started
+    tqdm.write(f"dense: test loss {dense_scores['test']['loss']:.4f} ({train_seconds:.0f} s)")
+
+    methods = [f"nanomoe-{mixing}" for mixing in args.mixings] + ["svd"]
+    rows = []
+    jobs = [(budget, method) for budget in args.budgets for method in methods]
+    for budget, method in tqdm(jobs, desc="compress", unit="model"):
+        model = copy.deepcopy(dense)
+        began = time.perf_counter()
+        if method == "svd":
+            info = replace_svd(model, budget)
+        else:
+            info = replace_nanomoe(model, budget, method.removeprefix("nanomoe-"), args.iters)
+        compress_seconds = time.perf_counter() - began
+        before = {"val": task.evaluate(model, "val"), "test": task.evaluate(model, "test")}
+        began = time.perf_counter()
+        # The same fine-tuning batches for every method, other than the dense training's.
+        train_loss = fine_tune(task, model, args.finetune_steps, args.lr, args.seed + 1)
+        after = {"val": task.evaluate(model, "val"), "test": task.evaluate(model, "test")}
+        rows.append(
+            {
+                "budget": budget,
+                "method": method,
+                "hidden_params": hidden_params(model),
+                "before": before,
+                "after": after,
+                "finetune_train_loss": train_loss,
+                "compress_seconds": compress_seconds,
+                "finetune_seconds": time.perf_counter() - began,
+                **info,
+            }
+        )
+    return {
+        "settings": {key: v for key, v in vars(args).items() if key != "out"},
+        "machine": {
+            "processor": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
+        "dense": {
+            "hidden_params": hidden_params(dense),
+            "train_loss": dense_train_loss,
+            "train_seconds": train_seconds,
+            **dense_scores,
+        },
+        "rows": rows,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def table(result: Dict[str, Any]) -> str:
+    """Markdown: held-out (test) loss before and after the fine-tune, and the weight error."""
+    steps = result["settings"]["finetune_steps"]
+    lines = [
+        f"| budget | method | params | weight error | test loss | after {steps}-step fine-tune |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    dense = result["dense"]
+    lines.append(
+        f"| 1 | dense | {dense['hidden_params']:,} | 0 | {dense['test']['loss']:.4f} | - |"
+    )
+    for row in result["rows"]:
+        lines.append(
+            f"| 1/{1 / row['budget']:g} | {row['method']} | {row['hidden_params']:,} | "
+            f"{row['weight_error']:.3f} | {row['before']['test']['loss']:.4f} | "
+            f"{row['after']['test']['loss']:.4f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(result: Dict[str, Any], path: Path) -> None:
+    """Test loss against budget: dense, then each method before (dashed) and after (solid)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    dense = result["dense"]["test"]["loss"]
+    axes.axhline(dense, color="black", linewidth=1, label="dense")
+    methods = dict.fromkeys(row["method"] for row in result["rows"])
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for color, method in zip(colors, methods):
+        rows = sorted(
+            (r for r in result["rows"] if r["method"] == method), key=lambda r: r["budget"]
+        )
+        budgets = [r["budget"] for r in rows]
+        name = method.replace("nanomoe-", "NanoMoE fit ").replace("svd", "truncated SVD")
+        for when, style, marker in (("before", "--", "o"), ("after", "-", "s")):
+            losses = [r[when]["test"]["loss"] for r in rows]
+            label = f"{name}, {'after fine-tune' if when == 'after' else 'no fine-tune'}"
+            axes.plot(budgets, losses, style, marker=marker, color=color, label=label)
+    axes.set_xscale("log", base=2)
+    budgets = sorted({row["budget"] for row in result["rows"]})
+    axes.set_xticks(budgets, [f"1/{1 / b:g}" for b in budgets])
+    axes.set_xlabel("budget (fraction of each hidden layer's parameters)")
+    axes.set_ylabel("held-out (test) loss, nats/char")
+    steps = result["settings"]["finetune_steps"]
+    axes.set_title(f"charlm compressed after dense training; fine-tune {steps} steps")
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    args = parser().parse_args(argv)
+    result = run(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(table(result))
+    print(f"{result['seconds']:.0f} s; wrote {args.out}")
+    if not args.no_plot:
+        picture = args.out.with_suffix(".png")
+        plot(result, picture)
+        print(f"wrote {picture}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

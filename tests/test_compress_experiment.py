@@ -1,0 +1,55 @@
+"""benchmarks/compress_charlm.py runs end to end on the tiny charlm in a few seconds."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+METHODS = {"nanomoe-scalar", "nanomoe-diagonal", "svd"}
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict]:
+    """One tiny run at budget 1/2: stdout and the JSON it wrote."""
+    out = tmp_path_factory.mktemp("compress") / "compress.json"
+    command = [sys.executable, str(ROOT / "benchmarks" / "compress_charlm.py"), "--size", "tiny"]
+    command += ["--budgets", "0.5", "--train-steps", "5", "--finetune-steps", "3", "--iters", "2"]
+    command += ["--out", str(out), "--no-plot"]
+    finished = subprocess.run(command, capture_output=True, text=True, cwd=out.parent)
+    assert finished.returncode == 0, finished.stderr
+    return finished.stdout, json.loads(out.read_text())
+
+
+def finite(value: float) -> bool:
+    return isinstance(value, float) and math.isfinite(value)
+
+
+def test_structure(result) -> None:
+    stdout, report = result
+    assert report["settings"]["budgets"] == [0.5]
+    dense = report["dense"]
+    assert finite(dense["test"]["loss"]) and finite(dense["val"]["loss"])
+    rows = report["rows"]
+    assert {row["method"] for row in rows} == METHODS and len(rows) == len(METHODS)
+    for row in rows:
+        assert row["budget"] == 0.5
+        assert row["layers"] == 6  # the tiny model's hidden layers: q, k, v, out and the MLP's two
+        for when in ("before", "after"):
+            for split in ("val", "test"):
+                assert finite(row[when][split]["loss"]), (row["method"], when, split)
+        assert 0 < row["weight_error"] < 1
+        assert 0 < row["hidden_params"] <= 0.5 * dense["hidden_params"]
+    assert "| 1/2 | svd |" in stdout and "| 1 | dense |" in stdout
+
+
+def test_svd_matches_replace_linear(result) -> None:
+    """The script's truncated SVD has the error replace_linear reports for SVD at its budget."""
+    _, report = result
+    rows = {row["method"]: row for row in report["rows"]}
+    svd = rows["svd"]["weight_error"]
+    for method in ("nanomoe-scalar", "nanomoe-diagonal"):
+        assert rows[method]["svd_error"] == pytest.approx(svd, rel=1e-6)
