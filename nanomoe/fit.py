@@ -402,7 +402,8 @@ def _fit_gate(
         return Gate(mix, left, gate.right)
     cross_diagonal = torch.einsum("ijan,jan->ija", _blocks(projected, down.shape[0]), down)
     if gate.mix.dim() == 2:  # g I: one unknown per block, curvature <A, B>
-        curvature = (up_gram * down_gram).sum((-2, -1))[..., None, None]
+        # One product of the flattened grams: A * B itself would be K_out K_in r^2 numbers.
+        curvature = (up_gram[:, 0].flatten(1) @ down_gram[0].flatten(1).T)[..., None, None]
         target = cross_diagonal.sum(-1)[..., None, None]
         return Gate(_proximal_solve(curvature, target, gate.mix[..., None, None])[..., 0, 0])
     # diag(g): curvature A o B
