@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from tiny_models import bert_config, gpt2_config
 from torch import nn
 
 import nanomoe
@@ -11,20 +12,10 @@ import nanomoe.cli
 from nanomoe.compress import METADATA, compress, load, main
 
 
-@pytest.fixture(scope="module")
-def transformers():
-    module = pytest.importorskip("transformers")
-    module.logging.set_verbosity_error()
-    return module
-
-
 def gpt2_dir(transformers, tmp_path):
     torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2, bos_token_id=0
-    )
     path = tmp_path / "gpt2"
-    transformers.GPT2LMHeadModel(config).save_pretrained(path)
+    transformers.GPT2LMHeadModel(gpt2_config(transformers)).save_pretrained(path)
     return path
 
 
@@ -71,16 +62,8 @@ def test_gpt2_round_trip(transformers, tmp_path, capsys):
 
 def test_bert_fixed_blocks_through_the_nanomoe_command(transformers, tmp_path, capsys):
     torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=16,
-    )
     source, out = tmp_path / "bert", tmp_path / "out"
-    transformers.BertModel(config).eval().save_pretrained(source)
+    transformers.BertModel(bert_config(transformers)).eval().save_pretrained(source)
     argv = [str(source), "--out", str(out), "--budget", "0.5", "--include", "intermediate"]
     nanomoe.cli.main(["compress", *argv, "--num-blocks", "2", "--init", "random", "--no-progress"])
     printed = capsys.readouterr()

@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from tiny_models import bert_config, gpt2_config
 from torch import nn
 
 import nanomoe
@@ -333,24 +334,9 @@ def test_progress_bar_writes_to_stderr(capsys):
 # Hugging Face models, built from tiny configs with random weights: nothing is downloaded.
 
 
-@pytest.fixture(scope="module")
-def transformers():
-    module = pytest.importorskip("transformers")
-    module.logging.set_verbosity_error()
-    return module
-
-
 def test_bert_mlp_layers(transformers):
     torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=16,
-    )
-    model = transformers.BertModel(config).eval()
+    model = transformers.BertModel(bert_config(transformers)).eval()
     original = copy.deepcopy(model)
     mlp = r"layer\.\d+\.(intermediate|output)\.dense$"
     report = replace(model, include=mlp, budget=0.5)
@@ -364,18 +350,6 @@ def test_bert_mlp_layers(transformers):
         out, expected = model(ids).last_hidden_state, original(ids).last_hidden_state
     assert out.shape == (2, 8, 32) and torch.isfinite(out).all()
     assert relative_error(out, expected) < 1
-
-
-def gpt2_config(transformers):
-    return transformers.GPT2Config(
-        vocab_size=64,
-        n_positions=16,
-        n_embd=32,
-        n_layer=2,
-        n_head=2,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
 
 
 def test_gpt2_conv1d_is_replaced_by_the_same_function(transformers):
