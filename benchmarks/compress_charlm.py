@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
+from svd_baseline import replace_svd
 from torch import Tensor, nn
 from tqdm import tqdm
 
 import nanomoe
-from nanomoe.budget import absolute_budget, lowrank_rank_for_budget
 from nanomoe.compare.tasks import SIZES, Task, make_task
 from nanomoe.layers import LowRankLinear
 
@@ -56,44 +56,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=RESULTS / "compress-charlm.json")
     p.add_argument("--no-plot", action="store_true")
     return p
-
-
-def svd_layer(layer: nn.Linear, budget: float) -> Tuple[LowRankLinear, float]:
-    """Truncated SVD of ``layer`` as a ``LowRankLinear`` within ``budget`` of its parameters, and
-    its relative weight error."""
-    out_features, in_features = layer.weight.shape
-    has_bias = layer.bias is not None
-    limit = absolute_budget(in_features, out_features, budget, has_bias)
-    rank = lowrank_rank_for_budget(in_features, out_features, limit, has_bias)
-    weight = layer.weight.detach().double()
-    u, s, vh = torch.linalg.svd(weight, full_matrices=False)
-    root = s[:rank].sqrt()
-    new = LowRankLinear(in_features, out_features, rank, has_bias)
-    with torch.no_grad():
-        new.up.copy_(u[:, :rank] * root)
-        new.down.copy_(root[:, None] * vh[:rank])
-        if has_bias:
-            new.bias.copy_(layer.bias)
-    approx = new.up.detach().double() @ new.down.detach().double()
-    error = (torch.linalg.matrix_norm(weight - approx) / torch.linalg.matrix_norm(weight)).item()
-    return new, error
-
-
-def replace_svd(model: nn.Module, budget: float) -> Dict[str, Any]:
-    """Every hidden ``nn.Linear`` of ``model`` replaced by its truncated SVD, in place."""
-    targets = [
-        (name, module)
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and re.search(HIDDEN, name)
-    ]
-    errors, ranks = [], []
-    for name, module in targets:
-        new, error = svd_layer(module, budget)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, new)
-        errors.append(error)
-        ranks.append(new.rank)
-    return {"layers": len(targets), "weight_error": sum(errors) / len(errors), "ranks": ranks}
 
 
 def replace_nanomoe(model: nn.Module, budget: float, mixing: str, iters: int) -> Dict[str, Any]:
@@ -162,7 +124,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         model = copy.deepcopy(dense)
         began = time.perf_counter()
         if method == "svd":
-            info = replace_svd(model, budget)
+            info = replace_svd(model, budget, HIDDEN)
         else:
             info = replace_nanomoe(model, budget, method.removeprefix("nanomoe-"), args.iters)
         compress_seconds = time.perf_counter() - began

@@ -27,11 +27,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch
 from scipy.stats import spearmanr
+from svd_baseline import replace_svd
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from nanomoe import LowRankLinear, replace_linear
-from nanomoe.budget import absolute_budget, lowrank_rank_for_budget
+from nanomoe import replace_linear
 
 ROOT = Path(__file__).resolve().parent
 PAIRS = ROOT / "data" / "sentence_pairs.json"
@@ -78,60 +78,6 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     return float(spearmanr(list(a), list(b)).statistic)
 
 
-def svd_linear(layer: nn.Linear, rank: int) -> LowRankLinear:
-    """``LowRankLinear`` holding the rank-``rank`` truncated SVD of ``layer``'s weight (each factor
-    carries the square root of the singular values), bias copied."""
-    weight = layer.weight.detach().to(torch.float64)
-    u, s, vh = torch.linalg.svd(weight, full_matrices=False)
-    root = s[:rank].sqrt()
-    new = LowRankLinear(
-        layer.in_features,
-        layer.out_features,
-        rank,
-        bias=layer.bias is not None,
-        dtype=layer.weight.dtype,
-    )
-    with torch.no_grad():
-        new.up.copy_(u[:, :rank] * root)
-        new.down.copy_(root[:, None] * vh[:rank])
-        if layer.bias is not None and new.bias is not None:
-            new.bias.copy_(layer.bias)
-    return new.train(layer.training)
-
-
-def replace_svd(model: nn.Module, budget: float, pattern: str = MLP_LAYERS) -> Dict[str, Any]:
-    """Replace the selected ``nn.Linear`` layers in place by truncated SVD at ``budget`` of each
-    layer's parameters; returns the errors, ranks and parameter counts, as ``summarize`` does."""
-    import re
-
-    selected = [
-        (name, module)
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and re.search(pattern, name)
-    ]
-    errors, ranks, before, after = [], [], 0, 0
-    for name, layer in selected:
-        has_bias = layer.bias is not None
-        limit = absolute_budget(layer.in_features, layer.out_features, budget, has_bias)
-        rank = lowrank_rank_for_budget(layer.in_features, layer.out_features, limit, has_bias)
-        new = svd_linear(layer, rank)
-        weight = layer.weight.detach().to(torch.float64)
-        approx = new.to_dense().detach().to(torch.float64)
-        errors.append((torch.linalg.matrix_norm(weight - approx) / weight.norm()).item())
-        ranks.append(rank)
-        before += sum(p.numel() for p in layer.parameters())
-        after += sum(p.numel() for p in new.parameters())
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, new)
-    return {
-        "layers": len(selected),
-        "weight_error": sum(errors) / len(errors),
-        "ranks": sorted(set(ranks)),
-        "layer_params_before": before,
-        "layer_params_after": after,
-    }
-
-
 def compress(
     model: nn.Module,
     method: str,
@@ -142,7 +88,8 @@ def compress(
 ) -> Dict[str, Any]:
     """Replace ``model``'s MLP layers in place by ``method`` at ``budget``; what it did."""
     if method == "svd":
-        return replace_svd(model, budget, pattern)
+        result = replace_svd(model, budget, pattern)
+        return {**result, "ranks": sorted(set(result["ranks"]))}
     mixing = method.removeprefix("nanomoe-")
     report = replace_linear(
         model,
