@@ -329,8 +329,8 @@ void project_panels(int64_t tokens, int64_t depth, int64_t cols, Input<T> in, co
                     int64_t panel_offset, int64_t panel_stride, bool padded, const Out& out,
                     AmxRows amx_rows = {}) {
   using Ops = typename OpsOf<T>::type;
-  std::optional<amx::Tiles> tiles;
-  if (amx_rows.data && tokens >= 16) tiles.emplace();
+  std::optional<amx::Tiles> tiles;  // configured only where some panel takes AMX
+  if (amx_rows.data && tokens >= 16 && (padded || cols >= kPanelRows)) tiles.emplace();
   for (int64_t p = 0; p < panels_of(cols); ++p) {
     const int64_t first = p * kPanelRows, width = std::min(kPanelRows, cols - first);
     const __mmask16 lo = first_lanes(width), hi = first_lanes(width - 16);
