@@ -1,0 +1,269 @@
+"""Multi-process jobs that tests/test_distributed.py launches, each as a real torch.distributed run.
+
+    torchrun --standalone --nproc-per-node 2 tests/distributed_jobs.py JOB OUT [--backend gloo]
+    python tests/distributed_jobs.py load OUT        # one process, no process group at all
+
+Every job trains (or runs) small models built with ``NanoMoELinear`` and writes what it measured
+to ``OUT/JOB.json`` from rank 0; the test reads it and decides. Data parallelism is checked against
+one process on the concatenated (global) batch, which is the same optimization problem: every rank
+takes an equal slice of each global batch and DDP/FSDP average the gradients of their means.
+"""
+
+import argparse
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor.parallel import parallelize_module
+from torch.nn.parallel import DistributedDataParallel
+
+import nanomoe
+from nanomoe.parallel import BlockParallel
+
+MIXINGS = ("scalar", "diagonal", "diagonal_outer", "full")
+STEPS = 4  # optimizer steps per phase (the checkpoint jobs run two phases)
+GLOBAL_BATCH = 16
+IN, HIDDEN, OUT = 24, 32, 8
+
+
+def make_model(
+    first: str, second: str, device: torch.device, first_blocks: tuple[int, int] = (4, 3)
+) -> nn.Sequential:
+    """Two NanoMoE layers; by default (4, 3) and 2 blocks, so FSDP2 shards some dim 0 unevenly."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nanomoe.NanoMoELinear(IN, HIDDEN, rank=4, num_blocks=first_blocks, mixing=first),
+        nn.GELU(),
+        nanomoe.NanoMoELinear(HIDDEN, OUT, rank=3, num_blocks=2, mixing=second),
+    ).to(device)
+
+
+def global_batches(device: torch.device) -> list[tuple[Tensor, Tensor]]:
+    """The same global batches on every rank (and in the one-process reference)."""
+    generator = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(2 * STEPS):
+        x = torch.randn(GLOBAL_BATCH, IN, generator=generator)
+        target = torch.randn(GLOBAL_BATCH, OUT, generator=generator)
+        batches.append((x.to(device), target.to(device)))
+    return batches
+
+
+def local_rows(tensor: Tensor) -> Tensor:
+    """This rank's equal slice of a global batch (the whole batch without a process group)."""
+    if not dist.is_initialized():
+        return tensor
+    return tensor.chunk(dist.get_world_size())[dist.get_rank()]
+
+
+def train(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterator[tuple[Tensor, Tensor]],
+    steps: int,
+    rows: Callable[[Tensor], Tensor],
+) -> None:
+    for _ in range(steps):
+        x, target = next(batches)
+        loss = nn.functional.mse_loss(model(rows(x)), rows(target))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+
+def full_parameters(model: nn.Module) -> dict[str, Tensor]:
+    """Every parameter whole, on the CPU (gathered from the ranks' shards under FSDP2)."""
+    params = {}
+    for name, param in model.named_parameters():
+        whole = param.full_tensor() if isinstance(param, DTensor) else param
+        params[name.removeprefix("module.")] = whole.detach().cpu()
+    return params
+
+
+def largest_difference(mine: dict[str, Tensor], reference: dict[str, Tensor]) -> float:
+    """max |mine - reference| over every parameter, relative to that parameter's largest entry."""
+    assert mine.keys() == reference.keys(), (sorted(mine), sorted(reference))
+    return max(
+        ((mine[name] - reference[name]).abs().max() / reference[name].abs().max()).item()
+        for name in reference
+    )
+
+
+def one_process_run(mixing: str, device: torch.device) -> dict[str, Tensor]:
+    """The reference: one process, no wrapper, trained on the whole global batches."""
+    model = make_model(mixing, mixing, device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    train(model, optimizer, iter(global_batches(device)), STEPS, lambda tensor: tensor)
+    return full_parameters(model)
+
+
+def shard_fully(model: nn.Sequential) -> nn.Sequential:
+    """FSDP2: each NanoMoE layer its own unit, then the root."""
+    for layer in model:
+        if isinstance(layer, nanomoe.NanoMoELinear):
+            fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def data_parallel(device: torch.device, wrap: Callable[[nn.Module], nn.Module]) -> dict:
+    """Per mixing: the largest relative parameter difference to one process after STEPS steps."""
+    differences = {}
+    for mixing in MIXINGS:
+        model = wrap(make_model(mixing, mixing, device))
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        train(model, optimizer, iter(global_batches(device)), STEPS, local_rows)
+        differences[mixing] = largest_difference(
+            full_parameters(model), one_process_run(mixing, device)
+        )
+    return differences
+
+
+def ddp(device: torch.device, out: Path) -> dict:
+    ids = [device.index] if device.type == "cuda" else None
+    return data_parallel(device, lambda model: DistributedDataParallel(model, device_ids=ids))
+
+
+def unsynchronized(device: torch.device, out: Path) -> dict:
+    """The control: every rank trains alone on its slice, so its parameters must land far from
+    one process's; a comparison that cannot see this could not see a broken all-reduce either."""
+    return data_parallel(device, lambda model: model)
+
+
+def fsdp(device: torch.device, out: Path) -> dict:
+    return data_parallel(device, shard_fully)
+
+
+CHECKPOINT_MIXINGS = ("diagonal_outer", "full")  # the two layers of the checkpointed model
+
+
+def checkpointed_training(device: torch.device) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The checkpoint jobs' model and optimizer: FSDP2 on several ranks, plain in one process."""
+    model = make_model(*CHECKPOINT_MIXINGS, device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        model = shard_fully(model)
+    return model, torch.optim.Adam(model.parameters(), lr=1e-2)
+
+
+def save(device: torch.device, out: Path) -> dict:
+    """Trains STEPS steps, saves a distributed checkpoint, trains STEPS more: the reference that
+    every load must reproduce."""
+    model, optimizer = checkpointed_training(device)
+    batches = iter(global_batches(device))
+    train(model, optimizer, batches, STEPS, local_rows)
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=out / "checkpoint")
+    train(model, optimizer, batches, STEPS, local_rows)
+    params = full_parameters(model)
+    if rank() == 0:
+        torch.save(params, out / "continued.pt")
+    return {"saved_by": world_size()}
+
+
+def load(device: torch.device, out: Path) -> dict:
+    """Loads the checkpoint into this job's world size, trains the second phase, and measures
+    how far that lands from the run that never stopped."""
+    model, optimizer = checkpointed_training(device)
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=out / "checkpoint", no_dist=not dist.is_initialized())
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
+    )
+    batches = iter(global_batches(device)[STEPS:])
+    train(model, optimizer, batches, STEPS, local_rows)
+    reference = torch.load(out / "continued.pt")
+    return {
+        "loaded_by": world_size(),
+        "difference": largest_difference(full_parameters(model), reference),
+    }
+
+
+def blocks(device: torch.device, out: Path) -> dict:
+    """Per mixing: two layers block-parallel (replicated input, features sharded between them,
+    replicated output) against the same layers whole. The largest relative difference of the
+    output, the input's gradient and every parameter's gradient."""
+    mesh = init_device_mesh(device.type, (world_size(),))
+    differences = {}
+    for mixing in MIXINGS:
+        whole = make_model(mixing, mixing, device, first_blocks=(4, 2))  # multiples of 2 ranks
+        sharded = copy.deepcopy(whole)
+        plan = {
+            "0": BlockParallel(input_layout=Replicate()),
+            "2": BlockParallel(output_layout=Replicate()),
+        }
+        parallelize_module(sharded, mesh, plan)
+        differences[mixing] = largest_difference(
+            forward_backward(sharded, device), forward_backward(whole, device)
+        )
+    try:  # 3 input blocks cannot be split over 2 ranks
+        parallelize_module(make_model("scalar", "scalar", device)[0], mesh, BlockParallel())
+        refusal = "none"
+    except ValueError as error:
+        refusal = str(error)
+    return {"differences": differences, "refusal": refusal}
+
+
+def forward_backward(model: nn.Module, device: torch.device) -> dict[str, Tensor]:
+    """The output, the input's gradient and the parameters' gradients (whole) of one batch."""
+    x = global_batches(device)[0][0].requires_grad_()
+    out = model(x)
+    out.square().sum().backward()
+    results = {"out": out.detach().cpu(), "grad_x": x.grad.cpu()}
+    for name, param in model.named_parameters():
+        grad = param.grad.full_tensor() if isinstance(param.grad, DTensor) else param.grad
+        results[name] = grad.cpu()
+    return results
+
+
+JOBS = {
+    "ddp": ddp,
+    "unsynchronized": unsynchronized,
+    "fsdp": fsdp,
+    "save": save,
+    "load": load,
+    "blocks": blocks,
+}
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("job", choices=JOBS)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--backend", choices=("gloo", "nccl"), default="gloo")
+    args = parser.parse_args()
+    device = torch.device("cpu")
+    if "WORLD_SIZE" in os.environ:  # launched by torchrun
+        if args.backend == "nccl":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        dist.init_process_group(args.backend)
+    try:
+        result = JOBS[args.job](device, args.out)
+        if rank() == 0:
+            (args.out / f"{args.job}.json").write_text(json.dumps(result))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
