@@ -9,6 +9,7 @@ The pieces, one module each:
 - ``tasks``: the training tasks (character-level transformer, digits MLP, teacher-student), each
   needing no download.
 - ``runner``: training, learning-rate tuning on held-out data, seeds, timing, memory.
+- ``data_parallel``: the same runs on several processes under ``torchrun`` (DDP).
 - ``report``: the table, JSON and plots.
 - ``cli``: ``nanomoe compare`` / ``python -m nanomoe compare``.
 """

@@ -3,6 +3,7 @@
 nanomoe compare                        # default: every task, budgets 1/4 1/8 1/16, 2 seeds
 nanomoe compare --full                 # larger models, longer training, 3 seeds
 nanomoe compare --tasks teacher --budget-kind flops --out results/flops
+torchrun --nproc-per-node 2 -m nanomoe compare   # data-parallel: the same results, per global batch
 """
 
 import argparse
@@ -13,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from nanomoe.compare import report
+from nanomoe.compare import data_parallel, report
 from nanomoe.compare.layers import LAYER_KINDS
 from nanomoe.compare.runner import Settings, compare
 from nanomoe.compare.tasks import TASKS, make_task
@@ -67,6 +68,7 @@ def machine() -> dict:
     return {
         "processor": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
+        "ranks": data_parallel.world_size(),
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
@@ -74,6 +76,14 @@ def machine() -> dict:
 
 def main(argv: Optional[list[str]] = None) -> None:
     args = parser().parse_args(argv)
+    data_parallel.start()
+    try:
+        run(args)
+    finally:
+        data_parallel.stop()
+
+
+def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     size = args.size or ("full" if args.full else "default")
     seeds = tuple(args.seeds or ((0, 1, 2) if args.full else (0, 1)))
@@ -91,14 +101,18 @@ def main(argv: Optional[list[str]] = None) -> None:
     tasks = [make_task(name, size) for name in args.tasks]
     metrics = {task.name: task.metric for task in tasks}
     higher_is_better = {task.name: task.higher_is_better for task in tasks}
-    args.out.mkdir(parents=True, exist_ok=True)
     json_path = args.out / "compare.json"
 
     def save(runs: list) -> None:  # after every task, so a long run leaves results as it goes
         rows = report.summarize(runs, metrics)
         report.write_json(json_path, settings, machine(), higher_is_better, runs, rows)
 
-    runs = compare(tasks, settings, on_task_done=save)
+    main_rank = data_parallel.is_main()  # the others train alongside it and report nothing
+    if main_rank:
+        args.out.mkdir(parents=True, exist_ok=True)
+    runs = compare(tasks, settings, on_task_done=save if main_rank else None)
+    if not main_rank:
+        return
     rows = report.summarize(runs, metrics)
     table = report.format_table(rows)
     print(table)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nanomoe.budget import Metric, check_metric, largest_rank
+from nanomoe.compare.data_parallel import global_mean
 from nanomoe.layers import uniform_with_variance_
 
 BALANCE_WEIGHT = 0.01  # Switch Transformers' coefficient
@@ -152,6 +153,10 @@ class RoutedMoE(nn.Module):
         self.pending_balance = None
         if self.training and tokens.shape[0] > 0:
             share = F.one_hot(chosen, self.experts).to(probs.dtype).mean((0, 1))
+            # Data-parallel: the shares of the whole global batch. The loss is then linear in
+            # this rank's mean probabilities, so DDP's average of the ranks' gradients is the
+            # gradient of the one-process loss.
+            share = global_mean(share)
             self.pending_balance = self.experts * (share * probs.mean(0)).sum()
         if self.bias is not None:
             out = out + self.bias

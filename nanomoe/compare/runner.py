@@ -19,9 +19,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from nanomoe.compare import LinearFactory
+from nanomoe.compare import LinearFactory, data_parallel
 from nanomoe.compare.layers import describe_layer, layer_factory
-from nanomoe.compare.moe import balance_loss
+from nanomoe.compare.moe import RoutedMoE, balance_loss
 from nanomoe.compare.tasks import Task
 
 CURVE_POINTS = 50  # training-loss samples kept per run, for the loss-curve plot
@@ -117,11 +117,15 @@ def train(
     seed: int,
     steps: int,
 ) -> Run:
-    """Trains one model of a configuration (kind, budget, factory) from scratch and measures it."""
+    """Trains one model of a configuration (kind, budget, factory) from scratch and measures it.
+
+    Under torchrun, each rank trains on its slice of every global batch (``data_parallel``)."""
     kind, budget, factory = config
     recorder = RecordingFactory(factory)
     torch.manual_seed(seed)
     model = task.build(recorder, seed)
+    routed = any(isinstance(module, RoutedMoE) for module in model.modules())
+    trained = data_parallel.wrap(model, unused_parameters=routed)
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
     batches = task.train_batches(seed)
     losses: list[float] = []
@@ -136,11 +140,11 @@ def train(
         batch = next(batches)
         first_batch = first_batch or batch
         model.train()
-        loss = task.loss(model, *batch)
+        loss = task.loss(trained, *data_parallel.local_slice(batch))
         optimizer.zero_grad(set_to_none=True)
         (loss + balance_loss(model)).backward()
         optimizer.step()
-        losses.append(loss.item())
+        losses.append(data_parallel.global_mean_value(loss.item()))
         if step % every == 0 or step == steps - 1:
             curve.append((step + 1, losses[-1]))
     elapsed = time.perf_counter() - started
@@ -162,7 +166,7 @@ def train(
         val=task.evaluate(model, "val"),
         test=task.evaluate(model, "test"),
         step_ms=1e3 * elapsed / max(1, steps - warmup),
-        memory_mib=memory_mib(task, model, first_batch),
+        memory_mib=memory_mib(task, model, first_batch),  # one process's, for the global batch
         curve=curve,
     )
 
@@ -259,7 +263,8 @@ def compare_task(task: Task, settings: Settings, progress: Optional[tqdm] = None
             tuning.append((labelled_run(task, config, rate, first, steps, progress), config))
         if not tuning:
             message = f"{task.name}: no {kind} structure fits {budget:g} of the dense layers"
-            tqdm.write(f"{message}; left out")
+            if data_parallel.is_main():
+                tqdm.write(f"{message}; left out")
             if progress is not None:
                 progress.update(len(settings.seeds) - 1)
             continue
@@ -279,7 +284,11 @@ def compare(
 ) -> list[Run]:
     """The whole comparison, with a progress bar over every training run."""
     runs: list[Run] = []
-    with tqdm(total=run_count(settings, len(tasks)), desc="training", unit="run") as progress:
+    for task in tasks:
+        data_parallel.check_batch(task.batch_size, task.name)
+    total = run_count(settings, len(tasks))
+    quiet = not data_parallel.is_main()
+    with tqdm(total=total, desc="training", unit="run", disable=quiet) as progress:
         for task in tasks:
             task_runs = compare_task(task, settings, progress)
             runs += task_runs
