@@ -21,9 +21,10 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor.debug import CommDebugMode
 from torch.distributed.tensor.parallel import parallelize_module
 from torch.nn.parallel import DistributedDataParallel
 
@@ -211,7 +212,22 @@ def blocks(device: torch.device, out: Path) -> dict:
         refusal = "none"
     except ValueError as error:
         refusal = str(error)
-    return {"differences": differences, "refusal": refusal}
+    return {"differences": differences, "refusal": refusal, "collectives": collectives(mesh)}
+
+
+def collectives(mesh: DeviceMesh) -> dict[str, dict[str, int]]:
+    """The collectives of one block-parallel layer between sharded features (forward, backward)."""
+    layer = nanomoe.NanoMoELinear(IN, HIDDEN, rank=4, num_blocks=(4, 2), device=mesh.device_type)
+    parallelize_module(layer, mesh, BlockParallel())
+    x = torch.randn(3, 5, IN // world_size(), device=mesh.device_type, requires_grad=True)
+    counts = {}
+    with CommDebugMode() as forward:
+        out = layer(x)
+    with CommDebugMode() as backward:
+        out.sum().backward()
+    for name, mode in (("forward", forward), ("backward", backward)):
+        counts[name] = {str(op).split(".")[-1]: n for op, n in mode.get_comm_counts().items()}
+    return counts
 
 
 def forward_backward(model: nn.Module, device: torch.device) -> dict[str, Tensor]:

@@ -20,6 +20,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 JOBS = Path(__file__).with_name("distributed_jobs.py")
+EXAMPLE = Path(__file__).parents[1] / "examples" / "train_distributed.py"
 TIMEOUT_S = 300  # a hung collective fails the test instead of the whole CI run
 # Relative parameter difference to one process: float32 rounding of a differently ordered sum.
 TOLERANCE = 1e-5
@@ -33,16 +34,21 @@ BACKENDS = [
 ]
 
 
-def launch(job: str, out: Path, ranks: int = 2, backend: str = "gloo") -> dict:
-    """Runs a job on ``ranks`` processes (torchrun), or on one without a process group."""
-    if ranks == 1:
-        command = [sys.executable, str(JOBS), job, str(out)]
-    else:
+def run(script: Path, args: list[str], ranks: int) -> str:
+    """Runs a script on ``ranks`` processes (torchrun), or on one without a process group; its
+    standard output."""
+    command = [sys.executable, str(script), *args]
+    if ranks > 1:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-        command = [*launcher, f"--nproc-per-node={ranks}", str(JOBS), job, str(out)]
-        command += ["--backend", backend]
+        command = [*launcher, f"--nproc-per-node={ranks}", str(script), *args]
     done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def launch(job: str, out: Path, ranks: int = 2, backend: str = "gloo") -> dict:
+    """Runs a job of tests/distributed_jobs.py; what it measured."""
+    run(JOBS, [job, str(out), *(["--backend", backend] if ranks > 1 else [])], ranks)
     return json.loads((out / f"{job}.json").read_text())
 
 
@@ -84,6 +90,12 @@ def test_block_parallel_layers_equal_the_whole_ones(backend: str, tmp_path: Path
         assert difference < TOLERANCE, (mixing, difference)
     assert "num_blocks=(4, 3)" in result["refusal"], result["refusal"]
     assert "multiples of 2" in result["refusal"], result["refusal"]
+    # Between sharded features, the layer's only communication: the hidden features' all-gather
+    # and, backward, its reduce-scatter.
+    assert result["collectives"] == {
+        "forward": {"all_gather_into_tensor": 1},
+        "backward": {"reduce_scatter_tensor": 1},
+    }
 
 
 @pytest.mark.parametrize("layout", [Shard(0), Shard(1), Partial()])
@@ -92,3 +104,16 @@ def test_block_parallel_takes_only_feature_shards_or_replicas(layout: Placement)
         BlockParallel(input_layout=layout)
     with pytest.raises(ValueError, match="output_layout"):
         BlockParallel(output_layout=layout)
+
+
+def test_the_example_resumes_an_fsdp2_checkpoint_in_one_process(tmp_path: Path):
+    """examples/train_distributed.py as the README runs it: FSDP2 in bfloat16 on 2 ranks saves,
+    one process resumes, block parallelism on 2 ranks resumes that."""
+    checkpoint = ["--checkpoint", str(tmp_path / "checkpoint"), "--batch", "8"]
+    small = ["--rank", "4", "--num-blocks", "4", *checkpoint]
+    first = run(EXAMPLE, ["--parallel", "fsdp2", "--bf16", "--steps", "3", *small], ranks=2)
+    assert "step 3: loss" in first and "saved" in first
+    second = run(EXAMPLE, ["--steps", "2", *small], ranks=1)
+    assert "at step 3" in second and "step 5: loss" in second
+    third = run(EXAMPLE, ["--parallel", "blocks", "--steps", "2", *small], ranks=2)
+    assert "at step 5" in third and "step 7: loss" in third
