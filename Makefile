@@ -8,11 +8,12 @@ TORCH_VERSION := 2.13.0
 DEPS := $(VENV)/.deps-$(TORCH_VERSION)-4
 BUILT := $(VENV)/.built
 CPP_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
-EXAMPLE_SOURCES := $(wildcard examples/cpp/*.cpp examples/cpp/*.h)
+# C++ outside the library: the example programs and the sanitizer driver.
+PROGRAM_SOURCES := $(wildcard examples/cpp/*.cpp examples/cpp/*.h tests/cpp/*.cpp)
 NVCC ?= $(shell command -v nvcc 2>/dev/null)
 export MAX_JOBS ?= 2
 
-.PHONY: demo test build lint format cuda-check deploy-check bench clean
+.PHONY: demo test build lint format cuda-check deploy-check sanitize bench clean
 
 # The main job: NanoMoE against dense, low-rank, Monarch and a routed MoE at equal parameters on
 # four tasks (616 training runs, about 30 minutes on 2 cores); the table, JSON and plots land in
@@ -23,6 +24,7 @@ demo: $(BUILT)
 test: lint cuda-check $(BUILT)
 	$(PY) -m pytest tests
 	$(MAKE) deploy-check
+	$(MAKE) sanitize
 
 build: $(BUILT)
 
@@ -41,12 +43,12 @@ $(BUILT): $(DEPS) setup.py pyproject.toml $(CPP_SOURCES)
 lint: $(DEPS)
 	$(VENV)/bin/ruff check nanomoe tests benchmarks examples setup.py
 	$(VENV)/bin/ruff format --check nanomoe tests benchmarks examples setup.py
-	$(VENV)/bin/clang-format --dry-run --Werror $(filter %.cpp %.h %.cu %.cuh,$(CPP_SOURCES)) $(EXAMPLE_SOURCES)
+	$(VENV)/bin/clang-format --dry-run --Werror $(filter %.cpp %.h %.cu %.cuh,$(CPP_SOURCES)) $(PROGRAM_SOURCES)
 
 format: $(DEPS)
 	$(VENV)/bin/ruff format nanomoe tests benchmarks examples setup.py
 	$(VENV)/bin/ruff check --fix nanomoe tests benchmarks examples setup.py
-	$(VENV)/bin/clang-format -i $(filter %.cpp %.h %.cu %.cuh,$(CPP_SOURCES)) $(EXAMPLE_SOURCES)
+	$(VENV)/bin/clang-format -i $(filter %.cpp %.h %.cu %.cuh,$(CPP_SOURCES)) $(PROGRAM_SOURCES)
 
 # Compile-only check of the CUDA code, so it never rots on machines without a GPU: every kernel
 # (.cu, CUDA headers only) with nvcc for sm_80 and sm_90 and the macros torch's build passes; then
@@ -86,6 +88,19 @@ deploy-check: $(BUILT)
 	  -DPython3_EXECUTABLE=$(CURDIR)/$(PY) >/dev/null
 	cmake --build build/example -j $(MAX_JOBS)
 	ctest --test-dir build/example --output-on-failure
+
+# The CPU kernels under AddressSanitizer and UndefinedBehaviorSanitizer: the op library and a C++
+# driver (tests/cpp/sanitize_kernels.cpp) built with both, run with the kernels this CPU picks and
+# again with AMX off. Any report aborts the run. Leak checks stay on: libtorch's own allocations
+# are reachable at exit, so a report is ours.
+SANITIZE_ENV := ASAN_OPTIONS=abort_on_error=1:strict_string_checks=1:detect_stack_use_after_return=1 \
+  UBSAN_OPTIONS=print_stacktrace=1
+sanitize: $(DEPS)
+	cmake -S . -B build/sanitize -DCMAKE_BUILD_TYPE=Release -DNANOMOE_SANITIZE=ON -DNANOMOE_CUDA=OFF \
+	  -DCMAKE_PREFIX_PATH="$(TORCH_PREFIX)" >/dev/null
+	cmake --build build/sanitize -j $(MAX_JOBS) --target sanitize_kernels
+	$(SANITIZE_ENV) build/sanitize/sanitize_kernels
+	$(SANITIZE_ENV) NANOMOE_AMX=0 build/sanitize/sanitize_kernels
 
 bench: $(BUILT)
 	$(PY) benchmarks/speed.py
