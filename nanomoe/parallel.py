@@ -135,6 +135,15 @@ class BlockParallelNanoMoELinear(NanoMoELinear):
         out = out.redistribute(self.device_mesh, [output_layout])
         return out.to_local() if use_local_output else out
 
+    @torch.jit.unused
+    def to_dense(self) -> Tensor:
+        """The whole equivalent ``(out_features, in_features)`` weight, on every rank."""
+        whole = [_whole(t) for t in (self.down, self.mix, self.up, self.mix_left, self.mix_right)]
+        down, mix, up, mix_left, mix_right = whole
+        assert down is not None and mix is not None and up is not None
+        eye = torch.eye(self.in_features, dtype=down.dtype, device=down.device)
+        return nanomoe_linear(eye, down, mix, up, None, mix_left, mix_right).T
+
     def _gathered_hidden(self, features: Tensor) -> Tensor:
         """``(..., K_in, r)``: every input block's hidden features, from this rank's input slice."""
         down = _local(self.down)
@@ -155,6 +164,10 @@ class BlockParallelNanoMoELinear(NanoMoELinear):
 
 def _local(param: Optional[Tensor]) -> Optional[Tensor]:
     return param.to_local() if isinstance(param, DTensor) else param
+
+
+def _whole(param: Optional[Tensor]) -> Optional[Tensor]:
+    return param.full_tensor() if isinstance(param, DTensor) else param
 
 
 def _is_feature_shard(layout: Placement) -> bool:

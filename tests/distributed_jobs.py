@@ -236,6 +236,8 @@ def forward_backward(model: nn.Module, device: torch.device) -> dict[str, Tensor
     out = model(x)
     out.square().sum().backward()
     results = {"out": out.detach().cpu(), "grad_x": x.grad.cpu()}
+    for index in (0, 2):
+        results[f"{index}.to_dense"] = model[index].to_dense().detach().cpu()
     for name, param in model.named_parameters():
         grad = param.grad.full_tensor() if isinstance(param.grad, DTensor) else param.grad
         results[name] = grad.cpu()
