@@ -118,6 +118,26 @@ def test_kernel_tile_edges(tokens: int, mixing: str, dtype: torch.dtype) -> None
         assert_close_to(run(case), reference64(case), dtype, label, scale)
 
 
+# Up to 16 tokens the weights are read in place. On AMX (bfloat16), each 16 weight rows are the
+# tile unit's first operand and the tokens, their feature pairs side by side, its second: rows past
+# the last 16 take dot products, segments (the full gate: one per input block) are summed apart,
+# depths end mid-tile, and an odd-length segment keeps the dot products for the whole block.
+@pytest.mark.parametrize("tokens", [1, 2, 3, 8, 15, 16])
+@pytest.mark.parametrize("mixing", MIXINGS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_few_tokens_read_weights_in_place(tokens: int, mixing: str, dtype: torch.dtype) -> None:
+    shapes = [(2, 3, 40, 17, 16), (1, 1, 34, 70, 36), (4, 4, 30, 32, 18), (2, 2, 96, 48, 64)]
+    for k_out, k_in, n_b, m_b, rank in [*shapes, (2, 2, 33, 16, 16)]:
+        case = make_case((tokens,), k_out, k_in, n_b, m_b, rank, mixing, dtype)
+        # Also with up scaled down (by a power of 2: exact) until the bias dominates the output,
+        # so that a bias added to the wrong rows shows above bfloat16's rounding of the products.
+        for up_scale in (1.0, 2.0**-12):
+            case.up = case.up * up_scale
+            scale = reference64(magnitude(case))
+            label = f"{mixing} {dtype} tokens={tokens} n_b={n_b} m_b={m_b} rank={rank} {up_scale}"
+            assert_close_to(run(case), reference64(case), dtype, label, scale)
+
+
 @pytest.mark.parametrize("tokens", [3, 16, 200, 1001])
 @pytest.mark.parametrize("mixing", MIXINGS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -10,6 +10,7 @@
 #include <ATen/ops/empty.h>
 
 #include <optional>
+#include <type_traits>
 
 #include "gate.h"
 #include "gate_tile.h"
@@ -58,37 +59,73 @@ void for_each_row_task(int64_t blocks, int64_t rows, const F& fn) {
   });
 }
 
+// A few tokens' rows: block b's input at in.data + b * in_block (every block's the same when 0),
+// its output at out.data + b * out_block, row c of block b adding bias[b * rows + c].
+template <typename T>
+struct BlockRows {
+  T* data;
+  int64_t block, stride;
+};
+
+// out_b = in_b W_b^T for every block b (W_b = rows_of(b)), in tasks of kRowsPerTask weight rows.
+// bfloat16 on AMX: each distinct block input is packed once, before the tasks.
+template <typename T, typename RowsOf>
+void project_blocks(int64_t tokens, int64_t blocks, BlockRows<const T> in, const RowsOf& rows_of,
+                    const float* bias, BlockRows<T> out) {
+  const int64_t rows = rows_of(0).rows;
+  Tensor packed;
+  int64_t packed_block = 0;
+  if constexpr (std::is_same_v<T, uint16_t>) {
+    if (projection::rows_on_amx(tokens, rows_of(0))) {
+      const int64_t inputs = in.block == 0 ? 1 : blocks, depth = rows_of(0).depth();
+      packed_block = projection::rows_input_size(rows_of(0));
+      packed = at::empty({inputs * packed_block}, at::TensorOptions().dtype(at::kBFloat16));
+      for (int64_t b = 0; b < inputs; ++b) {
+        projection::pack_rows_input(tokens, in.data + b * in.block, in.stride, depth,
+                                    Layer<c10::BFloat16>::data(packed) + b * packed_block);
+      }
+    }
+  }
+  for_each_row_task(blocks, rows, [&](int64_t b, int64_t first, int64_t last) {
+    const T* in_b = in.data + b * in.block;
+    const auto w = row_range(rows_of(b), first, last);
+    const float* bias_b = bias ? bias + b * rows + first : nullptr;
+    T* out_b = out.data + b * out.block + first;
+    if constexpr (std::is_same_v<T, uint16_t>) {
+      if (packed.defined()) {
+        const T* packed_b = Layer<c10::BFloat16>::data(packed) + (in.block ? b : 0) * packed_block;
+        projection::project_rows(tokens, packed_b, in_b, in.stride, w, bias_b, out_b, out.stride);
+        return;
+      }
+    }
+    projection::project_rows(tokens, in_b, in.stride, w, bias_b, out_b, out.stride);
+  });
+}
+
 template <typename scalar_t>
 void few_tokens(const Layer<scalar_t>& layer, const std::optional<Gate<scalar_t>>& gate,
                 const Tensor& x_rows, const float* bias, Tensor& hidden, Tensor& mixed,
                 Tensor& out) {
   using T = typename Layer<scalar_t>::T;
   const LinearDims& d = layer.d;
-  const int64_t tokens = d.tokens, r = d.rank, x_stride = x_rows.stride(0);
+  const int64_t tokens = d.tokens, r = d.rank;
   const T* x = Layer<scalar_t>::data(x_rows);
   T* hid = Layer<scalar_t>::data(hidden);
   T* mid = Layer<scalar_t>::data(mixed);
   T* y = Layer<scalar_t>::data(out);
-  for_each_row_task(d.in_blocks, r, [&](int64_t j, int64_t first, int64_t last) {
-    projection::project_rows(tokens, x + j * d.in_block, x_stride,
-                             row_range(layer.down_rows(j), first, last), nullptr,
-                             hid + j * r + first, layer.hidden_row());
-  });
+  const auto down_rows = [&](int64_t j) { return layer.down_rows(j); };
+  project_blocks<T>(tokens, d.in_blocks, {x, d.in_block, x_rows.stride(0)}, down_rows, nullptr,
+                    {hid, r, layer.hidden_row()});
   if (gate) {
     gate_tile::mix(gate->rows, hid, mid, tokens);
-  } else {
-    for_each_row_task(d.out_blocks, r, [&](int64_t i, int64_t first, int64_t last) {
-      projection::project_rows(tokens, hid, layer.hidden_row(),
-                               row_range(layer.full_rows(i), first, last), nullptr,
-                               mid + i * r + first, layer.mixed_row());
-    });
+  } else {  // every output block reads the whole hidden row
+    const auto full_rows = [&](int64_t i) { return layer.full_rows(i); };
+    project_blocks<T>(tokens, d.out_blocks, {hid, 0, layer.hidden_row()}, full_rows, nullptr,
+                      {mid, r, layer.mixed_row()});
   }
-  for_each_row_task(d.out_blocks, d.out_block, [&](int64_t i, int64_t first, int64_t last) {
-    projection::project_rows(tokens, mid + i * r, layer.mixed_row(),
-                             row_range(layer.up_rows(i), first, last),
-                             bias ? bias + i * d.out_block + first : nullptr,
-                             y + i * d.out_block + first, d.out_features);
-  });
+  const auto up_rows = [&](int64_t i) { return layer.up_rows(i); };
+  project_blocks<T>(tokens, d.out_blocks, {mid, r, layer.mixed_row()}, up_rows, bias,
+                    {y, d.out_block, d.out_features});
 }
 
 template <typename scalar_t>

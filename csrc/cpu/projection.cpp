@@ -359,18 +359,18 @@ AmxRows amx_rows_of(const T* in, int64_t in_stride) {
   return {};
 }
 
-// dst row c (at dst + c * dst_stride) = column c of src by steps, its pairs side by side: a
-// transpose of 32-bit pairs, 16 x 16 at a time, src's `pairs` pair rows (at src + 2 q *
-// src_stride) by `cols` columns.
+// dst row c (at dst + c * dst_stride) = column c of src, its pairs side by side: a transpose of
+// 32-bit pairs, 16 x 16 at a time, src's `pairs` rows of pairs (row q at src + q * src_row) by
+// `cols` columns. Only the pairs < `pairs` of each dst row are written.
 NANOMOE_AVX512 void transpose_pairs(int64_t pairs, int64_t cols, const uint16_t* src,
-                                    int64_t src_stride, uint16_t* dst, int64_t dst_stride) {
+                                    int64_t src_row, uint16_t* dst, int64_t dst_stride) {
   for (int64_t q0 = 0; q0 < pairs; q0 += 16) {
     for (int64_t c0 = 0; c0 < cols; c0 += 16) {
       const __mmask16 in_cols = first_lanes(cols - c0);
       __m512i row[16], half[16], quarter[16];
       for (int i = 0; i < 16; ++i) {
         row[i] = q0 + i < pairs
-                     ? _mm512_maskz_loadu_epi32(in_cols, src + (q0 + i) * 2 * src_stride + 2 * c0)
+                     ? _mm512_maskz_loadu_epi32(in_cols, src + (q0 + i) * src_row + 2 * c0)
                      : _mm512_setzero_si512();
       }
       // In 128-bit lane L of quarter[4 g + e]: element 4 L + e of rows 4 g .. 4 g + 3.
@@ -414,7 +414,7 @@ AmxRows amx_rows_of(int64_t depth, Steps<uint16_t> a, int64_t a_cols, int64_t b_
   thread_local std::vector<uint16_t> buffer;
   const int64_t pairs = (depth + 1) / 2, stride = (pairs + 15) / 16 * 32;
   if (static_cast<int64_t>(buffer.size()) < a_cols * stride) buffer.resize(a_cols * stride);
-  transpose_pairs(pairs, a_cols, a.data, a.stride, buffer.data(), stride);
+  transpose_pairs(pairs, a_cols, a.data, 2 * a.stride, buffer.data(), stride);  // a pair per step
   return {buffer.data(), stride};
 }
 AmxRows amx_rows_of(int64_t, Steps<float>, int64_t, int64_t) {
@@ -433,6 +433,62 @@ void project_dot_rows(int64_t tokens, const T* in, int64_t in_stride, const Weig
       kDot[std::min<int64_t>(kDotTokens, tokens - t) - 1](in + t * in_stride, in_stride, w, c0,
                                                           bias, out + t * out_stride, out_stride);
     }
+  }
+}
+
+// The weight rows' leading multiple of 16 on AMX: the rows as the tile unit's first operand, read
+// in place, the packed input as its second (its columns are the tokens); the sums of each 16 rows
+// transposed back to tokens x rows. The remaining rows take the dot products.
+NANOMOE_AVX512 void project_rows_on_amx(int64_t tokens, const uint16_t* packed, const uint16_t* in,
+                                        int64_t in_stride, const WeightRows<uint16_t>& w,
+                                        const float* bias, uint16_t* out, int64_t out_stride) {
+  constexpr int64_t kRows = 16, kPairRow = 2 * amx::kCols;
+  const int64_t whole = w.rows / kRows * kRows;
+  if (whole > 0) {
+    const amx::Tiles tiles;
+    alignas(64) float total[kRows * amx::kCols], segment[kRows * amx::kCols];
+    alignas(64) float by_token[kRowsTokensOnAmx * kRows];
+    for (int64_t c0 = 0; c0 < whole; c0 += kRows) {
+      for (int64_t s = 0; s < w.segments; ++s) {
+        const uint16_t* rows = w.data + c0 * w.row_stride + s * w.segment_stride;
+        // Segment s's input pairs follow the s * segment_len / 2 pair rows of those before it.
+        amx::product(kRows, rows, w.row_stride, packed + s * w.segment_len * amx::kCols, kPairRow,
+                     w.segment_len, s == 0 ? total : segment);
+        for (int64_t i = 0; s > 0 && i < kRows * amx::kCols; i += 16) {
+          _mm512_store_ps(total + i,
+                          _mm512_add_ps(_mm512_load_ps(total + i), _mm512_load_ps(segment + i)));
+        }
+      }
+      transpose_pairs(kRows, tokens, reinterpret_cast<const uint16_t*>(total), kPairRow,
+                      reinterpret_cast<uint16_t*>(by_token), 2 * kRows);
+      const __m512 add = bias ? _mm512_loadu_ps(bias + c0) : _mm512_setzero_ps();
+      for (int64_t t = 0; t < tokens; ++t) {
+        store_lanes(out + t * out_stride + c0, first_lanes(kRows),
+                    _mm512_add_ps(_mm512_load_ps(by_token + t * kRows), add));
+      }
+    }
+  }
+  if (whole < w.rows) {
+    WeightRows<uint16_t> rest = w;
+    rest.data += whole * w.row_stride;
+    rest.rows -= whole;
+    project_dot_rows(tokens, in, in_stride, rest, bias ? bias + whole : nullptr, out + whole,
+                     out_stride);
+  }
+}
+
+// packed pair row p, column t: the pair (in[t, 2p], in[t, 2p + 1]); zeros in the columns of no
+// token.
+NANOMOE_AVX512 void pack_input_pairs(int64_t tokens, const uint16_t* in, int64_t in_stride,
+                                     int64_t depth, uint16_t* packed) {
+  constexpr int64_t kPairRow = 2 * amx::kCols;
+  const int64_t pairs = depth / 2;
+  transpose_pairs(tokens, pairs, in, in_stride, packed, kPairRow);
+  const __mmask32 no_token = ~((__mmask32(1) << tokens) - 1);
+  for (int64_t p = 0; p < pairs; ++p) {
+    _mm512_mask_storeu_epi32(packed + p * kPairRow, __mmask16(no_token), _mm512_setzero_si512());
+    _mm512_mask_storeu_epi32(packed + p * kPairRow + amx::kCols, __mmask16(no_token >> 16),
+                             _mm512_setzero_si512());
   }
 }
 
@@ -584,6 +640,23 @@ void project_rows(int64_t tokens, const uint16_t* in, int64_t in_stride,
   project_dot_rows(tokens, in, in_stride, w, bias, out, out_stride);
 }
 
+bool rows_on_amx(int64_t tokens, const WeightRows<uint16_t>& w) {
+  return tokens >= kRowsMinTokensOnAmx && tokens <= kRowsTokensOnAmx && w.rows >= 16 &&
+         w.segment_len % 2 == 0 && amx::available();
+}
+int64_t rows_input_size(const WeightRows<uint16_t>& w) {
+  return w.depth() * amx::kCols;
+}
+void pack_rows_input(int64_t tokens, const uint16_t* in, int64_t in_stride, int64_t depth,
+                     uint16_t* packed) {
+  pack_input_pairs(tokens, in, in_stride, depth, packed);
+}
+void project_rows(int64_t tokens, const uint16_t* packed, const uint16_t* in, int64_t in_stride,
+                  const WeightRows<uint16_t>& w, const float* bias, uint16_t* out,
+                  int64_t out_stride) {
+  project_rows_on_amx(tokens, packed, in, in_stride, w, bias, out, out_stride);
+}
+
 }  // namespace nanomoe::cpu::projection
 
 #else  // not x86-64: the callers take ATen's path, so the kernels are never reached
@@ -623,6 +696,19 @@ void project_rows(int64_t, const float*, int64_t, const WeightRows<float>&, cons
 }
 void project_rows(int64_t, const uint16_t*, int64_t, const WeightRows<uint16_t>&, const float*,
                   uint16_t*, int64_t) {
+  std::abort();
+}
+bool rows_on_amx(int64_t, const WeightRows<uint16_t>&) {
+  return false;
+}
+int64_t rows_input_size(const WeightRows<uint16_t>&) {
+  std::abort();
+}
+void pack_rows_input(int64_t, const uint16_t*, int64_t, int64_t, uint16_t*) {
+  std::abort();
+}
+void project_rows(int64_t, const uint16_t*, const uint16_t*, int64_t, const WeightRows<uint16_t>&,
+                  const float*, uint16_t*, int64_t) {
   std::abort();
 }
 int64_t paired_size(int64_t, int64_t) {

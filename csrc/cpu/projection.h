@@ -93,4 +93,20 @@ void project_rows(int64_t tokens, const uint16_t* in, int64_t in_stride,
                   const WeightRows<uint16_t>& w, const float* bias, uint16_t* out,
                   int64_t out_stride);
 
+// project_rows on AMX, for bfloat16 where rows_on_amx says: the weight rows are the tile unit's
+// first operand, read in place, and the input its second, packed once per call and input by
+// pack_rows_input (rows_input_size(w) elements), its pairs of features side by side per token.
+// From kRowsMinTokensOnAmx tokens (below, the tile's columns would be mostly empty) to
+// kRowsTokensOnAmx; each segment of w must have an even length. `in` is read too, by the dot
+// products that take the rows past the last multiple of 16.
+constexpr int64_t kRowsMinTokensOnAmx = 2;
+constexpr int64_t kRowsTokensOnAmx = 16;
+bool rows_on_amx(int64_t tokens, const WeightRows<uint16_t>& w);
+int64_t rows_input_size(const WeightRows<uint16_t>& w);
+void pack_rows_input(int64_t tokens, const uint16_t* in, int64_t in_stride, int64_t depth,
+                     uint16_t* packed);
+void project_rows(int64_t tokens, const uint16_t* packed, const uint16_t* in, int64_t in_stride,
+                  const WeightRows<uint16_t>& w, const float* bias, uint16_t* out,
+                  int64_t out_stride);
+
 }  // namespace nanomoe::cpu::projection
