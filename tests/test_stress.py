@@ -62,13 +62,15 @@ def forward_and_grads(case: Case, grad_out: torch.Tensor) -> dict:
 
 
 def random_calls(count: int, seed: int) -> list[tuple[Case, torch.Tensor]]:
-    """Different layers, dtypes and token counts, each with its gradient of the output."""
+    """Different layers, dtypes and token counts, each with its gradient of the output: a few
+    blocks at rank 18 and many at rank 4 (whose gates mix by block, with per-thread buffers)."""
     generator = torch.Generator().manual_seed(seed)
     calls = []
     for i in range(count):
         mixing, dtype, tokens = MIXINGS[i % 4], KERNEL_DTYPES[i // 4 % 2], TOKENS[i % 3]
-        case = make_case((tokens,), 3, 2, 20, 24, 18, mixing, dtype, True, generator)
-        grad_out = torch.randn(tokens, 72, generator=generator).to(dtype)
+        k_out, k_in, n_b, m_b, rank = (3, 2, 20, 24, 18) if i // 8 % 2 else (16, 16, 3, 2, 4)
+        case = make_case((tokens,), k_out, k_in, n_b, m_b, rank, mixing, dtype, True, generator)
+        grad_out = torch.randn(tokens, k_out * m_b, generator=generator).to(dtype)
         calls.append((case, grad_out))
     return calls
 
@@ -79,7 +81,7 @@ def assert_same(got: dict, expected: dict, what: str) -> None:
 
 
 def test_four_python_threads_at_once_get_the_serial_results() -> None:
-    calls = [random_calls(12, seed) for seed in range(4)]
+    calls = [random_calls(16, seed) for seed in range(4)]
     expected = [[forward_and_grads(*call) for call in thread_calls] for thread_calls in calls]
     results: list[list[dict]] = [[] for _ in calls]
     start = threading.Barrier(len(calls))
