@@ -3,7 +3,7 @@ block counts, ranks, all four gates, dtypes and memory layouts of every tensor (
 sliced, offset, broadcast by stride 0), drawn by hypothesis.
 
 CI runs the "default" profile: a fixed set of 100 examples (derandomized), about 15 s on 2 cores.
-The larger run draws 1500 fresh ones (about 3 minutes):
+The larger run draws 1500 fresh ones (about 1.5 minutes):
 
     pytest tests/test_fuzz.py --hypothesis-profile=thorough
 
