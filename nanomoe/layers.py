@@ -142,7 +142,7 @@ class NanoMoELinear(nn.Module):
         # block count or variant differs in several at once, so also say which layer the checkpoint
         # holds (read off its shapes) and which one it is loaded into. Keys that are missing or
         # unexpected alone (a variant with or without mix_left, a bias or none) torch names itself,
-        # and fails on them only under strict, which this method cannot see.
+        # and fails on them only under strict, which this method cannot see (torch passes it True).
         errors = len(error_msgs)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
