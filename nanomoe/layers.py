@@ -1,7 +1,7 @@
 """``NanoMoELinear`` and ``LowRankLinear``: drop-in replacements for ``nn.Linear``."""
 
 import math
-from typing import Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -123,13 +123,37 @@ class NanoMoELinear(nn.Module):
         ).T
 
     def extra_repr(self) -> str:
-        k_out, k_in = self.num_blocks
-        blocks = f"{k_out}" if k_out == k_in else f"({k_out}, {k_in})"
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"rank={self.rank}, num_blocks={blocks}, mixing={self.mixing!r}, "
-            f"bias={self.bias is not None}"
+        has_bias = self.bias is not None
+        return _describe(
+            self.in_features, self.out_features, self.rank, self.num_blocks, self.mixing, has_bias
         )
+
+    def _load_from_state_dict(
+        self,
+        state_dict: Mapping[str, Any],
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # torch names each tensor whose shape differs, with both shapes; a layer of another rank,
+        # block count or variant differs in several at once, so also say which layer the checkpoint
+        # holds (read off its shapes) and which one it is loaded into. Keys that are missing or
+        # unexpected alone (a variant with or without mix_left, a bias or none) torch names itself,
+        # and fails on them only under strict, which this method cannot see (torch passes it True).
+        errors = len(error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        saved = _saved_layer(state_dict, prefix)
+        if len(error_msgs) > errors and saved is not None and saved != self.extra_repr():
+            where = f" {prefix[:-1]!r}" if prefix else ""
+            error_msgs.append(
+                f"the checkpoint holds a NanoMoELinear({saved}), but this layer{where} is "
+                f"NanoMoELinear({self.extra_repr()})"
+            )
 
 
 class LowRankLinear(nn.Module):
@@ -211,6 +235,40 @@ def _resolve_size(
         in_features, out_features, limit, num_blocks, mixing, bias, metric
     )
     return rank, num_blocks
+
+
+def _describe(
+    in_features: int,
+    out_features: int,
+    rank: int,
+    num_blocks: tuple[int, int],
+    mixing: str,
+    bias: bool,
+) -> str:
+    """NanoMoELinear's configuration as its repr shows it."""
+    k_out, k_in = num_blocks
+    blocks = f"{k_out}" if k_out == k_in else f"({k_out}, {k_in})"
+    return (
+        f"in_features={in_features}, out_features={out_features}, rank={rank}, "
+        f"num_blocks={blocks}, mixing={mixing!r}, bias={bias}"
+    )
+
+
+def _saved_layer(state_dict: Mapping[str, Any], prefix: str) -> Optional[str]:
+    """The configuration of the NanoMoELinear a checkpoint was saved from, read off its tensors'
+    shapes (SPEC section 3); None where they do not describe one."""
+    down, mix, up = (state_dict.get(prefix + name) for name in ("down", "mix", "up"))
+    if not (isinstance(down, Tensor) and isinstance(mix, Tensor) and isinstance(up, Tensor)):
+        return None
+    if down.dim() != 3 or up.dim() != 3 or not 2 <= mix.dim() <= 4:
+        return None
+    (k_in, rank, n_b), (k_out, m_b, _) = down.shape, up.shape
+    if mix.dim() == 3:
+        mixing = "diagonal_outer" if prefix + "mix_left" in state_dict else "diagonal"
+    else:
+        mixing = "scalar" if mix.dim() == 2 else "full"
+    bias = prefix + "bias" in state_dict
+    return _describe(k_in * n_b, k_out * m_b, rank, (k_out, k_in), mixing, bias)
 
 
 def uniform_with_variance_(tensor: Tensor, variance: float) -> None:
