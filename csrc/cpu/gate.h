@@ -7,9 +7,10 @@
 
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/bmm.h>
 #include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
 
 #include <type_traits>
 
@@ -37,7 +38,7 @@ struct Gate {
   at::Tensor mix, left, right;  // acc_t copies (the weights themselves when scalar_t is acc_t)
   at::Tensor mix_by_block, left_by_block, right_by_block;  // see GateRows, when used
   GateRows<acc_t> rows;                                    // scalar, diagonal, diagonal_outer
-  at::Tensor matrix;                                       // full only: (K_dst * r, K_src * r)
+  bool transposed = false;                                 // full: mix read in place, which way
 
   // by_block: also lay the elementwise gates out for gate_by_block.h where mixes_by_block says so
   // (only the AVX-512 kernels read that layout).
@@ -46,8 +47,8 @@ struct Gate {
     Gate g{};
     g.mixing = dims.mixing;
     if (dims.mixing == Mixing::kFull) {
-      const at::Tensor forward = full_mix_matrix(w.mix);
-      g.matrix = transposed ? forward.t() : forward;
+      g.mix = w.mix;
+      g.transposed = transposed;
       return g;
     }
     g.mix = w.mix.to(acc);
@@ -105,8 +106,15 @@ template <typename scalar_t>
 void apply_gate(const Gate<scalar_t>& g, const at::Tensor& src, const at::Tensor& dst) {
   const int64_t tokens = src.size(0);
   if (g.mixing == Mixing::kFull) {
-    matmul_into(dst.view({tokens, dst.size(1) * dst.size(2)}),
-                src.view({tokens, src.size(1) * src.size(2)}), g.matrix.t());
+    // Per destination block d, one batched product over the source blocks, then their sum:
+    // src_s G_ds^T with G_ds = mix[d, s] (forward) or mix[s, d]^T, read in place (permuting the
+    // K^2 r^2 gate into one matrix costs more than the product for a few tokens).
+    const at::Tensor by_block = src.transpose(0, 1);  // (src_blocks, tokens, r)
+    for (int64_t d = 0; d < dst.size(1); ++d) {
+      const at::Tensor gates = g.transposed ? g.mix.select(1, d) : g.mix[d].transpose(1, 2);
+      at::Tensor dst_block = dst.select(1, d);
+      at::sum_out(dst_block, at::bmm(by_block, gates), {0});
+    }
     return;
   }
   // Rows are read and written in place; bfloat16 is converted row by row inside gate_rows.
@@ -128,10 +136,15 @@ void gate_backward(const Gate<scalar_t>& g, const at::Tensor& hidden, const at::
   using acc_t = typename Gate<scalar_t>::acc_t;
   const int64_t tokens = hidden.size(0);
   if (g.mixing == Mixing::kFull) {
-    const int64_t k_out = grad_mixed.size(1), k_in = hidden.size(1), r = hidden.size(2);
-    const at::Tensor matrix =
-        at::mm(grad_mixed.view({tokens, k_out * r}).t(), hidden.view({tokens, k_in * r}));
-    grad_mix.copy_(matrix.view({k_out, r, k_in, r}).permute({0, 2, 1, 3}));
+    // grad_mix[i, j] = grad_mixed_i^T hidden_j, written in place: one batched product per i.
+    if (!grad_mix.defined()) return;
+    const int64_t k_in = hidden.size(1), r = hidden.size(2);
+    const at::Tensor hidden_by_block = hidden.transpose(0, 1);  // (K_in, tokens, r)
+    for (int64_t i = 0; i < grad_mixed.size(1); ++i) {
+      const at::Tensor grad_i = grad_mixed.select(1, i).t().expand({k_in, r, tokens});
+      at::Tensor grad_mix_i = grad_mix[i];
+      at::bmm_out(grad_mix_i, grad_i, hidden_by_block);
+    }
     return;
   }
   const at::Tensor src = as_acc<acc_t>(hidden), grad_dst = as_acc<acc_t>(grad_mixed);
