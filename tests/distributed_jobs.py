@@ -100,9 +100,9 @@ def largest_difference(mine: dict[str, Tensor], reference: dict[str, Tensor]) ->
     )
 
 
-def one_process_run(mixing: str, device: torch.device) -> dict[str, Tensor]:
+def one_process_run(mixings: tuple[str, str], device: torch.device) -> dict[str, Tensor]:
     """The reference: one process, no wrapper, trained on the whole global batches."""
-    model = make_model(mixing, mixing, device)
+    model = make_model(*mixings, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     train(model, optimizer, iter(global_batches(device)), STEPS, lambda tensor: tensor)
     return full_parameters(model)
@@ -125,14 +125,18 @@ def data_parallel(device: torch.device, wrap: Callable[[nn.Module], nn.Module]) 
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
         train(model, optimizer, iter(global_batches(device)), STEPS, local_rows)
         differences[mixing] = largest_difference(
-            full_parameters(model), one_process_run(mixing, device)
+            full_parameters(model), one_process_run((mixing, mixing), device)
         )
     return differences
 
 
-def ddp(device: torch.device, out: Path) -> dict:
+def ddp_wrapper(device: torch.device) -> Callable[[nn.Module], nn.Module]:
     ids = [device.index] if device.type == "cuda" else None
-    return data_parallel(device, lambda model: DistributedDataParallel(model, device_ids=ids))
+    return lambda model: DistributedDataParallel(model, device_ids=ids)
+
+
+def ddp(device: torch.device, out: Path) -> dict:
+    return data_parallel(device, ddp_wrapper(device))
 
 
 def unsynchronized(device: torch.device, out: Path) -> dict:
@@ -146,6 +150,21 @@ def fsdp(device: torch.device, out: Path) -> dict:
 
 
 CHECKPOINT_MIXINGS = ("diagonal_outer", "full")  # the two layers of the checkpointed model
+
+
+def compiled(device: torch.device, out: Path) -> dict:
+    """DDP and FSDP2 training through torch.compile (the operator's fake kernels let it trace
+    the layers): the largest relative parameter difference to one process, uncompiled."""
+    reference = one_process_run(CHECKPOINT_MIXINGS, device)
+    differences = {}
+    for name, wrap in (("ddp", ddp_wrapper(device)), ("fsdp", shard_fully)):
+        torch.compiler.reset()
+        model = wrap(make_model(*CHECKPOINT_MIXINGS, device))
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        batches = iter(global_batches(device))
+        train(torch.compile(model), optimizer, batches, STEPS, local_rows)
+        differences[name] = largest_difference(full_parameters(model), reference)
+    return differences
 
 
 def checkpointed_training(device: torch.device) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -246,6 +265,7 @@ def forward_backward(model: nn.Module, device: torch.device) -> dict[str, Tensor
 
 JOBS = {
     "ddp": ddp,
+    "compiled": compiled,
     "unsynchronized": unsynchronized,
     "fsdp": fsdp,
     "save": save,

@@ -1,5 +1,6 @@
 """Real multi-process runs (tests/distributed_jobs.py under torchrun): DDP and FSDP2 training of
-NanoMoE layers match one process on the global batch, a distributed checkpoint saved by 2 ranks
+NanoMoE layers (eager and under torch.compile) match one process on the global batch, a
+distributed checkpoint saved by 2 ranks
 loads into 1 and into 2 and training continues exactly, and block parallelism equals the whole
 layer. 2 ranks with gloo on CPU; nccl as well where 2 GPUs are present."""
 
@@ -59,6 +60,14 @@ def test_data_parallel_training_matches_one_process(job: str, backend: str, tmp_
     assert set(differences) == set(MIXINGS)
     for mixing, difference in differences.items():
         assert difference < TOLERANCE, (mixing, difference)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_training_matches_one_process(backend: str, tmp_path: Path):
+    differences = launch("compiled", tmp_path, backend=backend)
+    assert set(differences) == {"ddp", "fsdp"}
+    for wrapper, difference in differences.items():
+        assert difference < TOLERANCE, (wrapper, difference)
 
 
 def test_the_comparison_sees_ranks_that_do_not_synchronize(tmp_path: Path):
