@@ -10,7 +10,7 @@
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/sum.h>
+#include <ATen/ops/mm.h>
 
 #include <type_traits>
 
@@ -38,7 +38,10 @@ struct Gate {
   at::Tensor mix, left, right;  // acc_t copies (the weights themselves when scalar_t is acc_t)
   at::Tensor mix_by_block, left_by_block, right_by_block;  // see GateRows, when used
   GateRows<acc_t> rows;                                    // scalar, diagonal, diagonal_outer
-  bool transposed = false;                                 // full: mix read in place, which way
+  // full: one (K_dst r, K_src r) matrix, permuted once per call; or, for fewer tokens than the
+  // rank (where that copy of K^2 r^2 would cost more than the products), mix read in place.
+  at::Tensor matrix;
+  bool transposed = false;
 
   // by_block: also lay the elementwise gates out for gate_by_block.h where mixes_by_block says so
   // (only the AVX-512 kernels read that layout).
@@ -47,8 +50,13 @@ struct Gate {
     Gate g{};
     g.mixing = dims.mixing;
     if (dims.mixing == Mixing::kFull) {
-      g.mix = w.mix;
-      g.transposed = transposed;
+      if (dims.tokens < dims.rank) {
+        g.mix = w.mix;
+        g.transposed = transposed;
+      } else {
+        const at::Tensor forward = full_mix_matrix(w.mix);
+        g.matrix = transposed ? forward.t() : forward;
+      }
       return g;
     }
     g.mix = w.mix.to(acc);
@@ -106,14 +114,19 @@ template <typename scalar_t>
 void apply_gate(const Gate<scalar_t>& g, const at::Tensor& src, const at::Tensor& dst) {
   const int64_t tokens = src.size(0);
   if (g.mixing == Mixing::kFull) {
-    // Per destination block d, one batched product over the source blocks, then their sum:
-    // src_s G_ds^T with G_ds = mix[d, s] (forward) or mix[s, d]^T, read in place (permuting the
-    // K^2 r^2 gate into one matrix costs more than the product for a few tokens).
-    const at::Tensor by_block = src.transpose(0, 1);  // (src_blocks, tokens, r)
+    if (g.matrix.defined()) {
+      matmul_into(dst.view({tokens, dst.size(1) * dst.size(2)}),
+                  src.view({tokens, src.size(1) * src.size(2)}), g.matrix.t());
+      return;
+    }
+    // In place: per destination block d, one batched product over the source blocks, src_s
+    // G_ds^T with G_ds = mix[d, s] (forward) or mix[s, d]^T, then their sum. Products and sum in
+    // acc_t (bfloat16's gate converted a block row at a time), so the sum is rounded once.
+    const auto acc = c10::CppTypeToScalarType<typename Gate<scalar_t>::acc_t>::value;
+    const at::Tensor by_block = src.transpose(0, 1).to(acc);  // (src_blocks, tokens, r)
     for (int64_t d = 0; d < dst.size(1); ++d) {
       const at::Tensor gates = g.transposed ? g.mix.select(1, d) : g.mix[d].transpose(1, 2);
-      at::Tensor dst_block = dst.select(1, d);
-      at::sum_out(dst_block, at::bmm(by_block, gates), {0});
+      dst.select(1, d).copy_(at::bmm(by_block, gates.to(acc)).sum(0));
     }
     return;
   }
@@ -136,11 +149,17 @@ void gate_backward(const Gate<scalar_t>& g, const at::Tensor& hidden, const at::
   using acc_t = typename Gate<scalar_t>::acc_t;
   const int64_t tokens = hidden.size(0);
   if (g.mixing == Mixing::kFull) {
-    // grad_mix[i, j] = grad_mixed_i^T hidden_j, written in place: one batched product per i.
-    if (!grad_mix.defined()) return;
-    const int64_t k_in = hidden.size(1), r = hidden.size(2);
+    const int64_t k_out = grad_mixed.size(1), k_in = hidden.size(1), r = hidden.size(2);
+    if (g.matrix.defined()) {
+      const at::Tensor matrix =
+          at::mm(grad_mixed.view({tokens, k_out * r}).t(), hidden.view({tokens, k_in * r}));
+      grad_mix.copy_(matrix.view({k_out, r, k_in, r}).permute({0, 2, 1, 3}));
+      return;
+    }
+    // In place: grad_mix[i, j] = grad_mixed_i^T hidden_j, one batched product per i (each a
+    // sum over tokens only, rounded once).
     const at::Tensor hidden_by_block = hidden.transpose(0, 1);  // (K_in, tokens, r)
-    for (int64_t i = 0; i < grad_mixed.size(1); ++i) {
+    for (int64_t i = 0; i < k_out; ++i) {
       const at::Tensor grad_i = grad_mixed.select(1, i).t().expand({k_in, r, tokens});
       at::Tensor grad_mix_i = grad_mix[i];
       at::bmm_out(grad_mix_i, grad_i, hidden_by_block);
