@@ -144,6 +144,7 @@ def main() -> None:
         if main_rank:
             print(f"saved {args.checkpoint}")
     if dist.is_initialized():
+        dist.barrier()  # no rank tears its connections down while another still uses them
         dist.destroy_process_group()
 
 

@@ -28,7 +28,7 @@ tensor-parallel ``nn.Linear``.
 Parameters become DTensors (``Shard(0)``: by block, or by feature for the bias), so optimizers,
 ``state_dict`` and ``torch.distributed.checkpoint`` (which reshards on load) work unchanged. The
 gate and ``up`` run in the fused operator; the local down-projection is one batched matmul.
-Needs torch >= 2.5 (the public ``torch.distributed.tensor``).
+Needs torch >= 2.7 (``src_data_rank`` of ``distribute_tensor`` and of parallel styles).
 """
 
 from typing import Optional

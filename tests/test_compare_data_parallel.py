@@ -2,12 +2,11 @@
 global batches: the same tuning choices, losses and held-out scores up to float rounding."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch.distributed as dist
+from launch import run_job
 
 from nanomoe.compare import data_parallel
 from nanomoe.compare.cli import main
@@ -15,7 +14,7 @@ from nanomoe.compare.cli import main
 # Every kind with a twist under data parallelism: plain, NanoMoE's operator, and the routed MoE,
 # whose load-balancing loss needs the routing shares of the whole global batch.
 ARGS = ["--tasks", "teacher", "charlm", "--kinds", "lowrank", "nanomoe-diagonal", "moe"]
-ARGS += ["--budgets", "0.5", "--block-counts", "2", "--moe-experts", "2", "--lrs", "1e-2"]
+ARGS += ["--budgets", "0.5", "--block-counts", "2", "--moe-experts", "2", "--lrs", "1e-3", "1e-2"]
 ARGS += ["--seeds", "0", "--size", "tiny", "--steps", "6"]
 TOLERANCE = 1e-5  # relative: float32 sums over the global batch in another order
 
@@ -27,15 +26,12 @@ def close(mine: float, reference: float) -> bool:
 @pytest.mark.skipif(not dist.is_available(), reason="needs torch.distributed")
 def test_two_ranks_give_one_process_results(tmp_path: Path) -> None:
     main([*ARGS, "--out", str(tmp_path / "one")])
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    command += ["-m", "nanomoe", "compare", *ARGS, "--out", str(tmp_path / "two")]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
+    run_job(["-m", "nanomoe", "compare", *ARGS, "--out", str(tmp_path / "two")], ranks=2)
     one, two = (
         json.loads((tmp_path / name / "compare.json").read_text()) for name in ("one", "two")
     )
     assert (one["machine"]["ranks"], two["machine"]["ranks"]) == (1, 2)
-    assert len(one["runs"]) == len(two["runs"]) == 6
+    assert len(one["runs"]) == len(two["runs"]) == 6  # the tuned learning rate's run per kind
     for mine, reference in zip(two["runs"], one["runs"]):
         label = (reference["task"], reference["kind"])
         for key in ("task", "kind", "learning_rate", "layers", "memory_mib"):

@@ -76,11 +76,12 @@ def machine() -> dict:
 
 def main(argv: Optional[list[str]] = None) -> None:
     args = parser().parse_args(argv)
-    data_parallel.start()
+    created = data_parallel.start()
     try:
         run(args)
+        data_parallel.barrier()  # rank 0 reports while the others wait
     finally:
-        data_parallel.stop()
+        data_parallel.stop(created)
 
 
 def run(args: argparse.Namespace) -> None:

@@ -20,14 +20,23 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def start() -> None:
-    """Joins the launcher's process group (gloo: the comparison trains on CPU)."""
+def start() -> bool:
+    """Joins the launcher's process group (gloo: the comparison trains on CPU); whether this
+    call created it (a caller that already has one keeps it)."""
     if launched() and not dist.is_initialized():
         dist.init_process_group("gloo")
+        return True
+    return False
 
 
-def stop() -> None:
-    if dist.is_initialized():
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def stop(created: bool) -> None:
+    """Leaves the process group, if start() created it."""
+    if created:
         dist.destroy_process_group()
 
 

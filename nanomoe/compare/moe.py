@@ -17,14 +17,13 @@ counts per token, which is ``top_k`` times larger).
 """
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nanomoe.budget import Metric, check_metric, largest_rank
-from nanomoe.compare.data_parallel import global_mean
 from nanomoe.layers import uniform_with_variance_
 
 BALANCE_WEIGHT = 0.01  # Switch Transformers' coefficient
@@ -119,6 +118,8 @@ class RoutedMoE(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
         # The load-balancing loss of the last training forward, until balance_loss() takes it.
         self.pending_balance: Optional[Tensor] = None
+        # The routing shares' mean over data-parallel ranks (see forward); one process: as is.
+        self.mean_over_ranks: Callable[[Tensor], Tensor] = lambda share: share
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -153,10 +154,10 @@ class RoutedMoE(nn.Module):
         self.pending_balance = None
         if self.training and tokens.shape[0] > 0:
             share = F.one_hot(chosen, self.experts).to(probs.dtype).mean((0, 1))
-            # Data-parallel: the shares of the whole global batch. The loss is then linear in
-            # this rank's mean probabilities, so DDP's average of the ranks' gradients is the
-            # gradient of the one-process loss.
-            share = global_mean(share)
+            # Data-parallel, the runner has this average the shares over the ranks: those of the
+            # whole global batch. The loss is then linear in this rank's mean probabilities, so
+            # DDP's average of the ranks' gradients is the gradient of the one-process loss.
+            share = self.mean_over_ranks(share)
             self.pending_balance = self.experts * (share * probs.mean(0)).sum()
         if self.bias is not None:
             out = out + self.bias

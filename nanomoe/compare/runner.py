@@ -124,8 +124,10 @@ def train(
     recorder = RecordingFactory(factory)
     torch.manual_seed(seed)
     model = task.build(recorder, seed)
-    routed = any(isinstance(module, RoutedMoE) for module in model.modules())
-    trained = data_parallel.wrap(model, unused_parameters=routed)
+    routed = [module for module in model.modules() if isinstance(module, RoutedMoE)]
+    for module in routed:
+        module.mean_over_ranks = data_parallel.global_mean
+    trained = data_parallel.wrap(model, unused_parameters=bool(routed))
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
     batches = task.train_batches(seed)
     losses: list[float] = []
