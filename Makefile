@@ -92,7 +92,9 @@ deploy-check: $(BUILT)
 # The CPU kernels under AddressSanitizer and UndefinedBehaviorSanitizer: the op library and a C++
 # driver (tests/cpp/sanitize_kernels.cpp) built with both, run with the kernels this CPU picks and
 # again with AMX off. Any report aborts the run. Leak checks stay on: libtorch's own allocations
-# are reachable at exit, so a report is ours.
+# are reachable at exit, so a report is ours. ASan sees plain loads and stores, not the AVX-512
+# masked ones or AMX tile loads and stores: tests/test_guard_pages.py puts operands against an
+# unmapped page for those.
 SANITIZE_ENV := ASAN_OPTIONS=abort_on_error=1:strict_string_checks=1:detect_stack_use_after_return=1 \
   UBSAN_OPTIONS=print_stacktrace=1
 sanitize: $(DEPS)

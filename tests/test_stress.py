@@ -83,13 +83,14 @@ def assert_same(got: dict, expected: dict, what: str) -> None:
 def test_four_python_threads_at_once_get_the_serial_results() -> None:
     calls = [random_calls(16, seed) for seed in range(4)]
     expected = [[forward_and_grads(*call) for call in thread_calls] for thread_calls in calls]
+    rounds = 5  # several rounds, so the threads' calls overlap whatever their order
     results: list[list[dict]] = [[] for _ in calls]
     start = threading.Barrier(len(calls))
 
     def work(t: int) -> None:
         start.wait()
-        for _ in range(5):  # several rounds, so the threads' calls overlap whatever their order
-            results[t] = [forward_and_grads(*call) for call in calls[t]]
+        for _ in range(rounds):
+            results[t] += [forward_and_grads(*call) for call in calls[t]]
 
     threads = [threading.Thread(target=work, args=(t,)) for t in range(len(calls))]
     for thread in threads:
@@ -97,10 +98,13 @@ def test_four_python_threads_at_once_get_the_serial_results() -> None:
     for thread in threads:
         thread.join()
     for t, thread_results in enumerate(results):
-        assert len(thread_results) == len(calls[t]), f"thread {t} did not finish"
+        assert len(thread_results) == rounds * len(calls[t]), f"thread {t} did not finish"
         for i, got in enumerate(thread_results):
-            # Bitwise: each thread's calls run on as many threads as serial ones.
-            assert_same(got, expected[t][i], f"thread {t}, call {i}")
+            # Bitwise, every round: each thread's calls run on as many threads as serial ones.
+            call = i % len(calls[t])
+            assert_same(
+                got, expected[t][call], f"thread {t}, round {i // len(calls[t])}, call {call}"
+            )
 
 
 @pytest.mark.parametrize("tokens", TOKENS)
