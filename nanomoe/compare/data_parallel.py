@@ -9,7 +9,6 @@ rounding, and the runs are N times cheaper per rank. Held-out evaluation is whol
 
 import os
 
-import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
@@ -84,7 +83,3 @@ def global_mean(tensor: Tensor) -> Tensor:
     total = tensor.detach().clone()
     dist.all_reduce(total)
     return total / world_size()
-
-
-def global_mean_value(value: float) -> float:
-    return float(global_mean(torch.tensor(value, dtype=torch.float64)))

@@ -131,8 +131,6 @@ def train(
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
     batches = task.train_batches(seed)
     losses: list[float] = []
-    every = max(1, steps // CURVE_POINTS)
-    curve: list[tuple[int, float]] = []
     warmup = min(5, steps // 10)  # first steps pay one-off costs (allocation, lazy init)
     started = time.perf_counter()
     first_batch: Optional[tuple] = None
@@ -146,11 +144,14 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         (loss + balance_loss(model)).backward()
         optimizer.step()
-        losses.append(data_parallel.global_mean_value(loss.item()))
-        if step % every == 0 or step == steps - 1:
-            curve.append((step + 1, losses[-1]))
+        losses.append(loss.item())  # this rank's slice; the global mean once, after the loop
     elapsed = time.perf_counter() - started
     assert first_batch is not None, "steps must be >= 1"
+    losses = data_parallel.global_mean(torch.tensor(losses, dtype=torch.float64)).tolist()
+    every = max(1, steps // CURVE_POINTS)
+    curve = [(step + 1, losses[step]) for step in range(steps) if step % every == 0]
+    if (steps - 1) % every:
+        curve.append((steps, losses[-1]))
     tail = losses[-max(1, steps // 10) :]
     layers = [describe_layer(layer) for layer in recorder.made]
     return Run(
