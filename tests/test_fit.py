@@ -108,6 +108,20 @@ def test_start_is_the_truncated_svd(mixing: str) -> None:
     torch.testing.assert_close(dense(fit), svd_truncation(weight, 6), rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("shape", [(40, 56), (56, 40)], ids=["wide", "tall"])
+def test_start_through_float32_eigh_is_the_truncated_svd(
+    shape: Tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Large weights take their singular vectors from float32 eigh refined in float64; forced here
+    # at a small size. Singular values 1/i: a spectrum with a tail, unlike a Gaussian's.
+    monkeypatch.setattr(nanomoe.fit, "EXACT_EIGH", 8)
+    u, _, vh = torch.linalg.svd(gaussian(*shape, seed=4), full_matrices=False)
+    weight = u / torch.arange(1, min(shape) + 1, dtype=torch.float64) @ vh
+    fit = nanomoe.fit_dense(weight, 6, 2, "diagonal", iters=0)
+    assert fit.errors == [pytest.approx(svd_error(weight, 6), rel=1e-9)]
+    torch.testing.assert_close(dense(fit), svd_truncation(weight, 6), rtol=0, atol=1e-10)
+
+
 @pytest.mark.parametrize("mixing", MIXINGS)
 def test_one_block_is_the_truncated_svd(mixing: str) -> None:
     # With K = 1 every variant is a rank-r factorization: nothing can beat the SVD, and ALS
@@ -207,6 +221,8 @@ def test_bad_input_raises() -> None:
         nanomoe.fit_dense(weight, 2, 2, tol=1.0)
     with pytest.raises(ValueError, match="non-finite"):
         nanomoe.fit_dense(weight.clone().fill_(float("nan")), 2, 2)
+    with pytest.raises(ValueError, match="overflows"):
+        nanomoe.fit_dense(weight * 1e200, 2, 2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
