@@ -1,7 +1,7 @@
 """``NanoMoELinear`` and ``LowRankLinear``: drop-in replacements for ``nn.Linear``."""
 
 import math
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -94,17 +94,9 @@ class NanoMoELinear(nn.Module):
         equivalent weight full-rank (``rank * min(K_out, K_in)``) from the start.
         """
         k_in = self.num_blocks[1]
-        uniform_with_variance_(self.down, 1.0 / (3 * self.down.shape[2]))
-        uniform_with_variance_(self.up, 1.0 / (self.rank * k_in))
-        if self.mixing == "scalar" or self.mixing == "diagonal":
-            uniform_with_variance_(self.mix, 1.0)
-        elif self.mixing == "full":
-            uniform_with_variance_(self.mix, 1.0 / self.rank)
-        else:  # diag(mix) carries half the energy, mix_left mix_right^T the other half
-            assert self.mix_left is not None and self.mix_right is not None
-            uniform_with_variance_(self.mix, 0.5)
-            uniform_with_variance_(self.mix_left, 1.0 / math.sqrt(2 * self.rank))
-            uniform_with_variance_(self.mix_right, 1.0 / math.sqrt(2 * self.rank))
+        variances = init_variances(self.mixing, self.rank, k_in, self.in_features // k_in)
+        for name, variance in variances.items():
+            uniform_with_variance_(getattr(self, name), variance)
         if self.bias is not None:
             bound = 1.0 / math.sqrt(self.in_features)
             nn.init.uniform_(self.bias, -bound, bound)
@@ -269,6 +261,20 @@ def _saved_layer(state_dict: Mapping[str, Any], prefix: str) -> Optional[str]:
         mixing = "scalar" if mix.dim() == 2 else "full"
     bias = prefix + "bias" in state_dict
     return _describe(k_in * n_b, k_out * m_b, rank, (k_out, k_in), mixing, bias)
+
+
+def init_variances(mixing: Mixing, rank: int, k_in: int, block_in: int) -> Dict[str, float]:
+    """The variance ``NanoMoELinear.reset_parameters`` gives the entries of each parameter (its
+    docstring says why), by name; ``block_in`` is the input block size ``n_b``."""
+    variances = {"down": 1.0 / (3 * block_in), "up": 1.0 / (rank * k_in)}
+    if mixing == "scalar" or mixing == "diagonal":
+        variances["mix"] = 1.0
+    elif mixing == "full":
+        variances["mix"] = 1.0 / rank
+    else:  # diag(mix) carries half the energy, mix_left mix_right^T the other half
+        outer = 1.0 / math.sqrt(2 * rank)
+        variances.update(mix=0.5, mix_left=outer, mix_right=outer)
+    return variances
 
 
 def uniform_with_variance_(tensor: Tensor, variance: float) -> None:

@@ -13,6 +13,7 @@ from torch import Tensor
 import nanomoe
 from nanomoe.budget import MIXINGS, gate_shapes
 from nanomoe.fit import DenseFit
+from nanomoe.layers import init_variances
 from nanomoe.reference import dense_weight_reference
 
 # fit_dense reads its errors off normal equations, ||W||^2 - 2 <x, rhs> + <x, H x>, whose terms
@@ -149,6 +150,31 @@ def test_recovers_nanomoe_structure(mixing: str, config: tuple) -> None:
         # SVD's error on the square configuration, 0.03 to 0.12 on the uneven one.
         if mixing != "diagonal_outer":
             assert fit.errors[-1] < 0.011
+
+
+def test_full_gates_come_out_scaled_like_a_fresh_layer() -> None:
+    # Unbalanced, ALS's full gates reached RMS 10 to 140 against factors of RMS 1 to 2 on these
+    # weights: fine for the weight, a poor start for fine-tuning.
+    out_features, in_features, rank, blocks = SQUARE
+    for seed in range(3):
+        weight = structured(out_features, in_features, rank, blocks, "full", seed)
+        fit = nanomoe.fit_dense(weight, rank, blocks, "full")
+        assert fit.errors[-1] == pytest.approx(relative_error(dense(fit), weight), rel=1e-9)
+        fresh = nanomoe.NanoMoELinear(in_features, out_features, rank, blocks, mixing="full")
+        variances = init_variances("full", rank, blocks[1], in_features // blocks[1])
+        rms = {name: getattr(fit, name).square().mean().sqrt().item() for name in variances}
+        for name in ("up", "down"):
+            ratio = rms[name] / rms["mix"]
+            assert ratio == pytest.approx((variances[name] / variances["mix"]) ** 0.5, rel=1e-9)
+            assert ratio == pytest.approx(
+                (getattr(fresh, name).var() / fresh.mix.var()).sqrt().item(), rel=0.2
+            )
+        # Each up[i] (and down[j]) orthonormal times one common scale.
+        scale = rms["up"] ** 2 * fit.up.shape[1]
+        eye = torch.eye(rank, dtype=torch.float64).expand(blocks[0], -1, -1)
+        torch.testing.assert_close(fit.up.mT @ fit.up, scale * eye)
+        scale = rms["down"] ** 2 * fit.down.shape[2]
+        torch.testing.assert_close(fit.down @ fit.down.mT, scale * eye[: blocks[1]])
 
 
 @pytest.mark.parametrize("mixing", MIXINGS)
