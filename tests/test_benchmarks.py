@@ -99,3 +99,21 @@ def test_blocks_suite_times_low_rank_at_each_variants_parameters(tmp_path: Path)
     table = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     line = next(line for line in table.splitlines() if line.startswith("| 3x16x16x2x8"))
     assert line.count("|") == 7 and line.endswith("| - | - |")  # outer and full over dense
+
+
+def test_fit_speed_script_runs(tmp_path: Path) -> None:
+    out = tmp_path / "fit.json"
+    command = [sys.executable, str(ROOT / "benchmarks" / "fit_speed.py"), "--size", "64"]
+    command += ["--blocks", "4", "--mixings", "scalar", "full", "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [(row["weight"], row["mixing"]) for row in rows] == [
+        (weight, mixing) for weight in ("gaussian", "decaying") for mixing in ("scalar", "full")
+    ]
+    for row in rows:
+        # 1/8 of 64 x 64 plus bias is 520: 128 r + 16 (+ 16 r^2 for full) + 64 bias
+        assert row["rank"] == {"scalar": 3, "full": 2}[row["mixing"]]
+        assert 0 < row["fit_error"] <= row["svd_error"] < 1
+        assert row["start_s"] > 0 and row["fit_s"] > 0 and row["iterations"] >= 1
+    assert "fit/SVD" in result.stdout
