@@ -4,18 +4,21 @@ nanomoe compress path/to/hf-model --budget 0.25 --include mlp --out compressed/
 nanomoe compress model.pt --budget 0.125 --mixing diagonal --out model-nanomoe.pt --report r.json
 
 A Hugging Face directory (one with a config.json) is loaded with ``transformers`` from local files
-only and saved as its config, the compressed state_dict and ``nanomoe_compress.json``, the layers
-replaced; ``nanomoe.compress.load(out)`` rebuilds it. A file saved with ``torch.save(module)`` is
-saved the same way, and ``torch.load`` (or ``load``) reads it back.
+only and saved with ``save_pretrained``: its config lists the NanoMoE layers (under ``"nanomoe"``)
+and maps transformers' Auto classes to a two-line ``modeling_nanomoe.py`` that puts them in, so
+``AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)`` (or whichever Auto class fits
+the model) reads it back, as does ``nanomoe.compress.load(out)`` without running that file. A file
+saved with ``torch.save(module)`` is saved the same way, and ``torch.load`` (or ``load``) reads it.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -25,9 +28,21 @@ from nanomoe.fit import DEFAULT_ITERS
 from nanomoe.layers import NanoMoELinear
 from nanomoe.replace import INITS, CompressionReport, replace_linear
 
-METADATA = "nanomoe_compress.json"
-WEIGHTS = "nanomoe_model.pt"
-FORMAT = 1
+MODELING = "modeling_nanomoe.py"
+FORMAT = 2  # of the config's "nanomoe" entry
+
+# The modeling file of a saved directory, for transformers' trust_remote_code: the architecture
+# with the NanoMoE layers the config lists. __name__ makes it the class's module, so that a
+# save_pretrained of the loaded model copies this file along.
+MODELING_TEMPLATE = '''"""Written by nanomoe compress: {architecture} with the NanoMoE layers
+listed under "nanomoe" in config.json."""
+
+import transformers
+
+from nanomoe.compress import nanomoe_model_class
+
+NanoMoE{architecture} = nanomoe_model_class(transformers.{architecture}, __name__)
+'''
 
 # Files of a Hugging Face directory copied to the output as they are: they do not depend on the
 # weights (tokenizer, generation settings), and a model is of little use without its tokenizer.
@@ -135,7 +150,7 @@ def compress(
     report = replace_linear(model, progress=progress, **options)
     _step(progress, f"saving to {out}")
     if hugging_face:
-        _save_hugging_face(model, architecture, report, options, model_path, out)
+        _save_hugging_face(model, architecture, report, options, model_path, out, progress)
     else:
         out.parent.mkdir(parents=True, exist_ok=True)
         torch.save(model, out)
@@ -143,37 +158,51 @@ def compress(
 
 
 def load(path: Union[str, Path]) -> nn.Module:
-    """A model saved by ``nanomoe compress``: a directory is rebuilt from its config (random
-    weights), its recorded layers replaced by NanoMoE ones of the recorded shapes, then its
-    state_dict loaded; a file is ``torch.load``ed."""
+    """A model saved by ``nanomoe compress``: a directory through ``from_pretrained`` of its
+    architecture with the NanoMoE layers its config lists (``nanomoe_model_class``; the
+    directory's own modeling file is not run), a file through ``torch.load``."""
     path = Path(path)
     if path.is_file():
         return torch.load(path, weights_only=False, map_location="cpu")
-    metadata = json.loads((path / METADATA).read_text())
-    if metadata.get("format") != FORMAT:
-        raise ValueError(f"{path / METADATA} has format {metadata.get('format')!r}, not {FORMAT}")
     transformers = _transformers()
     config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-    model = _architecture(transformers, metadata["architecture"]).from_config(config)
-    model.to(getattr(torch, metadata["dtype"]))
-    names = _module_names(model)
-    for layer in metadata["layers"]:
-        dense = model.get_submodule(layer["name"])
-        new_layer = NanoMoELinear(
-            layer["in_features"],
-            layer["out_features"],
-            layer["rank"],
-            tuple(layer["num_blocks"]),
-            layer["mixing"],
-            bias=layer["bias"],
-            dtype=getattr(torch, metadata["dtype"]),
+    recorded = getattr(config, "nanomoe", None)
+    if not isinstance(recorded, dict) or recorded.get("format") != FORMAT:
+        found = recorded.get("format") if isinstance(recorded, dict) else None
+        raise ValueError(
+            f"{path / 'config.json'} has no nanomoe entry of format {FORMAT} (found {found!r}): "
+            "not a directory written by this version of nanomoe compress"
         )
-        for name in names[id(dense)]:  # a shared layer stays shared, as replace_linear keeps it
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, new_layer)
-    state = torch.load(path / WEIGHTS, weights_only=True, map_location="cpu")
-    model.load_state_dict(state)
+    base = _known_architecture(transformers, (config.architectures or [None])[0])
+    model = nanomoe_model_class(base).from_pretrained(path, local_files_only=True)
     return model.eval()  # as from_pretrained returns it: dropout off
+
+
+def nanomoe_model_class(base: type, module: str = __name__) -> type:
+    """``base`` (a ``transformers`` model class) whose ``__init__`` then replaces the layers that
+    ``config.nanomoe["layers"]`` lists by NanoMoE layers of the recorded shapes, for
+    ``from_pretrained`` to load the compressed weights into; ``module`` becomes its
+    ``__module__``."""
+
+    def __init__(self: nn.Module, config: Any, *args: Any, **kwargs: Any) -> None:
+        base.__init__(self, config, *args, **kwargs)
+        names = _module_names(self)
+        for layer in config.nanomoe["layers"]:
+            new_layer = NanoMoELinear(
+                layer["in_features"],
+                layer["out_features"],
+                layer["rank"],
+                tuple(layer["num_blocks"]),
+                layer["mixing"],
+                bias=layer["bias"],
+            )
+            # A shared layer stays shared, as replace_linear keeps it.
+            for name in names[id(self.get_submodule(layer["name"]))]:
+                parent, _, child = name.rpartition(".")
+                setattr(self.get_submodule(parent), child, new_layer)
+
+    namespace = {"__init__": __init__, "__module__": module}
+    return type(f"NanoMoE{base.__name__}", (base,), namespace)
 
 
 def report_dict(report: CompressionReport) -> Dict[str, Any]:
@@ -211,41 +240,59 @@ def _transformers() -> Any:
 def _architecture(transformers: Any, name: Optional[str]) -> Any:
     """The class named in the config's ``architectures`` (``GPT2LMHeadModel``: with its head), or
     ``AutoModel`` when there is none or ``transformers`` does not know it."""
+    try:
+        return _known_architecture(transformers, name)
+    except ValueError:
+        return transformers.AutoModel
+
+
+def _known_architecture(transformers: Any, name: Optional[str]) -> type:
     model_class = getattr(transformers, name, None) if name else None
     if isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel):
-        return _FromConfig(model_class)
-    return transformers.AutoModel
+        return model_class
+    raise ValueError(f"transformers has no model class {name!r}")
 
 
-class _FromConfig:
-    """``AutoModel``'s ``from_config``/``from_pretrained`` pair, for a concrete class."""
-
-    def __init__(self, model_class: Any) -> None:
-        self.model_class = model_class
-
-    def from_config(self, config: Any) -> nn.Module:
-        return self.model_class._from_config(config)
-
-    def from_pretrained(self, path: Path, **kwargs: Any) -> nn.Module:
-        return self.model_class.from_pretrained(path, **kwargs)
+def _auto_classes(transformers: Any, config: Any, architecture: str) -> List[str]:
+    """The Auto classes (``AutoModelForCausalLM``, ...) that map this config to
+    ``architecture``; ``["AutoModel"]`` if none does."""
+    names = []
+    for name in dir(transformers):
+        if not name.startswith("AutoModel"):
+            continue
+        try:  # _model_mapping: config class -> model class, imported lazily
+            model_class = getattr(transformers, name)._model_mapping[type(config)]
+        except (AttributeError, KeyError, ImportError, ValueError):
+            continue
+        if getattr(model_class, "__name__", None) == architecture:
+            names.append(name)
+    return names or ["AutoModel"]
 
 
 def _load_hugging_face(path: Path, progress: bool) -> Tuple[nn.Module, str]:
     transformers = _transformers()
     config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
     architectures = getattr(config, "architectures", None) or [None]
-    logging = transformers.utils.logging
-    bars = logging.is_progress_bar_enabled()
-    if not progress:  # transformers' own "Loading weights" bar; its switch is global: restored
-        logging.disable_progress_bar()
-    try:
+    with _progress_bars(transformers, progress):
         model = _architecture(transformers, architectures[0]).from_pretrained(
             path, local_files_only=True
         )
+    return model, type(model).__name__  # what load rebuilds, whichever class loaded it
+
+
+@contextlib.contextmanager
+def _progress_bars(transformers: Any, progress: bool) -> Iterator[None]:
+    """transformers' own bars ("Loading weights", "Writing model shards") only with
+    ``progress``; the switch is global, so it is restored."""
+    logging = transformers.utils.logging
+    bars = logging.is_progress_bar_enabled()
+    if not progress:
+        logging.disable_progress_bar()
+    try:
+        yield
     finally:
         if bars:
             logging.enable_progress_bar()
-    return model, type(model).__name__  # what load rebuilds, whichever class loaded it
 
 
 def _load_module(path: Path) -> nn.Module:
@@ -266,18 +313,10 @@ def _save_hugging_face(
     options: Dict[str, Any],
     source: Path,
     out: Path,
+    progress: bool,
 ) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    model.config.save_pretrained(out)  # type: ignore[operator]
-    for pattern in COPIED:
-        for file in source.glob(pattern):
-            if file.is_file():
-                shutil.copy2(file, out / file.name)
-    # A plain state_dict, not save_pretrained's: its keys are the NanoMoE factors, which
-    # from_pretrained of the dense architecture would drop with a warning. torch.save rather
-    # than safetensors, which refuses tied weights (GPT-2's lm_head and embedding).
-    torch.save(model.state_dict(), out / WEIGHTS)
-    dtype = next(model.parameters()).dtype
+    transformers = _transformers()
+    _known_architecture(transformers, architecture)  # the modeling file names it
     layers = []
     for layer in report.replaced:
         new_layer = model.get_submodule(layer.name)
@@ -293,17 +332,28 @@ def _save_hugging_face(
                 "bias": new_layer.bias is not None,
             }
         )
-    metadata = {
+    config: Any = model.config
+    config.nanomoe = {
         "format": FORMAT,
-        "architecture": architecture,
-        "dtype": str(dtype).removeprefix("torch."),
         "options": {
             key: list(value) if isinstance(value, tuple) else value
             for key, value in options.items()
         },
         "layers": layers,
     }
-    (out / METADATA).write_text(json.dumps(metadata, indent=2) + "\n")
+    module = MODELING.removesuffix(".py")
+    config.auto_map = {
+        auto: f"{module}.NanoMoE{architecture}"
+        for auto in _auto_classes(transformers, config, architecture)
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    with _progress_bars(transformers, progress):
+        model.save_pretrained(out)  # type: ignore[operator]
+    (out / MODELING).write_text(MODELING_TEMPLATE.format(architecture=architecture))
+    for pattern in COPIED:
+        for file in source.glob(pattern):
+            if file.is_file():
+                shutil.copy2(file, out / file.name)
 
 
 def _module_names(model: nn.Module) -> Dict[int, List[str]]:

@@ -9,7 +9,7 @@ from torch import nn
 
 import nanomoe
 import nanomoe.cli
-from nanomoe.compress import METADATA, compress, load, main
+from nanomoe.compress import MODELING, compress, load, main
 
 
 def gpt2_dir(transformers, tmp_path):
@@ -45,19 +45,36 @@ def test_gpt2_round_trip(transformers, tmp_path, capsys):
         source, tmp_path / "again", budget=0.5, include="mlp", iters=2, progress=False
     )
     reloaded = load(out)
-    assert type(reloaded).__name__ == "GPT2LMHeadModel" and not reloaded.training
+    assert type(reloaded).__name__ == "NanoMoEGPT2LMHeadModel" and not reloaded.training
+    assert isinstance(reloaded, transformers.GPT2LMHeadModel)
     assert nanomoe_layers(reloaded) == names
     assert reloaded.lm_head.weight is reloaded.transformer.wte.weight  # still tied
     ids = torch.randint(0, 64, (2, 8))
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, compressed.eval()(ids).logits)
 
-    metadata = json.loads((out / METADATA).read_text())
-    assert metadata["architecture"] == "GPT2LMHeadModel"
-    assert metadata["options"]["include"] == "mlp"
-    assert [layer["num_blocks"] for layer in metadata["layers"]] == [
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["GPT2LMHeadModel"]
+    assert config["nanomoe"]["options"]["include"] == "mlp"
+    assert [layer["num_blocks"] for layer in config["nanomoe"]["layers"]] == [
         list(layer["num_blocks"]) for layer in report["layers"]
     ]
+
+    # transformers itself, through the modeling file the directory carries.
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_nanomoe.NanoMoEGPT2LMHeadModel"
+    assert (out / MODELING).is_file()
+    hub = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    assert nanomoe_layers(hub) == names
+    assert hub.lm_head.weight is hub.transformer.wte.weight
+    with torch.no_grad():
+        assert torch.equal(hub(ids).logits, reloaded(ids).logits)
+    # Saved again by transformers, it keeps its layers and its modeling file.
+    hub.save_pretrained(tmp_path / "resaved")
+    assert (tmp_path / "resaved" / MODELING).is_file()
+    again = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "resaved", trust_remote_code=True
+    )
+    assert nanomoe_layers(again) == names
 
 
 def test_bert_fixed_blocks_through_the_nanomoe_command(transformers, tmp_path, capsys):
@@ -72,8 +89,9 @@ def test_bert_fixed_blocks_through_the_nanomoe_command(transformers, tmp_path, c
     reloaded = load(out)
     layers = [reloaded.get_submodule(name) for name in nanomoe_layers(reloaded)]
     assert [layer.num_blocks for layer in layers] == [(2, 2), (2, 2)]
-    saved = torch.load(out / "nanomoe_model.pt", weights_only=True)
-    assert all(torch.equal(saved[key], value) for key, value in reloaded.state_dict().items())
+    hub = transformers.AutoModel.from_pretrained(out, trust_remote_code=True)
+    for key, value in reloaded.state_dict().items():
+        assert torch.equal(hub.state_dict()[key], value), key
 
 
 def test_torch_save_round_trip(tmp_path, capsys):
