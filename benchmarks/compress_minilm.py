@@ -135,7 +135,7 @@ def evaluate(
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--budgets", nargs="+", type=float, default=[0.25, 0.125, 0.0625])
+    parser.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.25, 0.125, 0.0625])
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument(
         "--blocks",
