@@ -143,14 +143,15 @@ def compress(
     model_path, out = Path(model_path), Path(out)
     hugging_face = model_path.is_dir()
     _step(progress, f"loading {model_path}")
-    if hugging_face:
-        model, architecture = _load_hugging_face(model_path, progress)
-    else:
-        model, architecture = _load_module(model_path), None
+    model = _load_hugging_face(model_path, progress) if hugging_face else _load_module(model_path)
     report = replace_linear(model, progress=progress, **options)
     _step(progress, f"saving to {out}")
     if hugging_face:
-        _save_hugging_face(model, architecture, report, options, model_path, out, progress)
+        save(model, report, out, progress)
+        for pattern in COPIED:  # the tokenizer and the like
+            for file in model_path.glob(pattern):
+                if file.is_file():
+                    shutil.copy2(file, out / file.name)
     else:
         out.parent.mkdir(parents=True, exist_ok=True)
         torch.save(model, out)
@@ -269,7 +270,7 @@ def _auto_classes(transformers: Any, config: Any, architecture: str) -> List[str
     return names or ["AutoModel"]
 
 
-def _load_hugging_face(path: Path, progress: bool) -> Tuple[nn.Module, str]:
+def _load_hugging_face(path: Path, progress: bool) -> nn.Module:
     transformers = _transformers()
     config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
     architectures = getattr(config, "architectures", None) or [None]
@@ -277,7 +278,7 @@ def _load_hugging_face(path: Path, progress: bool) -> Tuple[nn.Module, str]:
         model = _architecture(transformers, architectures[0]).from_pretrained(
             path, local_files_only=True
         )
-    return model, type(model).__name__  # what load rebuilds, whichever class loaded it
+    return model
 
 
 @contextlib.contextmanager
@@ -306,21 +307,23 @@ def _load_module(path: Path) -> nn.Module:
     return model
 
 
-def _save_hugging_face(
-    model: nn.Module,
-    architecture: str,
-    report: CompressionReport,
-    options: Dict[str, Any],
-    source: Path,
-    out: Path,
-    progress: bool,
+def save(
+    model: nn.Module, report: CompressionReport, out: Union[str, Path], progress: bool = False
 ) -> None:
+    """Save a ``transformers`` model that ``replace_linear`` compressed (``report`` is what it
+    returned) with ``save_pretrained``, its config listing the NanoMoE layers and its Auto
+    classes mapped to a modeling file that puts them in: ``from_pretrained(out,
+    trust_remote_code=True)`` and ``load(out)`` read it back."""
     transformers = _transformers()
+    if not isinstance(model, transformers.PreTrainedModel):
+        raise TypeError(f"save takes a transformers model, got {type(model).__name__}")
+    architecture = type(model).__name__
     _known_architecture(transformers, architecture)  # the modeling file names it
     layers = []
     for layer in report.replaced:
         new_layer = model.get_submodule(layer.name)
-        assert isinstance(new_layer, NanoMoELinear)
+        if not isinstance(new_layer, NanoMoELinear):
+            raise ValueError(f"{layer.name} is not a NanoMoE layer: the report is not this model's")
         layers.append(
             {
                 "name": layer.name,
@@ -335,10 +338,9 @@ def _save_hugging_face(
     config: Any = model.config
     config.nanomoe = {
         "format": FORMAT,
-        "options": {
-            key: list(value) if isinstance(value, tuple) else value
-            for key, value in options.items()
-        },
+        "budget": report.budget,
+        "budget_metric": report.budget_metric,
+        "init": report.init,
         "layers": layers,
     }
     module = MODELING.removesuffix(".py")
@@ -346,14 +348,11 @@ def _save_hugging_face(
         auto: f"{module}.NanoMoE{architecture}"
         for auto in _auto_classes(transformers, config, architecture)
     }
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with _progress_bars(transformers, progress):
-        model.save_pretrained(out)  # type: ignore[operator]
+        model.save_pretrained(out)
     (out / MODELING).write_text(MODELING_TEMPLATE.format(architecture=architecture))
-    for pattern in COPIED:
-        for file in source.glob(pattern):
-            if file.is_file():
-                shutil.copy2(file, out / file.name)
 
 
 def _module_names(model: nn.Module) -> Dict[int, List[str]]:

@@ -204,10 +204,10 @@ def replace_linear(
     its budget or block count, where its dtype or device is not one the operator supports, where
     its weight is tied to another module (a language model's output layer sharing the embedding),
     where it belongs to ``nn.MultiheadAttention`` (which reads the weight directly), or where it
-    is the model itself. A warning says so if nothing was replaced. Not carried over: hooks
-    registered on the old module, and a ``transformers`` config (``save_pretrained`` then
-    ``from_pretrained`` rebuilds the dense model): save the ``state_dict`` and rerun
-    ``replace_linear`` (``init="random"``) on a fresh model to load it.
+    is the model itself. A warning says so if nothing was replaced. Forward and backward hooks
+    registered on a replaced layer carry over to its NanoMoE layer (their handles still remove
+    them). A ``transformers`` model's own ``save_pretrained`` does not record the new layers:
+    ``nanomoe.compress.save`` does, so that ``from_pretrained`` rebuilds them.
     """
     fraction = _check_options(model, budget, mixing, num_blocks, init, iters, budget_metric)
     select = _selector(include, exclude)
@@ -225,9 +225,10 @@ def replace_linear(
             report, new_layer = _compress(layer, size, init, iters)
             reports.append(report)
             if new_layer is not None:
-                swaps.append((layer.names, new_layer))
-    for names, new_layer in swaps:
-        _install(model, names, new_layer)
+                swaps.append((layer, new_layer))
+    for layer, new_layer in swaps:
+        _carry_hooks(layer.module, new_layer)
+        _install(model, layer.names, new_layer)
     if not swaps:
         warnings.warn("replace_linear replaced no layer; see the report for why", stacklevel=2)
     return CompressionReport(
@@ -533,6 +534,28 @@ def _svd_error(target: Tensor, rank: int) -> float:
     tail = squared_values[: max(len(squared_values) - rank, 0)].sum()
     norm_sq = squared_values.sum().clamp_min(torch.finfo(torch.float64).tiny)
     return math.sqrt((tail / norm_sq).item())
+
+
+# The module's hook registries that stay meaningful for a layer of the same inputs and outputs
+# (not the state_dict hooks: the parameters are new).
+HOOK_REGISTRIES = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+    "_is_full_backward_hook",
+)
+
+
+def _carry_hooks(old: nn.Module, new: nn.Module) -> None:
+    """The new layer takes over the old one's forward and backward hooks: the registries
+    themselves, so the handles that added them still remove them."""
+    for registry in HOOK_REGISTRIES:
+        if hasattr(old, registry):  # all of them since torch 2.2
+            setattr(new, registry, getattr(old, registry))
 
 
 def _install(model: nn.Module, names: Sequence[str], new_layer: nn.Module) -> None:

@@ -9,7 +9,7 @@ from torch import nn
 
 import nanomoe
 import nanomoe.cli
-from nanomoe.compress import MODELING, compress, load, main
+from nanomoe.compress import MODELING, compress, load, main, save
 
 
 def gpt2_dir(transformers, tmp_path):
@@ -55,7 +55,7 @@ def test_gpt2_round_trip(transformers, tmp_path, capsys):
 
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["GPT2LMHeadModel"]
-    assert config["nanomoe"]["options"]["include"] == "mlp"
+    assert config["nanomoe"]["budget"] == 0.5 and config["nanomoe"]["init"] == "fit"
     assert [layer["num_blocks"] for layer in config["nanomoe"]["layers"]] == [
         list(layer["num_blocks"]) for layer in report["layers"]
     ]
@@ -92,6 +92,23 @@ def test_bert_fixed_blocks_through_the_nanomoe_command(transformers, tmp_path, c
     hub = transformers.AutoModel.from_pretrained(out, trust_remote_code=True)
     for key, value in reloaded.state_dict().items():
         assert torch.equal(hub.state_dict()[key], value), key
+
+
+def test_save_after_replace_linear_in_memory(transformers, tmp_path):
+    torch.manual_seed(0)
+    model = transformers.BertModel(bert_config(transformers)).eval()
+    report = nanomoe.replace_linear(model, budget=0.5, include="output.dense", progress=False)
+    save(model, report, tmp_path / "out")
+    hub = transformers.AutoModel.from_pretrained(tmp_path / "out", trust_remote_code=True)
+    assert nanomoe_layers(hub) == [layer.name for layer in report.replaced]
+    ids = torch.randint(0, 64, (2, 8))
+    with torch.no_grad():
+        assert torch.equal(hub(ids).last_hidden_state, model(ids).last_hidden_state)
+    with pytest.raises(TypeError, match="transformers model"):
+        save(nn.Sequential(nn.Linear(4, 4)), report, tmp_path / "bad")
+    other = transformers.BertModel(bert_config(transformers))
+    with pytest.raises(ValueError, match="not a NanoMoE layer"):
+        save(other, report, tmp_path / "bad")
 
 
 def test_torch_save_round_trip(tmp_path, capsys):

@@ -391,3 +391,21 @@ def test_gpt2_fit_beats_random_and_the_tied_head_is_kept(transformers):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing to warn about: layers were replaced
         replace(copy.deepcopy(original), include=r"mlp")
+
+
+def test_hooks_carry_over_to_the_new_layer() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 16))
+    seen: list = []
+    before = model[0].register_forward_pre_hook(lambda m, args: seen.append(("pre", type(m))))
+    model[0].register_forward_hook(lambda m, args, out: seen.append(("post", out.shape)))
+    grads: list = []
+    model[0].register_full_backward_hook(lambda m, gin, gout: grads.append(gout[0].shape))
+    nanomoe.replace_linear(model, budget=0.5, num_blocks=2, include=r"^0$", progress=False)
+    assert isinstance(model[0], nanomoe.NanoMoELinear)
+    model(torch.randn(3, 32, requires_grad=True)).sum().backward()
+    assert seen == [("pre", nanomoe.NanoMoELinear), ("post", (3, 32))]
+    assert grads == [(3, 32)]
+    before.remove()  # the handle still reaches the hook on the new layer
+    model(torch.randn(3, 32))
+    assert seen[2:] == [("post", (3, 32))]
