@@ -12,7 +12,7 @@ dense) at the same parameter budget:
 Held-out loss is measured right after compression and after a short fine-tune (Adam, the training
 learning rate), with the mean relative Frobenius error of the replaced weights.
 
-    python benchmarks/compress_charlm.py                       # ~2-3 minutes on one CPU thread
+    python benchmarks/compress_charlm.py                       # ~6 minutes on one CPU thread
     python benchmarks/compress_charlm.py --budgets 0.25 --train-steps 300 --finetune-steps 50
 """
 
@@ -51,7 +51,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-steps", type=int, default=200)
     p.add_argument("--lr", type=float, default=3e-3, help="Adam, for training and fine-tuning")
     p.add_argument("--iters", type=int, default=30, help="fit_dense's iterations")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, default=3, help="repeats, each with its own dense model")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=RESULTS / "compress-charlm.json")
     p.add_argument("--no-plot", action="store_true")
@@ -104,23 +104,29 @@ def fine_tune(task: Task, model: nn.Module, steps: int, lr: float, seed: int) ->
     return sum(tail) / len(tail) if tail else math.nan
 
 
-def run(args: argparse.Namespace) -> Dict[str, Any]:
-    torch.set_num_threads(args.threads)
-    task = make_task("charlm", args.size)
+def run_seed(task: Task, args: argparse.Namespace, seed: int) -> Tuple[Dict[str, Any], List[Dict]]:
+    """Train a dense model with ``seed``, then compress and fine-tune a copy per budget and
+    method: the dense model's record and one row per (budget, method)."""
     started = time.perf_counter()
     # The same model and optimizer as nanomoe compare's dense runs (runner.train), kept here.
-    torch.manual_seed(args.seed)
-    dense = task.build(lambda i, o, b: nn.Linear(i, o, b), args.seed)
-    dense_train_loss = fine_tune(task, dense, args.train_steps, args.lr, args.seed)
+    torch.manual_seed(seed)
+    dense = task.build(lambda i, o, b: nn.Linear(i, o, b), seed)
+    dense_train_loss = fine_tune(task, dense, args.train_steps, args.lr, seed)
     dense.eval()
     dense_scores = {"val": task.evaluate(dense, "val"), "test": task.evaluate(dense, "test")}
     train_seconds = time.perf_counter() - started
-    tqdm.write(f"dense: test loss {dense_scores['test']['loss']:.4f} ({train_seconds:.0f} s)")
-
+    tqdm.write(f"seed {seed}, dense: test loss {dense_scores['test']['loss']:.4f}")
+    dense_record = {
+        "seed": seed,
+        "hidden_params": hidden_params(dense),
+        "train_loss": dense_train_loss,
+        "train_seconds": train_seconds,
+        **dense_scores,
+    }
     methods = [f"nanomoe-{mixing}" for mixing in args.mixings] + ["svd"]
     rows = []
     jobs = [(budget, method) for budget in args.budgets for method in methods]
-    for budget, method in tqdm(jobs, desc="compress", unit="model"):
+    for budget, method in tqdm(jobs, desc=f"compress, seed {seed}", unit="model"):
         model = copy.deepcopy(dense)
         began = time.perf_counter()
         if method == "svd":
@@ -131,10 +137,11 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         before = {"val": task.evaluate(model, "val"), "test": task.evaluate(model, "test")}
         began = time.perf_counter()
         # The same fine-tuning batches for every method, other than the dense training's.
-        train_loss = fine_tune(task, model, args.finetune_steps, args.lr, args.seed + 1)
+        train_loss = fine_tune(task, model, args.finetune_steps, args.lr, seed + 1000)
         after = {"val": task.evaluate(model, "val"), "test": task.evaluate(model, "test")}
         rows.append(
             {
+                "seed": seed,
                 "budget": budget,
                 "method": method,
                 "hidden_params": hidden_params(model),
@@ -146,6 +153,18 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                 **info,
             }
         )
+    return dense_record, rows
+
+
+def run(args: argparse.Namespace) -> Dict[str, Any]:
+    torch.set_num_threads(args.threads)
+    task = make_task("charlm", args.size)
+    started = time.perf_counter()
+    dense, rows = [], []
+    for seed in range(args.seeds):
+        dense_record, seed_rows = run_seed(task, args, seed)
+        dense.append(dense_record)
+        rows += seed_rows
     return {
         "settings": {key: v for key, v in vars(args).items() if key != "out"},
         "machine": {
@@ -153,66 +172,103 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
         },
-        "dense": {
-            "hidden_params": hidden_params(dense),
-            "train_loss": dense_train_loss,
-            "train_seconds": train_seconds,
-            **dense_scores,
-        },
+        "dense": dense,
         "rows": rows,
         "seconds": time.perf_counter() - started,
     }
 
 
+def mean_std(values: List[float]) -> Tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    mean = sum(values) / len(values)
+    spread = sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1)
+    return mean, math.sqrt(spread)
+
+
+def summary(result: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Per (budget, method), in the rows' order: params and, over seeds, the mean and standard
+    deviation of the weight error and of the test loss before and after the fine-tune."""
+    groups: Dict[Tuple[float, str], List[Dict[str, Any]]] = {}
+    for row in result["rows"]:
+        groups.setdefault((row["budget"], row["method"]), []).append(row)
+    return [
+        {
+            "budget": budget,
+            "method": method,
+            "seeds": len(rows),
+            "hidden_params": rows[0]["hidden_params"],
+            "weight_error": mean_std([row["weight_error"] for row in rows]),
+            "before": mean_std([row["before"]["test"]["loss"] for row in rows]),
+            "after": mean_std([row["after"]["test"]["loss"] for row in rows]),
+        }
+        for (budget, method), rows in groups.items()
+    ]
+
+
 def table(result: Dict[str, Any]) -> str:
-    """Markdown: held-out (test) loss before and after the fine-tune, and the weight error."""
+    """Markdown: held-out (test) loss before and after the fine-tune, and the weight error, as
+    mean +- standard deviation over the seeds."""
     steps = result["settings"]["finetune_steps"]
     lines = [
         f"| budget | method | params | weight error | test loss | after {steps}-step fine-tune |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
+
+    def cell(pair: Tuple[float, float], digits: int) -> str:
+        return f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}"
+
     dense = result["dense"]
-    lines.append(
-        f"| 1 | dense | {dense['hidden_params']:,} | 0 | {dense['test']['loss']:.4f} | - |"
-    )
-    for row in result["rows"]:
+    loss = mean_std([record["test"]["loss"] for record in dense])
+    lines.append(f"| 1 | dense | {dense[0]['hidden_params']:,} | 0 | {cell(loss, 3)} | - |")
+    for row in summary(result):
         lines.append(
             f"| 1/{1 / row['budget']:g} | {row['method']} | {row['hidden_params']:,} | "
-            f"{row['weight_error']:.3f} | {row['before']['test']['loss']:.4f} | "
-            f"{row['after']['test']['loss']:.4f} |"
+            f"{cell(row['weight_error'], 3)} | {cell(row['before'], 3)} | {cell(row['after'], 3)} |"
         )
     return "\n".join(lines)
 
 
 def plot(result: Dict[str, Any], path: Path) -> None:
-    """Test loss against budget: dense, then each method before (dashed) and after (solid)."""
+    """Test loss against budget: dense, then each method before (dashed) and after (solid),
+    the mean over seeds with a bar of one standard deviation."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(7, 4.5))
-    dense = result["dense"]["test"]["loss"]
+    dense = mean_std([record["test"]["loss"] for record in result["dense"]])[0]
     axes.axhline(dense, color="black", linewidth=1, label="dense")
-    methods = dict.fromkeys(row["method"] for row in result["rows"])
+    rows = summary(result)
+    methods = dict.fromkeys(row["method"] for row in rows)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for color, method in zip(colors, methods):
-        rows = sorted(
-            (r for r in result["rows"] if r["method"] == method), key=lambda r: r["budget"]
-        )
-        budgets = [r["budget"] for r in rows]
+        points = sorted((r for r in rows if r["method"] == method), key=lambda r: r["budget"])
+        budgets = [r["budget"] for r in points]
         name = method.replace("nanomoe-", "NanoMoE fit ").replace("svd", "truncated SVD")
         for when, style, marker in (("before", "--", "o"), ("after", "-", "s")):
-            losses = [r[when]["test"]["loss"] for r in rows]
+            means, stds = zip(*(r[when] for r in points))
             label = f"{name}, {'after fine-tune' if when == 'after' else 'no fine-tune'}"
-            axes.plot(budgets, losses, style, marker=marker, color=color, label=label)
+            axes.errorbar(
+                budgets,
+                means,
+                yerr=stds,
+                fmt=style,
+                marker=marker,
+                color=color,
+                label=label,
+                capsize=3,
+            )
     axes.set_xscale("log", base=2)
-    budgets = sorted({row["budget"] for row in result["rows"]})
+    budgets = sorted({row["budget"] for row in rows})
     axes.set_xticks(budgets, [f"1/{1 / b:g}" for b in budgets])
     axes.set_xlabel("budget (fraction of each hidden layer's parameters)")
     axes.set_ylabel("held-out (test) loss, nats/char")
     steps = result["settings"]["finetune_steps"]
-    axes.set_title(f"charlm compressed after dense training; fine-tune {steps} steps")
+    seeds = result["settings"]["seeds"]
+    axes.set_title(
+        f"charlm compressed after dense training; fine-tune {steps} steps; {seeds} seeds"
+    )
     axes.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
