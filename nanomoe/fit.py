@@ -353,9 +353,13 @@ def _down_normal_equations(projected: Tensor, up_gram: Tensor, gate: Gate) -> Tu
     # One output block at a time: a (K_out, K_in, r, n_b) temporary summed over i made this 3 to
     # 6 times slower at 4096 x 4096.
     blocks = _blocks(projected, gate.mix.shape[1])
-    hessian = _accumulate(  # G^T A G = G^T (G^T A)^T
-        row.t_matmul(row.t_matmul(up_gram[i : i + 1]).mT)[0] for i, row in enumerate(gate.rows())
-    )
+    if gate.mix.dim() == 2:  # scalar: sum_i g_ij^2 A_i is one GEMM (the loop: 4x slower at K=96)
+        hessian = torch.einsum("ij,iab->jab", gate.mix.square(), up_gram[:, 0])
+    else:
+        hessian = _accumulate(  # G^T A G = G^T (G^T A)^T
+            row.t_matmul(row.t_matmul(up_gram[i : i + 1]).mT)[0]
+            for i, row in enumerate(gate.rows())
+        )
     return hessian, _accumulate(
         row.t_matmul(blocks[i : i + 1])[0] for i, row in enumerate(gate.rows())
     )
