@@ -31,17 +31,15 @@ from nanomoe.replace import INITS, CompressionReport, replace_linear
 MODELING = "modeling_nanomoe.py"
 FORMAT = 2  # of the config's "nanomoe" entry
 
-# The modeling file of a saved directory, for transformers' trust_remote_code: the architecture
-# with the NanoMoE layers the config lists. __name__ makes it the class's module, so that a
-# save_pretrained of the loaded model copies this file along.
-MODELING_TEMPLATE = '''"""Written by nanomoe compress: {architecture} with the NanoMoE layers
-listed under "nanomoe" in config.json."""
+# The modeling file of a saved directory, for transformers' trust_remote_code: each class the
+# config's auto_map names, built by nanomoe_model_class. __name__ makes it the class's module.
+MODELING_HEADER = '''"""Written by nanomoe compress: {architecture} with the NanoMoE layers listed
+under "nanomoe" in config.json. Needs the nanomoe package."""
 
 import transformers
 
 from nanomoe.compress import nanomoe_model_class
 
-NanoMoE{architecture} = nanomoe_model_class(transformers.{architecture}, __name__)
 '''
 
 # Files of a Hugging Face directory copied to the output as they are: they do not depend on the
@@ -147,7 +145,7 @@ def compress(
     report = replace_linear(model, progress=progress, **options)
     _step(progress, f"saving to {out}")
     if hugging_face:
-        save(model, report, out, progress)
+        save(model, out, progress)
         for pattern in COPIED:  # the tokenizer and the like
             for file in model_path.glob(pattern):
                 if file.is_file():
@@ -159,8 +157,8 @@ def compress(
 
 
 def load(path: Union[str, Path]) -> nn.Module:
-    """A model saved by ``nanomoe compress``: a directory through ``from_pretrained`` of its
-    architecture with the NanoMoE layers its config lists (``nanomoe_model_class``; the
+    """A model saved by ``nanomoe compress`` (or ``save``): a directory through ``from_pretrained``
+    of its architecture with the NanoMoE layers its config lists (``nanomoe_model_class``; the
     directory's own modeling file is not run), a file through ``torch.load``."""
     path = Path(path)
     if path.is_file():
@@ -174,21 +172,33 @@ def load(path: Union[str, Path]) -> nn.Module:
             f"{path / 'config.json'} has no nanomoe entry of format {FORMAT} (found {found!r}): "
             "not a directory written by this version of nanomoe compress"
         )
-    base = _known_architecture(transformers, (config.architectures or [None])[0])
-    model = nanomoe_model_class(base).from_pretrained(path, local_files_only=True)
+    base = _known_architecture(transformers, recorded["architecture"])
+    model = nanomoe_model_class(base).from_pretrained(
+        path, local_files_only=True, **_saved_dtype(transformers)
+    )
     return model.eval()  # as from_pretrained returns it: dropout off
 
 
-def nanomoe_model_class(base: type, module: str = __name__) -> type:
-    """``base`` (a ``transformers`` model class) whose ``__init__`` then replaces the layers that
-    ``config.nanomoe["layers"]`` lists by NanoMoE layers of the recorded shapes, for
-    ``from_pretrained`` to load the compressed weights into; ``module`` becomes its
-    ``__module__``."""
+def nanomoe_model_class(base: type, module: str = __name__, prefix: str = "") -> type:
+    """``base`` (a ``transformers`` model class) whose ``__init__`` then puts NanoMoE layers of the
+    recorded shapes where ``config.nanomoe["layers"]`` says, for ``from_pretrained`` to load the
+    compressed weights into, and whose ``save_pretrained`` also writes the modeling file.
+
+    ``prefix``: ``base`` is the base model inside the saved architecture, under that attribute
+    (``transformer`` of ``GPT2LMHeadModel``), as ``AutoModel`` loads it: the layers under it are
+    put in with the prefix taken off, the others (the head's) left out. ``module`` becomes the
+    class's ``__module__``.
+    """
 
     def __init__(self: nn.Module, config: Any, *args: Any, **kwargs: Any) -> None:
         base.__init__(self, config, *args, **kwargs)
-        names = _module_names(self)
         for layer in config.nanomoe["layers"]:
+            name = layer["name"]
+            if prefix:
+                if not name.startswith(prefix + "."):
+                    continue
+                name = name[len(prefix) + 1 :]
+            parent, _, child = name.rpartition(".")
             new_layer = NanoMoELinear(
                 layer["in_features"],
                 layer["out_features"],
@@ -197,12 +207,16 @@ def nanomoe_model_class(base: type, module: str = __name__) -> type:
                 layer["mixing"],
                 bias=layer["bias"],
             )
-            # A shared layer stays shared, as replace_linear keeps it.
-            for name in names[id(self.get_submodule(layer["name"]))]:
-                parent, _, child = name.rpartition(".")
-                setattr(self.get_submodule(parent), child, new_layer)
+            setattr(self.get_submodule(parent), child, new_layer)
 
-    namespace = {"__init__": __init__, "__module__": module}
+    def save_pretrained(
+        self: Any, save_directory: Union[str, Path], *args: Any, **kwargs: Any
+    ) -> Any:
+        result = base.save_pretrained(self, save_directory, *args, **kwargs)
+        _write_modeling(_transformers(), self.config, Path(save_directory))
+        return result
+
+    namespace = {"__init__": __init__, "save_pretrained": save_pretrained, "__module__": module}
     return type(f"NanoMoE{base.__name__}", (base,), namespace)
 
 
@@ -254,20 +268,31 @@ def _known_architecture(transformers: Any, name: Optional[str]) -> type:
     raise ValueError(f"transformers has no model class {name!r}")
 
 
-def _auto_classes(transformers: Any, config: Any, architecture: str) -> List[str]:
-    """The Auto classes (``AutoModelForCausalLM``, ...) that map this config to
-    ``architecture``; ``["AutoModel"]`` if none does."""
-    names = []
-    for name in dir(transformers):
-        if not name.startswith("AutoModel"):
-            continue
+def _auto_classes(
+    transformers: Any, config: Any, architecture: str
+) -> Dict[str, Tuple[str, str, str]]:
+    """For each Auto class (``AutoModelForCausalLM``, ...) that builds ``architecture`` from this
+    config, and for ``AutoModel`` in any case: the NanoMoE class it is to load, the transformers
+    class that one extends, and the prefix of the base model inside the architecture (empty when
+    the class is the architecture itself)."""
+
+    def model_class(auto: str) -> Optional[type]:
         try:  # _model_mapping: config class -> model class, imported lazily
-            model_class = getattr(transformers, name)._model_mapping[type(config)]
+            found = getattr(transformers, auto)._model_mapping[type(config)]
         except (AttributeError, KeyError, ImportError, ValueError):
-            continue
-        if getattr(model_class, "__name__", None) == architecture:
-            names.append(name)
-    return names or ["AutoModel"]
+            return None
+        return found if isinstance(found, type) else None
+
+    classes = {}
+    for auto in dir(transformers):
+        found = model_class(auto) if auto.startswith("AutoModel") else None
+        if found is not None and found.__name__ == architecture:
+            classes[auto] = (f"NanoMoE{architecture}", architecture, "")
+    base = model_class("AutoModel")
+    prefix = getattr(_known_architecture(transformers, architecture), "base_model_prefix", "")
+    if "AutoModel" not in classes and base is not None and prefix:
+        classes["AutoModel"] = (f"NanoMoE{base.__name__}", base.__name__, prefix)
+    return classes or {"AutoModel": (f"NanoMoE{architecture}", architecture, "")}
 
 
 def _load_hugging_face(path: Path, progress: bool) -> nn.Module:
@@ -307,52 +332,84 @@ def _load_module(path: Path) -> nn.Module:
     return model
 
 
-def save(
-    model: nn.Module, report: CompressionReport, out: Union[str, Path], progress: bool = False
-) -> None:
-    """Save a ``transformers`` model that ``replace_linear`` compressed (``report`` is what it
-    returned) with ``save_pretrained``, its config listing the NanoMoE layers and its Auto
-    classes mapped to a modeling file that puts them in: ``from_pretrained(out,
-    trust_remote_code=True)`` and ``load(out)`` read it back."""
+def save(model: nn.Module, out: Union[str, Path], progress: bool = False) -> None:
+    """Save a ``transformers`` model whose layers ``replace_linear`` replaced with
+    ``save_pretrained``: its config (on disk) lists every NanoMoE layer of the model and maps the
+    Auto classes to a modeling file that puts them in, so that ``from_pretrained(out,
+    trust_remote_code=True)`` and ``load(out)`` read it back. The model itself is left as it is.
+    """
     transformers = _transformers()
     if not isinstance(model, transformers.PreTrainedModel):
         raise TypeError(f"save takes a transformers model, got {type(model).__name__}")
-    architecture = type(model).__name__
-    _known_architecture(transformers, architecture)  # the modeling file names it
-    layers = []
-    for layer in report.replaced:
-        new_layer = model.get_submodule(layer.name)
-        if not isinstance(new_layer, NanoMoELinear):
-            raise ValueError(f"{layer.name} is not a NanoMoE layer: the report is not this model's")
-        layers.append(
-            {
-                "name": layer.name,
-                "in_features": new_layer.in_features,
-                "out_features": new_layer.out_features,
-                "rank": new_layer.rank,
-                "num_blocks": list(new_layer.num_blocks),
-                "mixing": new_layer.mixing,
-                "bias": new_layer.bias is not None,
-            }
-        )
     config: Any = model.config
-    config.nanomoe = {
-        "format": FORMAT,
-        "budget": report.budget,
-        "budget_metric": report.budget_metric,
-        "init": report.init,
-        "layers": layers,
-    }
-    module = MODELING.removesuffix(".py")
+    recorded = getattr(config, "nanomoe", None)  # a model that load() or from_pretrained built
+    architecture = recorded["architecture"] if recorded else type(model).__name__
+    _known_architecture(transformers, architecture)  # the modeling file names it
+    layers = _nanomoe_layers(model)
+    kept = {key: getattr(config, key) for key in ("nanomoe", "auto_map") if hasattr(config, key)}
+    config.nanomoe = {"format": FORMAT, "architecture": architecture, "layers": layers}
     config.auto_map = {
-        auto: f"{module}.NanoMoE{architecture}"
-        for auto in _auto_classes(transformers, config, architecture)
+        auto: f"{MODELING.removesuffix('.py')}.{class_name}"
+        for auto, (class_name, _, _) in _auto_classes(transformers, config, architecture).items()
     }
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    with _progress_bars(transformers, progress):
-        model.save_pretrained(out)
-    (out / MODELING).write_text(MODELING_TEMPLATE.format(architecture=architecture))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with _progress_bars(transformers, progress):
+            model.save_pretrained(out)
+        _write_modeling(transformers, config, out)
+    finally:  # the caller's config as it was: its auto_map would name a file only out has
+        for key in ("nanomoe", "auto_map"):
+            if key in kept:
+                setattr(config, key, kept[key])
+            else:
+                delattr(config, key)
+
+
+def _nanomoe_layers(model: nn.Module) -> List[Dict[str, Any]]:
+    """Every NanoMoE layer of the model, by name and shape; one under two names cannot be saved
+    (safetensors refuses tensors shared between keys)."""
+    names = _module_names(model)
+    layers = []
+    for name, layer in model.named_modules():
+        if not isinstance(layer, NanoMoELinear):
+            continue
+        if len(names[id(layer)]) > 1:
+            raise ValueError(
+                f"the NanoMoE layer {name} is shared with {names[id(layer)][1:]}: "
+                "save_pretrained cannot store tensors shared between names (torch.save the model)"
+            )
+        layers.append(
+            {
+                "name": name,
+                "in_features": layer.in_features,
+                "out_features": layer.out_features,
+                "rank": layer.rank,
+                "num_blocks": list(layer.num_blocks),
+                "mixing": layer.mixing,
+                "bias": layer.bias is not None,
+            }
+        )
+    return layers
+
+
+def _write_modeling(transformers: Any, config: Any, out: Path) -> None:
+    """The modeling file the config's auto_map names: one NanoMoE class per Auto class."""
+    architecture = config.nanomoe["architecture"]
+    lines = {
+        f"{class_name} = nanomoe_model_class(transformers.{base}, __name__"
+        + (f", prefix={prefix!r})" if prefix else ")")
+        for class_name, base, prefix in _auto_classes(transformers, config, architecture).values()
+    }
+    source = MODELING_HEADER.format(architecture=architecture) + "\n".join(sorted(lines)) + "\n"
+    (out / MODELING).write_text(source)
+
+
+def _saved_dtype(transformers: Any) -> Dict[str, str]:
+    """from_pretrained's option for the dtype the weights were saved in (the default only in
+    transformers 5; named torch_dtype before 4.56)."""
+    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": "auto"}
 
 
 def _module_names(model: nn.Module) -> Dict[int, List[str]]:

@@ -10,8 +10,8 @@ the first iteration, for scalar and diagonal gates, a direct re-alignment of the
 never increases, and the result is never worse than truncated SVD at the same rank.
 
 Every step works on ``r x r`` summaries of the weight (``up[i]^T W_ij``, ``up[i]^T up[i]``, ...)
-for all blocks at once with batched linear algebra: an iteration costs two or three products of
-the weight with a rank-``r`` factor (``2 r m n`` flops each) plus ``r x r`` work per block.
+for all blocks at once with batched linear algebra: an iteration costs two products of the
+weight with a rank-``r`` factor (``2 r m n`` flops each) plus ``r x r`` work per block.
 """
 
 from typing import Iterable, Iterator, List, NamedTuple, Optional, Tuple
@@ -128,9 +128,10 @@ def fit_dense(
         ``||W - W_fit||_F / ||W||_F`` after the initialization (that of truncated SVD at ``rank``)
         and after each iteration, which never increases (up to rounding: squared, by 1e-13 or so).
         Where both sides exceed EXACT_EIGH, the start's error is SVD's to within 1e-9 or so (see
-        ``_top_left_subspace``). Full gates come out in a balanced gauge: each ``up[i]`` and
-        ``down[j]`` orthonormal times a scale, the three factors scaled against each other as a
-        fresh layer's (``_balanced_full_gate``), which suits fine-tuning.
+        ``_top_left_subspace``). Full gates come out in a balanced gauge: the three factors scaled
+        against each other as a fresh layer's and, where the rank is at most the block sizes,
+        each ``up[i]`` and ``down[j]`` orthonormal times a scale (``_balanced_full_gate``), which
+        suits fine-tuning.
 
     ALS finds a local optimum. A weight made by a NanoMoE layer plus 1% noise is recovered to the
     noise with scalar and full gates (ranks 4 to 64 measured, scalar also at 256 on 4096 x 4096)
@@ -148,8 +149,8 @@ def fit_dense(
     out_features, in_features = weight.shape
     k_out, k_in = check_layer(in_features, out_features, rank, num_blocks, mixing)
     w = weight.detach().to(torch.float64)
-    norm_sq = w.square().sum()
-    if not torch.isfinite(norm_sq):  # one reduction, where isfinite(w).all() takes two passes
+    norm_sq = torch.linalg.vector_norm(w).square()
+    if not torch.isfinite(norm_sq):  # a NaN or an Inf makes it so; isfinite(w) needs a pass more
         finite = bool(torch.isfinite(w).all())
         raise ValueError(
             "weight's squared norm overflows" if finite else "weight has non-finite entries"
@@ -289,7 +290,10 @@ def _top_left_subspace(w: Tensor, keep: int) -> Tensor:
     if len(gram) <= EXACT_EIGH:
         return torch.linalg.eigh(gram).eigenvectors[:, -keep:]
     wide = min(keep + OVERSAMPLE, len(gram))
-    basis = torch.linalg.eigh(gram.float()).eigenvectors[:, -wide:].to(w.dtype)
+    # Scaled to a largest diagonal of 1 first: float32 would overflow or underflow where float64
+    # does not (weights of 1e17 or 1e-20).
+    scale = gram.diagonal().max().clamp_min(torch.finfo(w.dtype).tiny)
+    basis = torch.linalg.eigh((gram / scale).float()).eigenvectors[:, -wide:].to(w.dtype)
     for _ in range(REFINE):
         basis = torch.linalg.qr(gram @ basis).Q
     return basis

@@ -10,11 +10,15 @@ import math
 import re
 import sys
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Dict, List, Literal, NamedTuple, Optional, Pattern, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.prune import BasePruningMethod
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 from tqdm import tqdm
 
 from nanomoe.budget import (
@@ -550,12 +554,26 @@ HOOK_REGISTRIES = (
 )
 
 
+# Forward pre-hooks that rebuild the old weight from its own parameters (weight_orig, weight_g,
+# weight_mask): the fit already took the weight they made, and the new layer has none to rebuild.
+REPARAMETRIZATIONS = (BasePruningMethod, WeightNorm, SpectralNorm)
+
+
 def _carry_hooks(old: nn.Module, new: nn.Module) -> None:
     """The new layer takes over the old one's forward and backward hooks: the registries
-    themselves, so the handles that added them still remove them."""
+    themselves, so the handles that added them still remove them; but without the
+    reparametrizations' hooks, in a registry of its own where the old one has any."""
     for registry in HOOK_REGISTRIES:
-        if hasattr(old, registry):  # all of them since torch 2.2
-            setattr(new, registry, getattr(old, registry))
+        hooks = getattr(old, registry)
+        if registry == "_forward_pre_hooks" and any(
+            isinstance(hook, REPARAMETRIZATIONS) for hook in hooks.values()
+        ):
+            hooks = OrderedDict(
+                (key, hook)
+                for key, hook in hooks.items()
+                if not isinstance(hook, REPARAMETRIZATIONS)
+            )
+        setattr(new, registry, hooks)
 
 
 def _install(model: nn.Module, names: Sequence[str], new_layer: nn.Module) -> None:

@@ -55,7 +55,7 @@ def test_gpt2_round_trip(transformers, tmp_path, capsys):
 
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["GPT2LMHeadModel"]
-    assert config["nanomoe"]["budget"] == 0.5 and config["nanomoe"]["init"] == "fit"
+    assert config["nanomoe"]["architecture"] == "GPT2LMHeadModel"
     assert [layer["num_blocks"] for layer in config["nanomoe"]["layers"]] == [
         list(layer["num_blocks"]) for layer in report["layers"]
     ]
@@ -68,13 +68,27 @@ def test_gpt2_round_trip(transformers, tmp_path, capsys):
     assert hub.lm_head.weight is hub.transformer.wte.weight
     with torch.no_grad():
         assert torch.equal(hub(ids).logits, reloaded(ids).logits)
-    # Saved again by transformers, it keeps its layers and its modeling file.
-    hub.save_pretrained(tmp_path / "resaved")
-    assert (tmp_path / "resaved" / MODELING).is_file()
-    again = transformers.AutoModelForCausalLM.from_pretrained(
-        tmp_path / "resaved", trust_remote_code=True
-    )
-    assert nanomoe_layers(again) == names
+    # AutoModel gives the base model inside, with its NanoMoE layers, not a dense one.
+    base = transformers.AutoModel.from_pretrained(out, trust_remote_code=True)
+    assert isinstance(base, transformers.GPT2Model)
+    assert nanomoe_layers(base) == [name.removeprefix("transformer.") for name in names]
+    with torch.no_grad():
+        torch.testing.assert_close(
+            base(ids).last_hidden_state, reloaded.transformer(ids).last_hidden_state
+        )
+    # Saved again, by a model transformers or load built: both read it back, with its layers.
+    for built, name in ((hub, "from-hub"), (reloaded, "from-load")):
+        built.save_pretrained(tmp_path / name)
+        assert (tmp_path / name / MODELING).is_file()
+        for again in (
+            transformers.AutoModelForCausalLM.from_pretrained(
+                tmp_path / name, trust_remote_code=True
+            ),
+            load(tmp_path / name),
+        ):
+            assert nanomoe_layers(again) == names
+            with torch.no_grad():
+                assert torch.equal(again(ids).logits, reloaded(ids).logits)
 
 
 def test_bert_fixed_blocks_through_the_nanomoe_command(transformers, tmp_path, capsys):
@@ -97,18 +111,30 @@ def test_bert_fixed_blocks_through_the_nanomoe_command(transformers, tmp_path, c
 def test_save_after_replace_linear_in_memory(transformers, tmp_path):
     torch.manual_seed(0)
     model = transformers.BertModel(bert_config(transformers)).eval()
-    report = nanomoe.replace_linear(model, budget=0.5, include="output.dense", progress=False)
-    save(model, report, tmp_path / "out")
+    # Two calls, two mixings: save records every NanoMoE layer, not one report's.
+    nanomoe.replace_linear(model, budget=0.5, include="output.dense", progress=False)
+    nanomoe.replace_linear(
+        model, budget=0.5, mixing="diagonal", include="intermediate", iters=2, progress=False
+    )
+    save(model, tmp_path / "out")
+    # The model's own config keeps no auto_map naming a file only the directory has.
+    assert not hasattr(model.config, "auto_map") and not hasattr(model.config, "nanomoe")
     hub = transformers.AutoModel.from_pretrained(tmp_path / "out", trust_remote_code=True)
-    assert nanomoe_layers(hub) == [layer.name for layer in report.replaced]
+    assert nanomoe_layers(hub) == nanomoe_layers(model) and len(nanomoe_layers(hub)) == 6
     ids = torch.randint(0, 64, (2, 8))
     with torch.no_grad():
         assert torch.equal(hub(ids).last_hidden_state, model(ids).last_hidden_state)
     with pytest.raises(TypeError, match="transformers model"):
-        save(nn.Sequential(nn.Linear(4, 4)), report, tmp_path / "bad")
-    other = transformers.BertModel(bert_config(transformers))
-    with pytest.raises(ValueError, match="not a NanoMoE layer"):
-        save(other, report, tmp_path / "bad")
+        save(nn.Sequential(nn.Linear(4, 4)), tmp_path / "bad")
+
+
+def test_save_refuses_a_layer_under_two_names(transformers, tmp_path):
+    model = transformers.BertModel(bert_config(transformers))
+    nanomoe.replace_linear(model, budget=0.5, include=r"layer\.0\.output\.dense", progress=False)
+    model.encoder.layer[1].output.dense = model.encoder.layer[0].output.dense
+    with pytest.raises(ValueError, match="shared with"):
+        save(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_torch_save_round_trip(tmp_path, capsys):

@@ -121,6 +121,10 @@ def test_start_through_float32_eigh_is_the_truncated_svd(
     fit = nanomoe.fit_dense(weight, 6, 2, "diagonal", iters=0)
     assert fit.errors == [pytest.approx(svd_error(weight, 6), rel=1e-9)]
     torch.testing.assert_close(dense(fit), svd_truncation(weight, 6), rtol=0, atol=1e-10)
+    # float32 holds the Gram matrix only after scaling: these would overflow and underflow it.
+    for scale in (1e25, 1e-25):
+        fit = nanomoe.fit_dense(weight * scale, 6, 2, "diagonal", iters=0)
+        assert fit.errors == [pytest.approx(svd_error(weight, 6), rel=1e-9)]
 
 
 @pytest.mark.parametrize("mixing", MIXINGS)

@@ -409,3 +409,32 @@ def test_hooks_carry_over_to_the_new_layer() -> None:
     before.remove()  # the handle still reaches the hook on the new layer
     model(torch.randn(3, 32))
     assert seen[2:] == [("post", (3, 32))]
+
+
+@pytest.mark.parametrize(
+    "reparametrize",
+    [
+        lambda m: torch.nn.utils.prune.l1_unstructured(m, "weight", amount=0.5),
+        lambda m: torch.nn.utils.weight_norm(m),
+        lambda m: torch.nn.utils.spectral_norm(m),
+    ],
+    ids=["prune", "weight_norm", "spectral_norm"],
+)
+def test_weight_reparametrizations_are_not_carried_over(reparametrize) -> None:
+    # Their pre-hooks rebuild the old weight from weight_orig, weight_g, weight_mask: the fit
+    # takes the weight they made, and the new layer must not run them.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32))
+    reparametrize(model[0])
+    seen: list = []
+    model[0].register_forward_hook(lambda m, args, out: seen.append(type(m)))
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        dense = model[0].weight.clone()
+    report = nanomoe.replace_linear(model, budget=0.5, num_blocks=2, progress=False)
+    layer = model[0]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), x @ layer.to_dense().T + layer.bias)
+        error = ((layer.to_dense() - dense).norm() / dense.norm()).item()
+    assert error == pytest.approx(report.replaced[0].nanomoe_error, rel=1e-4)  # fitted to it
+    assert seen[-1] is nanomoe.NanoMoELinear  # other hooks still carried
