@@ -38,6 +38,7 @@ from nanomoe.layers import LowRankLinear
 RESULTS = Path(__file__).resolve().parent / "results"
 HIDDEN = r"^blocks\."  # the layers nanomoe compare compares: everything inside the GPT blocks
 MIXINGS = ("scalar", "diagonal")
+WHEN = ("before", "after")  # the fine-tune
 
 
 def parser() -> argparse.ArgumentParser:
@@ -136,7 +137,7 @@ def run_seed(task: Task, args: argparse.Namespace, seed: int) -> Tuple[Dict[str,
         compress_seconds = time.perf_counter() - began
         before = {"val": task.evaluate(model, "val"), "test": task.evaluate(model, "test")}
         began = time.perf_counter()
-        # The same fine-tuning batches for every method, other than the dense training's.
+        # The same fine-tuning batches for every method, other than any seed's dense training's.
         train_loss = fine_tune(task, model, args.finetune_steps, args.lr, seed + 1000)
         after = {"val": task.evaluate(model, "val"), "test": task.evaluate(model, "test")}
         rows.append(
@@ -187,43 +188,60 @@ def mean_std(values: List[float]) -> Tuple[float, float]:
 
 def summary(result: Dict[str, Any]) -> List[Dict[str, Any]]:
     """Per (budget, method), in the rows' order: params and, over seeds, the mean and standard
-    deviation of the weight error and of the test loss before and after the fine-tune."""
+    deviation of the weight error, of the test loss before and after the fine-tune, and of that
+    loss minus SVD's on the same dense model (``None`` for SVD itself)."""
     groups: Dict[Tuple[float, str], List[Dict[str, Any]]] = {}
     for row in result["rows"]:
         groups.setdefault((row["budget"], row["method"]), []).append(row)
-    return [
-        {
+
+    def loss(row: Dict[str, Any], when: str) -> float:
+        return row[when]["test"]["loss"]
+
+    summaries = []
+    for (budget, method), rows in groups.items():
+        svd = {row["seed"]: row for row in groups.get((budget, "svd"), [])}
+        paired = method != "svd" and all(row["seed"] in svd for row in rows)
+        entry: Dict[str, Any] = {
             "budget": budget,
             "method": method,
             "seeds": len(rows),
             "hidden_params": rows[0]["hidden_params"],
             "weight_error": mean_std([row["weight_error"] for row in rows]),
-            "before": mean_std([row["before"]["test"]["loss"] for row in rows]),
-            "after": mean_std([row["after"]["test"]["loss"] for row in rows]),
         }
-        for (budget, method), rows in groups.items()
-    ]
+        for when in WHEN:
+            entry[when] = mean_std([loss(row, when) for row in rows])
+            differences = [loss(row, when) - loss(svd[row["seed"]], when) for row in rows]
+            entry[f"{when}_vs_svd"] = mean_std(differences) if paired else None
+        summaries.append(entry)
+    return summaries
 
 
 def table(result: Dict[str, Any]) -> str:
-    """Markdown: held-out (test) loss before and after the fine-tune, and the weight error, as
-    mean +- standard deviation over the seeds."""
+    """Markdown: the weight error and the held-out (test) loss before and after the fine-tune,
+    as mean ± standard deviation over the seeds; for NanoMoE, in brackets, its loss minus SVD's
+    on the same dense model, over the seeds too."""
     steps = result["settings"]["finetune_steps"]
     lines = [
         f"| budget | method | params | weight error | test loss | after {steps}-step fine-tune |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
 
-    def cell(pair: Tuple[float, float], digits: int) -> str:
-        return f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}"
+    def cell(pair: Tuple[float, float]) -> str:
+        return f"{pair[0]:.3f} ± {pair[1]:.3f}"
+
+    def loss_cell(row: Dict[str, Any], when: str) -> str:
+        paired = row[f"{when}_vs_svd"]
+        vs_svd = "" if paired is None else f" ({paired[0]:+.3f} ± {paired[1]:.3f})"
+        return cell(row[when]) + vs_svd
 
     dense = result["dense"]
     loss = mean_std([record["test"]["loss"] for record in dense])
-    lines.append(f"| 1 | dense | {dense[0]['hidden_params']:,} | 0 | {cell(loss, 3)} | - |")
+    lines.append(f"| 1 | dense | {dense[0]['hidden_params']:,} | 0 | {cell(loss)} | - |")
     for row in summary(result):
         lines.append(
             f"| 1/{1 / row['budget']:g} | {row['method']} | {row['hidden_params']:,} | "
-            f"{cell(row['weight_error'], 3)} | {cell(row['before'], 3)} | {cell(row['after'], 3)} |"
+            f"{cell(row['weight_error'])} | {loss_cell(row, 'before')} | "
+            f"{loss_cell(row, 'after')} |"
         )
     return "\n".join(lines)
 

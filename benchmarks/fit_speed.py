@@ -18,7 +18,7 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import torch
 from report import machine_info
@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 import nanomoe
 from nanomoe.budget import MIXINGS, dense_params, nanomoe_rank_for_budget
-from nanomoe.fit import DEFAULT_ITERS
+from nanomoe.fit import DEFAULT_ITERS, DenseFit
 
 ROOT = Path(__file__).resolve().parent
 WEIGHTS = ("gaussian", "decaying")
@@ -48,7 +48,9 @@ def make_weight(kind: str, size: int, seed: int = 0) -> Tensor:
     return (left * values @ right.T).float()
 
 
-def timed_fit(weight: Tensor, rank: int, blocks: int, mixing: str, iters: int) -> tuple:
+def timed_fit(
+    weight: Tensor, rank: int, blocks: int, mixing: str, iters: int
+) -> Tuple[DenseFit, float]:
     start = time.perf_counter()
     fit = nanomoe.fit_dense(weight, rank, blocks, mixing, iters=iters)
     if weight.is_cuda:
@@ -110,9 +112,10 @@ def main() -> None:
     parser.add_argument("--weights", nargs="+", default=list(WEIGHTS), choices=WEIGHTS)
     parser.add_argument("--iters", type=int, default=DEFAULT_ITERS)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", type=Path, default=ROOT / "results" / "fit-cpu.json")
+    parser.add_argument("--out", type=Path, help="default: results/fit-<device type>.json")
     args = parser.parse_args()
     device = torch.device(args.device)
+    out: Path = args.out or ROOT / "results" / f"fit-{device.type}.json"
     info = machine_info(device, torch.get_num_threads(), copy_gb_per_s(device, 64, 5, 1.0), 64)
     info.update(size=args.size, budget=args.budget, blocks=args.blocks)
     rows = measure(args)
@@ -120,9 +123,9 @@ def main() -> None:
         f"fit_dense, {args.size} x {args.size}, budget {args.budget:g} of dense, K = {args.blocks}"
     )
     print_table(rows)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": info, "rows": rows}, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": info, "rows": rows}, indent=1) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

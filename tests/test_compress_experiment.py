@@ -57,6 +57,12 @@ def test_structure(result) -> None:
     std = abs(svd_losses[0] - svd_losses[1]) / 2**0.5
     svd_line = next(line for line in stdout.splitlines() if line.startswith("| 1/2 | svd |"))
     assert f"| {mean:.3f} ± {std:.3f} |" in svd_line
+    # NanoMoE's cells also give its loss minus SVD's on the same dense model, over the seeds.
+    scalar = [row["before"]["test"]["loss"] for row in rows if row["method"] == "nanomoe-scalar"]
+    differences = [a - b for a, b in zip(scalar, svd_losses)]
+    spread = abs(differences[0] - differences[1]) / 2**0.5
+    line = next(line for line in stdout.splitlines() if line.startswith("| 1/2 | nanomoe-scalar"))
+    assert f"({sum(differences) / 2:+.3f} ± {spread:.3f})" in line
 
 
 def test_svd_matches_replace_linear(result) -> None:
