@@ -515,7 +515,10 @@ def _fit_gate(
         target = cross_diagonal.sum(-1)[..., None, None]
         return Gate(_proximal_solve(curvature, target, gate.mix[..., None, None])[..., 0, 0])
     # diag(g): curvature A o B
-    solution = _proximal_solve(up_gram * down_gram, cross_diagonal[..., None], gate.mix[..., None])
+    curvature = up_gram * down_gram
+    solution = _proximal_solve(
+        curvature, cross_diagonal[..., None], gate.mix[..., None], overwrite=True
+    )
     return Gate(solution[..., 0])
 
 
@@ -589,15 +592,18 @@ def _fit_diagonal_and_outer(
     return torch.where(ok, g, gate.mix), torch.where(ok, a, gate.left)
 
 
-def _proximal_solve(hessian: Tensor, rhs: Tensor, current: Tensor) -> Tensor:
-    """``argmin_x <x, H x> - 2 <x, rhs> + ridge ||x - current||^2`` for batches of ``H``.
+def _proximal_solve(
+    hessian: Tensor, rhs: Tensor, current: Tensor, overwrite: bool = False
+) -> Tensor:
+    """``argmin_x <x, H x> - 2 <x, rhs> + ridge ||x - current||^2`` for batches of ``H``;
+    ``overwrite``: ``hessian`` is a temporary, which may be changed (no copy of it).
 
     By Cholesky: ``H + ridge I`` is positive definite. (Batched LU, ``torch.linalg.solve``, also
     hangs in MKL's DLASWP on this machine's torch 2.13 at 8 x 256 x 256.) A system that rounding
     made indefinite keeps ``current``, which cannot raise the error either.
     """
     ridge = _ridge(hessian.diagonal(dim1=-2, dim2=-1).mean(-1))[..., None]
-    regularized = hessian.clone()
+    regularized = hessian if overwrite else hessian.clone()
     regularized.diagonal(dim1=-2, dim2=-1).add_(ridge)
     factor, info = torch.linalg.cholesky_ex(regularized)
     solution = torch.cholesky_solve(rhs + ridge[..., None] * current, factor)
