@@ -54,6 +54,11 @@ COPIED = (
     "preprocessor_config.json",
     "*.model",  # sentencepiece
     "*.tiktoken",
+    # sentence-transformers: its modules, and their folders (1_Pooling, 2_Normalize, ...)
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+    "[0-9]*_*",
 )
 
 
@@ -147,9 +152,11 @@ def compress(
     if hugging_face:
         save(model, out, progress)
         for pattern in COPIED:  # the tokenizer and the like
-            for file in model_path.glob(pattern):
-                if file.is_file():
-                    shutil.copy2(file, out / file.name)
+            for path in model_path.glob(pattern):
+                if path.is_dir():
+                    shutil.copytree(path, out / path.name, dirs_exist_ok=True)
+                elif path.is_file():
+                    shutil.copy2(path, out / path.name)
     else:
         out.parent.mkdir(parents=True, exist_ok=True)
         torch.save(model, out)

@@ -95,11 +95,17 @@ def test_bert_fixed_blocks_through_the_nanomoe_command(transformers, tmp_path, c
     torch.manual_seed(0)
     source, out = tmp_path / "bert", tmp_path / "out"
     transformers.BertModel(bert_config(transformers)).eval().save_pretrained(source)
+    # A sentence-transformers layout around it: its module files and folders come along.
+    (source / "modules.json").write_text("[]")
+    (source / "1_Pooling").mkdir()
+    (source / "1_Pooling" / "config.json").write_text("{}")
     argv = [str(source), "--out", str(out), "--budget", "0.5", "--include", "intermediate"]
     nanomoe.cli.main(["compress", *argv, "--num-blocks", "2", "--init", "random", "--no-progress"])
     printed = capsys.readouterr()
     assert "encoder.layer.0.intermediate.dense" in printed.out
     assert "Loading weights" not in printed.err and "replace_linear" not in printed.err
+    assert (out / "modules.json").read_text() == "[]"
+    assert (out / "1_Pooling" / "config.json").read_text() == "{}"
     reloaded = load(out)
     layers = [reloaded.get_submodule(name) for name in nanomoe_layers(reloaded)]
     assert [layer.num_blocks for layer in layers] == [(2, 2), (2, 2)]
