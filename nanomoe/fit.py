@@ -403,7 +403,7 @@ def _cross_diagonal(projected: Tensor, down: Tensor) -> Tensor:
     k_in, _, block_in = down.shape
     if block_in < 16 * k_in:
         return torch.linalg.vecdot(_blocks(projected, k_in), down)
-    by_position = down.permute(1, 2, 0)  # (r, n_b, K_in)
+    by_position = down.permute(1, 2, 0).contiguous()  # (r, n_b, K_in): else bmm copies per batch
     return torch.stack(
         [
             (projected[i].view(rank, k_in, -1) @ by_position).diagonal(dim1=-2, dim2=-1).T
