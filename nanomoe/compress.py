@@ -349,8 +349,11 @@ def save(model: nn.Module, out: Union[str, Path], progress: bool = False) -> Non
     if not isinstance(model, transformers.PreTrainedModel):
         raise TypeError(f"save takes a transformers model, got {type(model).__name__}")
     config: Any = model.config
-    recorded = getattr(config, "nanomoe", None)  # a model that load() or from_pretrained built
-    architecture = recorded["architecture"] if recorded else type(model).__name__
+    # The transformers class it is (or, built by load or from_pretrained, extends).
+    architecture = next(
+        (c.__name__ for c in type(model).__mro__ if getattr(transformers, c.__name__, None) is c),
+        None,
+    )
     _known_architecture(transformers, architecture)  # the modeling file names it
     layers = _nanomoe_layers(model)
     kept = {key: getattr(config, key) for key in ("nanomoe", "auto_map") if hasattr(config, key)}

@@ -89,6 +89,12 @@ def test_gpt2_round_trip(transformers, tmp_path, capsys):
             assert nanomoe_layers(again) == names
             with torch.no_grad():
                 assert torch.equal(again(ids).logits, reloaded(ids).logits)
+    # The base model AutoModel built, saved by nanomoe: it is a GPT2Model with its layers.
+    save(base, tmp_path / "base")
+    again = transformers.AutoModel.from_pretrained(tmp_path / "base", trust_remote_code=True)
+    assert type(again).__name__ == "NanoMoEGPT2Model"
+    assert nanomoe_layers(again) == nanomoe_layers(base)
+    assert nanomoe_layers(load(tmp_path / "base")) == nanomoe_layers(base)
 
 
 def test_bert_fixed_blocks_through_the_nanomoe_command(transformers, tmp_path, capsys):
