@@ -370,9 +370,9 @@ def _down_normal_equations(projected: Tensor, up_gram: Tensor, gate: Gate) -> Tu
 
 
 def _accumulate(terms: Iterable[Tensor]) -> Tensor:
-    """The sum of ``terms``, added in place into the first."""
+    """The sum of ``terms``, added in place into the first: each is a new tensor (t_matmul's)."""
     iterator = iter(terms)
-    total = next(iterator).clone()
+    total = next(iterator)
     for term in iterator:
         total += term
     return total
