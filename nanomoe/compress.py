@@ -220,7 +220,9 @@ def nanomoe_model_class(base: type, module: str = __name__, prefix: str = "") ->
         self: Any, save_directory: Union[str, Path], *args: Any, **kwargs: Any
     ) -> Any:
         result = base.save_pretrained(self, save_directory, *args, **kwargs)
-        _write_modeling(_transformers(), self.config, Path(save_directory))
+        architecture = self.config.nanomoe["architecture"]
+        classes = _auto_classes(_transformers(), self.config, architecture)
+        _write_modeling(architecture, classes, Path(save_directory))
         return result
 
     namespace = {"__init__": __init__, "save_pretrained": save_pretrained, "__module__": module}
@@ -358,16 +360,17 @@ def save(model: nn.Module, out: Union[str, Path], progress: bool = False) -> Non
     layers = _nanomoe_layers(model)
     kept = {key: getattr(config, key) for key in ("nanomoe", "auto_map") if hasattr(config, key)}
     config.nanomoe = {"format": FORMAT, "architecture": architecture, "layers": layers}
+    classes = _auto_classes(transformers, config, architecture)
     config.auto_map = {
         auto: f"{MODELING.removesuffix('.py')}.{class_name}"
-        for auto, (class_name, _, _) in _auto_classes(transformers, config, architecture).items()
+        for auto, (class_name, _, _) in classes.items()
     }
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
         with _progress_bars(transformers, progress):
             model.save_pretrained(out)
-        _write_modeling(transformers, config, out)
+        _write_modeling(architecture, classes, out)
     finally:  # the caller's config as it was: its auto_map would name a file only out has
         for key in ("nanomoe", "auto_map"):
             if key in kept:
@@ -403,13 +406,13 @@ def _nanomoe_layers(model: nn.Module) -> List[Dict[str, Any]]:
     return layers
 
 
-def _write_modeling(transformers: Any, config: Any, out: Path) -> None:
-    """The modeling file the config's auto_map names: one NanoMoE class per Auto class."""
-    architecture = config.nanomoe["architecture"]
+def _write_modeling(architecture: str, classes: Dict[str, Tuple[str, str, str]], out: Path) -> None:
+    """The modeling file the config's auto_map names: the NanoMoE class of each Auto class
+    (``classes``, from ``_auto_classes``)."""
     lines = {
         f"{class_name} = nanomoe_model_class(transformers.{base}, __name__"
         + (f", prefix={prefix!r})" if prefix else ")")
-        for class_name, base, prefix in _auto_classes(transformers, config, architecture).values()
+        for class_name, base, prefix in classes.values()
     }
     source = MODELING_HEADER.format(architecture=architecture) + "\n".join(sorted(lines)) + "\n"
     (out / MODELING).write_text(source)
