@@ -14,7 +14,7 @@ for all blocks at once with batched linear algebra: an iteration costs two produ
 weight with a rank-``r`` factor (``2 r m n`` flops each) plus ``r x r`` work per block.
 """
 
-from typing import Iterable, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Iterable, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -78,22 +78,6 @@ class Gate(NamedTuple):
         if self.left is None or self.right is None:
             return Gate(mix.mT if mix.dim() == 4 else mix)
         return Gate(mix, self.right.transpose(0, 1), self.left.transpose(0, 1))
-
-    def t_matmul(self, x: Tensor) -> Tensor:
-        """``G_ij^T @ x_ij`` for ``x`` of shape ``(K_out, K_in, r, c)`` (or broadcasting to it)."""
-        if self.mix.dim() == 2:
-            return self.mix[..., None, None] * x
-        if self.mix.dim() == 4:
-            return self.mix.mT @ x
-        out = self.mix[..., None] * x
-        if self.left is not None and self.right is not None:
-            out = out + self.right[..., None] * (self.left[..., None, :] @ x)
-        return out
-
-    def rows(self) -> Iterator["Gate"]:
-        """The gate of each output block ``i`` in turn, as ``(1, K_in, ...)`` slices."""
-        for i in range(len(self.mix)):
-            yield Gate(*(None if t is None else t[i : i + 1] for t in self))
 
 
 class Factors(NamedTuple):
@@ -353,24 +337,53 @@ def _update_gate_and_down(
 
 def _down_normal_equations(projected: Tensor, up_gram: Tensor, gate: Gate) -> Tuple[Tensor, Tensor]:
     """``down[j]`` minimizes ``sum_i ||W_ij - up[i] G_ij down[j]||^2``, whose normal equations are
-    ``(sum_i G_ij^T up_gram_i G_ij) down[j] = sum_i G_ij^T up[i]^T W_ij``."""
-    # One output block at a time: a (K_out, K_in, r, n_b) temporary summed over i made this 3 to
-    # 6 times slower at 4096 x 4096.
+    ``(sum_i G_ij^T up_gram_i G_ij) down[j] = sum_i G_ij^T up[i]^T W_ij``.
+
+    Summed one output block at a time: a (K_out, K_in, r, n_b) temporary summed over i made this
+    3 to 6 times slower at 4096 x 4096."""
     blocks = _blocks(projected, gate.mix.shape[1])
-    if gate.mix.dim() == 2:  # scalar: sum_i g_ij^2 A_i is one GEMM (the loop: 4x slower at K=96)
-        hessian = torch.einsum("ij,iab->jab", gate.mix.square(), up_gram[:, 0])
-    else:
-        hessian = _accumulate(  # G^T A G = G^T (G^T A)^T
-            row.t_matmul(row.t_matmul(up_gram[i : i + 1]).mT)[0]
-            for i, row in enumerate(gate.rows())
-        )
-    return hessian, _accumulate(
-        row.t_matmul(blocks[i : i + 1])[0] for i, row in enumerate(gate.rows())
-    )
+    if gate.mix.dim() == 4:
+        hessian = _accumulate(g.mT @ up_gram[i] @ g for i, g in enumerate(gate.mix))
+        return hessian, _accumulate(g.mT @ blocks[i] for i, g in enumerate(gate.mix))
+    # The other gates scale rows (plus, for diagonal_outer, G^T = diag(g) + right left^T):
+    # fused multiply-adds into the sums, no temporary per block, which took a fifth of a
+    # diagonal fit's time at K = 16.
+    k_out, k_in, rank, block_in = blocks.shape
+    scale = gate.mix[..., None] if gate.mix.dim() == 3 else gate.mix[..., None, None]
+    rhs = projected.new_zeros(k_in, rank, block_in)
+    for i in range(k_out):
+        rhs.addcmul_(blocks[i], scale[i])
+        if gate.left is not None and gate.right is not None:
+            rhs.baddbmm_(gate.right[i, :, :, None], gate.left[i, :, None, :] @ blocks[i])
+    if gate.mix.dim() == 2:  # sum_i g_ij^2 A_i is one GEMM (the loop: 4x slower at K=96)
+        return torch.einsum("ij,iab->jab", gate.mix.square(), up_gram[:, 0]), rhs
+    # diag(g) A diag(g) = A o g g^T
+    hessian = projected.new_zeros(k_in, rank, rank)
+    scaled = torch.empty_like(hessian)
+    for i in range(k_out):
+        torch.mul(up_gram[i], scale[i], out=scaled)
+        hessian.addcmul_(scaled, gate.mix[i, :, None, :])
+    if gate.left is not None and gate.right is not None:
+        # The rest of G^T A G is w right^T + right w^T, w = g o (A left) + (left^T A left / 2)
+        # right: over i, one (r x K_out) by (K_out x r) product per input block j.
+        a_left = _gram_times(up_gram[:, 0], gate.left)  # A_i left_ij, (K_out, K_in, r)
+        half_curvature = (gate.left * a_left).sum(-1, keepdim=True) / 2
+        w = gate.mix * a_left + half_curvature * gate.right
+        cross = w.permute(1, 2, 0) @ gate.right.transpose(0, 1)  # (K_in, r, r)
+        hessian += cross
+        hessian += cross.mT
+    return hessian, rhs
+
+
+def _gram_times(gram: Tensor, vectors: Tensor) -> Tensor:
+    """``gram[i] @ vectors[i, j]`` for ``gram`` ``(K, r, r)`` and ``vectors`` ``(K, K', r)``: one
+    product per block ``i``, the vectors as columns (``gram[:, None] @ vectors[..., None]``
+    broadcast ``gram`` to every pair: a copy the size of the pairs' ``r x r`` blocks)."""
+    return (gram @ vectors.mT).mT
 
 
 def _accumulate(terms: Iterable[Tensor]) -> Tensor:
-    """The sum of ``terms``, added in place into the first: each is a new tensor (t_matmul's)."""
+    """The sum of ``terms``, added in place into the first: each is a new tensor (a product)."""
     iterator = iter(terms)
     total = next(iterator)
     for term in iterator:
@@ -401,14 +414,27 @@ def _cross_diagonal(projected: Tensor, down: Tensor) -> Tensor:
     times slower at K = 96, n_b = 4)."""
     k_out, rank, _ = projected.shape
     k_in, _, block_in = down.shape
-    if block_in < 16 * k_in:
-        return torch.linalg.vecdot(_blocks(projected, k_in), down)
+    if block_in < 16 * k_in:  # per output block: all at once, a (K_out, K_in, r, n_b) temporary
+        blocks = _blocks(projected, k_in)
+        return torch.stack([torch.linalg.vecdot(blocks[i], down) for i in range(k_out)])
     by_position = down.permute(1, 2, 0).contiguous()  # (r, n_b, K_in): else bmm copies per batch
     return torch.stack(
         [
             (projected[i].view(rank, k_in, -1) @ by_position).diagonal(dim1=-2, dim2=-1).T
             for i in range(k_out)
         ]
+    )
+
+
+def _cross_times(projected: Tensor, down: Tensor, vectors: Tensor) -> Tensor:
+    """``C_ij @ vectors_ij`` for the ``_cross`` blocks ``C_ij = up[i]^T W_ij down[j]^T``,
+    ``(K_out, K_in, r)``, without them: ``up[i]^T W_ij (down[j]^T vectors_ij)``, one pass over
+    ``projected`` against ``r`` products with it per pair."""
+    k_out, k_in = len(projected), len(down)
+    pulled = down.mT @ vectors.permute(1, 2, 0)  # down[j]^T vectors_ij: (K_in, n_b, K_out)
+    blocks = _blocks(projected, k_in)
+    return torch.stack(
+        [torch.linalg.vecdot(blocks[i], pulled[:, None, :, i]) for i in range(k_out)]
     )
 
 
@@ -502,13 +528,15 @@ def _fit_gate(
 ) -> Gate:
     """Best ``G_ij`` for every block at once: ``min ||W_ij - up[i] G_ij down[j]||_F``, i.e.
     ``min tr(G^T A G B) - 2 <G, C>`` with ``A = up_gram``, ``B = down_gram`` and ``C`` the
-    ``_cross``; scalar and diagonal gates need only its diagonal."""
+    ``_cross``; scalar and diagonal gates need only its diagonal, diagonal_outer that and ``C b``
+    (``_cross_times``)."""
     if gate.mix.dim() == 4:
         return Gate(_fit_full_gate(gate.mix, up_gram, down_gram, _cross(projected, down)))
-    if gate.left is not None and gate.right is not None:
-        mix, left = _fit_diagonal_and_outer(gate, up_gram, down_gram, _cross(projected, down))
-        return Gate(mix, left, gate.right)
     cross_diagonal = _cross_diagonal(projected, down)
+    if gate.left is not None and gate.right is not None:
+        cross_right = _cross_times(projected, down, gate.right)
+        mix, left = _fit_diagonal_and_outer(gate, up_gram, down_gram, cross_diagonal, cross_right)
+        return Gate(mix, left, gate.right)
     if gate.mix.dim() == 2:  # g I: one unknown per block, curvature <A, B>
         # One product of the flattened grams: A * B itself would be K_out K_in r^2 numbers.
         curvature = (up_gram[:, 0].flatten(1) @ down_gram[0].flatten(1).T)[..., None, None]
@@ -535,7 +563,7 @@ def _fit_full_gate(mix: Tensor, up_gram: Tensor, down_gram: Tensor, cross: Tenso
 
 
 def _fit_diagonal_and_outer(
-    gate: Gate, up_gram: Tensor, down_gram: Tensor, cross: Tensor
+    gate: Gate, up_gram: Tensor, down_gram: Tensor, cross_diagonal: Tensor, cross_right: Tensor
 ) -> Tuple[Tensor, Tensor]:
     """Best ``(g, a)`` in ``G = diag(g) + a b^T`` for the current ``b``: linear in them jointly, a
     ``2r`` system per block from the gradient of ``tr(G^T A G B) - 2 <G, C>``, with the proximal
@@ -556,7 +584,7 @@ def _fit_diagonal_and_outer(
     assert gate.left is not None and gate.right is not None
     rank = gate.mix.shape[-1]
     a_gram, b_gram = up_gram, down_gram  # (K_out, 1, r, r), (1, K_in, r, r)
-    u = (b_gram @ gate.right[..., None])[..., 0]  # (K_out, K_in, r)
+    u = _gram_times(b_gram[0], gate.right.transpose(0, 1)).transpose(0, 1)  # (K_out, K_in, r)
     c = (gate.right * u).sum(-1)[..., None]  # (K_out, K_in, 1)
     a_diagonal = a_gram.diagonal(dim1=-2, dim2=-1)
     b_diagonal = b_gram.diagonal(dim1=-2, dim2=-1)
@@ -568,9 +596,9 @@ def _fit_diagonal_and_outer(
     basis = basis.contiguous()  # eigh's is column-major: products with it would be too
     lam = lam.clamp_min(0)[:, None]  # PSD; rounding can dip below zero
     scale = c * lam + rho  # L's eigenvalues, (K_out, K_in, r)
-    target_g = cross.diagonal(dim1=-2, dim2=-1) + rho * gate.mix
-    target_a = (cross @ gate.right[..., None])[..., 0] + rho * gate.left
-    k_out, k_in = cross.shape[:2]
+    target_g = cross_diagonal + rho * gate.mix
+    target_a = cross_right + rho * gate.left
+    k_out, k_in = cross_diagonal.shape[:2]
 
     def in_basis(weights: Tensor, x: Tensor) -> Tensor:
         """``V diag(weights) V^T x`` for every pair, ``x`` and ``weights`` ``(K_out, K_in, r)``:
@@ -586,7 +614,7 @@ def _fit_diagonal_and_outer(
     schur.diagonal(dim1=-2, dim2=-1).add_(rho)
     factor, info = torch.linalg.cholesky_ex(schur)
     rhs = target_g - u * in_basis(lam / scale, target_a)  # t_g - u o (A L^-1 t_a)
-    g = torch.cholesky_solve(rhs[..., None], factor)[..., 0]
+    g = _cholesky_solve(factor, rhs[..., None])[..., 0]
     a = in_basis(1 / scale, target_a) - in_basis(lam / scale, u * g)  # L^-1 A = A L^-1
     ok = (info == 0)[..., None]
     return torch.where(ok, g, gate.mix), torch.where(ok, a, gate.left)
@@ -606,8 +634,15 @@ def _proximal_solve(
     regularized = hessian if overwrite else hessian.clone()
     regularized.diagonal(dim1=-2, dim2=-1).add_(ridge)
     factor, info = torch.linalg.cholesky_ex(regularized)
-    solution = torch.cholesky_solve(rhs + ridge[..., None] * current, factor)
+    solution = _cholesky_solve(factor, rhs + ridge[..., None] * current)
     return torch.where((info == 0)[..., None, None], solution, current)
+
+
+def _cholesky_solve(factor: Tensor, rhs: Tensor) -> Tensor:
+    """``(L L^T)^-1 rhs`` by two triangular solves: ``torch.cholesky_solve`` copied the factor and
+    both sides, 6 times their time at (16, 16, 135, 135)."""
+    half = torch.linalg.solve_triangular(factor, rhs, upper=False)
+    return torch.linalg.solve_triangular(factor.mT, half, upper=True)
 
 
 def _ridge(curvature: Tensor) -> Tensor:
