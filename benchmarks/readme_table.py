@@ -3,14 +3,17 @@
 Each variant cell: the kernel's forward / forward+backward time as a multiple of low-rank's, then
 the reference's forward multiple. The full gate does K^2 r^2 more multiply-adds per token, so its
 cell gives its forward arithmetic rate beside low-rank's. A second table gives the peak memory
-of forward+backward, kernel against reference.
+of forward+backward, kernel against reference, and a third the floor of each size: the scalar
+variant's multiply-adds over the best GEMM rate ``nn.Linear`` reached in that dtype in the same
+run (at the largest size: its one-token calls are bound by the weights' bytes), or its bytes
+(x, y, weights) over the machine's copy bandwidth, whichever is longer (benchmarks/NOTES.md).
 
 A result file of ``speed.py --suite blocks`` gets its own table instead: per variant, the kernel's
 forward / forward+backward time as a multiple of the LowRankLinear of the same parameter count
 (and of the same rank, in brackets); a variant whose gate costs more than dense has no cell.
 
     python benchmarks/readme_table.py benchmarks/results/speed-cpu.json
-    python benchmarks/readme_table.py benchmarks/results/speed-cpu-blocks.json
+    python benchmarks/readme_table.py benchmarks/results/speed-cpu-blocks-amx.json
 """
 
 import argparse
@@ -76,6 +79,35 @@ def memory_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def floors_table(rows: list[dict], copy_gb_per_s: float) -> str:
+    lines = [
+        "| size | dtype | GEMM rate (nn.Linear's best) | multiply-adds / rate"
+        " | bytes / copy bandwidth | floor | low-rank | kernel (scalar) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    rates: dict[str, float] = {}
+    for row in rows:
+        if row["layer"] == "nn.Linear":
+            rate = row["forward_tflop_per_s"] * 1e12
+            rates[row["dtype"]] = max(rates.get(row["dtype"], 0.0), rate)
+    for (size, dtype), layers in _by_layer(rows).items():
+        kernel, rate = layers["nanomoe scalar"], rates[dtype]
+        compute_ms = kernel["forward_flops"] / rate * 1e3
+        memory_ms = kernel["forward_bytes"] / (copy_gb_per_s * 1e9) * 1e3
+        cells = [
+            size,
+            dtype,
+            f"{rate / 1e9:.0f} GFLOP/s",
+            f"{compute_ms:.3f} ms",
+            f"{memory_ms:.3f} ms",
+            f"{max(compute_ms, memory_ms):.3f} ms",
+            f"{layers['LowRankLinear']['forward_ms']:.3f} ms",
+            f"{kernel['forward_ms']:.3f} ms",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _equal_params(kernel: dict) -> str:
     same_params = (kernel["forward_vs_same_params"], kernel["forward_backward_vs_same_params"])
     same_rank = (kernel["forward_vs_lowrank"], kernel["forward_backward_vs_lowrank"])
@@ -100,13 +132,16 @@ def blocks_table(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", type=Path)
-    rows = json.loads(parser.parse_args().results.read_text())["rows"]
+    results = json.loads(parser.parse_args().results.read_text())
+    rows = results["rows"]
     if any(row["forward_vs_same_params"] is not None for row in rows):
         print(blocks_table(rows))
         return
     print(speed_table(rows))
     print()
     print(memory_table(rows))
+    print()
+    print(floors_table(rows, results["machine"]["copy_gb_per_s"]))
 
 
 if __name__ == "__main__":
