@@ -348,8 +348,8 @@ def _down_normal_equations(projected: Tensor, up_gram: Tensor, gate: Gate) -> Tu
         hessian = _accumulate(g.mT @ up_gram[i] @ g for i, g in enumerate(gate.mix))
         return hessian, _accumulate(g.mT @ blocks[i] for i, g in enumerate(gate.mix))
     # The other gates scale rows (plus, for diagonal_outer, G^T = diag(g) + right left^T):
-    # fused multiply-adds into the sums, no temporary per block, which took a fifth of a
-    # diagonal fit's time at K = 16.
+    # fused multiply-adds into the sums, no (K_in, r, n_b) or (K_in, r, r) temporary per block,
+    # which took a fifth of a diagonal fit's time at K = 16.
     k_out, k_in, rank, block_in = blocks.shape
     scale = gate.mix[..., None] if gate.mix.dim() == 3 else gate.mix[..., None, None]
     rhs = projected.new_zeros(k_in, rank, block_in)
@@ -410,13 +410,13 @@ def _cross(projected: Tensor, down: Tensor) -> Tensor:
 
 def _cross_diagonal(projected: Tensor, down: Tensor) -> Tensor:
     """The diagonals of the ``_cross`` blocks, ``(K_out, K_in, r)``: dot products of length
-    ``n_b``. With long ones, they run per output block as ``K_in x K_in`` products for each rank
-    position, of which the diagonal is kept: K_in times the multiply-adds, but 2 to 4 times
-    faster at 4096 x 4096, K = 8, where the dot products make a weight-sized temporary (and 8
-    times slower at K = 96, n_b = 4)."""
+    ``n_b``, one output block at a time (all at once, they made a weight-sized temporary). With
+    long ones, ``K_in x K_in`` products for each rank position instead, of which the diagonal is
+    kept: K_in times the multiply-adds, but twice as fast at 4096 x 4096, K = 8 (and 8 times
+    slower at K = 96, n_b = 4)."""
     k_out, rank, _ = projected.shape
     k_in, _, block_in = down.shape
-    if block_in < 16 * k_in:  # per output block: all at once, a (K_out, K_in, r, n_b) temporary
+    if block_in < 16 * k_in:
         blocks = _blocks(projected, k_in)
         return torch.stack([torch.linalg.vecdot(blocks[i], down) for i in range(k_out)])
     by_position = down.permute(1, 2, 0).contiguous()  # (r, n_b, K_in): else bmm copies per batch
@@ -435,9 +435,8 @@ def _cross_times(projected: Tensor, down: Tensor, vectors: Tensor) -> Tensor:
     k_out, k_in = len(projected), len(down)
     pulled = down.mT @ vectors.permute(1, 2, 0)  # down[j]^T vectors_ij: (K_in, n_b, K_out)
     blocks = _blocks(projected, k_in)
-    return torch.stack(
-        [torch.linalg.vecdot(blocks[i], pulled[:, None, :, i]) for i in range(k_out)]
-    )
+    # Matrix-vector products per output block: vecdot made a (K_in, r, n_b) temporary of each.
+    return torch.stack([(blocks[i] @ pulled[:, :, i, None])[..., 0] for i in range(k_out)])
 
 
 def _squared_error(projected: Tensor, factors: Factors, norm_sq: Tensor) -> Tensor:
@@ -641,8 +640,12 @@ def _proximal_solve(
 
 
 def _cholesky_solve(factor: Tensor, rhs: Tensor) -> Tensor:
-    """``(L L^T)^-1 rhs`` by two triangular solves: ``torch.cholesky_solve`` copied the factor and
-    both sides, 6 times their time at (16, 16, 135, 135)."""
+    """``(L L^T)^-1 rhs``. With one column per system, by two triangular solves:
+    ``torch.cholesky_solve`` copies the factor and both sides, 6 times their time at
+    (16, 16, 135, 135). With many columns (the down step's), it is the faster: 7 against 15 ms
+    at (8, 253, 253) by 512."""
+    if rhs.shape[-1] > 1:
+        return torch.cholesky_solve(rhs, factor)
     half = torch.linalg.solve_triangular(factor, rhs, upper=False)
     return torch.linalg.solve_triangular(factor.mT, half, upper=True)
 
