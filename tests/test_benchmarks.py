@@ -72,8 +72,8 @@ def test_readme_table_renders_every_size_and_variant(speed_run, tmp_path: Path) 
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stdout.splitlines() if line.startswith("| 5x12x8x2x2")]
-    assert len(lines) == 4  # float32 and bfloat16, in the speed table and the memory table
-    assert all(line.count("|") == 8 or line.count("|") == 7 for line in lines)
+    # float32 and bfloat16, in the speed, memory and floors tables
+    assert [line.count("|") for line in lines] == [8, 8, 7, 7, 9, 9]
 
 
 def test_blocks_suite_times_low_rank_at_each_variants_parameters(tmp_path: Path) -> None:

@@ -58,14 +58,16 @@ inline DeviceLimits device_limits() {
   return cache[device];
 }
 
-// Lets `kernel` use all of the device's opt-in shared memory, once per device. A failure here
-// surfaces as the launch's error.
-template <typename Kernel>
-void allow_max_shared_memory(Kernel kernel) {
+// Lets kKernel use all of the device's opt-in shared memory, once per device and kernel: the
+// kernel is the template argument, since kernels of one signature share a pointer type (keyed on
+// that type, only the first of them got the attribute). A failure here surfaces as the launch's
+// error.
+template <auto kKernel>
+void allow_max_shared_memory() {
   static std::once_flag done[kMaxDevices];
   const int device = current_device();
   std::call_once(done[device], [&] {
-    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                          device_limits().max_shared_memory);
   });
 }
