@@ -290,12 +290,21 @@ def measure_size(
     return rows
 
 
-def run(sizes: list[str], dtypes: list[str], setup: Setup, same_params: bool) -> list[Row]:
+def run(
+    sizes: list[str],
+    dtypes: list[str],
+    setup: Setup,
+    same_params: bool,
+    save: Callable[[list[Row]], None],
+) -> list[Row]:
+    """Every size in every dtype; ``save`` gets the rows so far after each, so a run cut short
+    (a time limit on a lent GPU) still leaves what it measured."""
     rows: list[Row] = []
     jobs = [(size, dtype) for size in sizes for dtype in dtypes]
     progress = tqdm(total=len(jobs), desc="timing", unit="size")
     for size, dtype_name in jobs:
         rows += measure_size(size, dtype_name, setup, same_params, progress)
+        save(rows)
     progress.close()
     return rows
 
@@ -338,12 +347,16 @@ def main() -> None:
 
     sizes = args.sizes or list(SUITES[args.suite][kind])
     blocks = args.suite == "blocks"
-    rows = run(sizes, args.dtypes or list(DEFAULT_DTYPES[kind]), setup, same_params=blocks)
-    print_table(rows, device)
     suffix = "-blocks" if blocks else ""
     out = args.out or Path(f"benchmarks/results/speed-{kind}{suffix}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": info, "rows": [asdict(r) for r in rows]}, indent=1))
+
+    def save(rows: list[Row]) -> None:
+        out.write_text(json.dumps({"machine": info, "rows": [asdict(r) for r in rows]}, indent=1))
+
+    dtypes = args.dtypes or list(DEFAULT_DTYPES[kind])
+    rows = run(sizes, dtypes, setup, same_params=blocks, save=save)
+    print_table(rows, device)
     print(f"\nwrote {out} ({describe(info)})")
     try:
         plot_rows([asdict(r) for r in rows], out.with_suffix(".png"), describe(info))

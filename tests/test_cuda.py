@@ -715,7 +715,9 @@ def test_compute_sanitizer_memcheck_clean() -> None:
     # Without the caching allocator every tensor is its own allocation, so memcheck sees any
     # access past its end.
     env = {**os.environ, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}
-    command = [tool, "--tool", "memcheck", "--error-exitcode", "1"]
+    # API errors are left out: PyTorch's own probing calls fail harmlessly; the kernels' memory
+    # accesses are what is checked.
+    command = [tool, "--tool", "memcheck", "--report-api-errors", "no", "--error-exitcode", "1"]
     result = subprocess.run(
         [*command, sys.executable, "-c", SANITIZER_SCRIPT],
         capture_output=True,
