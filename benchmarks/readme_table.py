@@ -5,7 +5,7 @@ the reference's forward multiple. The full gate does K^2 r^2 more multiply-adds 
 cell gives its forward arithmetic rate beside low-rank's. A second table gives the peak memory
 of forward+backward, kernel against reference, and a third the floor of each size: the scalar
 variant's multiply-adds over the best GEMM rate ``nn.Linear`` reached in that dtype in the same
-run (at the largest size: its one-token calls are bound by the weights' bytes), or its bytes
+run (at a throughput size: its one-token calls are bound by the weights' bytes), or its bytes
 (x, y, weights) over the machine's copy bandwidth, whichever is longer (benchmarks/NOTES.md).
 
 A result file of ``speed.py --suite blocks`` gets its own table instead: per variant, the kernel's
@@ -134,7 +134,7 @@ def main() -> None:
     parser.add_argument("results", type=Path)
     results = json.loads(parser.parse_args().results.read_text())
     rows = results["rows"]
-    if any(row["forward_vs_same_params"] is not None for row in rows):
+    if any(row.get("forward_vs_same_params") is not None for row in rows):  # older files lack it
         print(blocks_table(rows))
         return
     print(speed_table(rows))

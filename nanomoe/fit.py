@@ -119,11 +119,11 @@ def fit_dense(
 
     ALS finds a local optimum. A weight made by a NanoMoE layer plus 1% noise is recovered to the
     noise with scalar and full gates (ranks 4 to 64 measured, scalar also at 256 on 4096 x 4096)
-    and with diagonal ones at ranks 4 and 8. Measured at 512 x 512 with K = 4, diagonal gates get
-    to 0.12 of SVD's error at rank 32 (the noise after 100 iterations) and to 0.66 at rank 64;
-    diagonal_outer to 0.3 of it at rank 8, 0.5 at rank 16 and 0.6-0.7 at ranks 32 and 64 (300
-    iterations: 0.37-0.53 at ranks 16 and 32; re-aligning as for diagonal gates finds nothing
-    better, its Jennrich step assumes diagonal gates).
+    and with diagonal ones at ranks 4 and 8. Measured at 512 x 512 with K = 4 (three seeds),
+    diagonal gates get to 0.02-0.12 of SVD's error at rank 32 (the noise after 100 iterations)
+    and to 0.11-0.66 at rank 64; diagonal_outer to 0.3 of it at rank 8, 0.5 at rank 16 and
+    0.6-0.7 at ranks 32 and 64 (300 iterations: 0.37-0.53 at ranks 16 and 32; re-aligning as for
+    diagonal gates finds nothing better, its Jennrich step assumes diagonal gates).
 
     The work is done in float64 whatever the weight's dtype: the solves go through normal
     equations, which square condition numbers, and the error is read off those same equations

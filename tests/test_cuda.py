@@ -727,6 +727,8 @@ def test_compute_sanitizer_memcheck_clean() -> None:
     )
     output = result.stdout + result.stderr
     tail = output[-6000:]
+    if "Device not supported" in output:  # the tool, not the kernels (seen on gVisor machines)
+        pytest.skip(f"compute-sanitizer does not support this device:\n{tail}")
     assert result.returncode == 0, f"compute-sanitizer exited with {result.returncode}:\n{tail}"
     assert "ERROR SUMMARY: 0 errors" in output, tail
     assert "sanitized run complete" in output, tail

@@ -237,8 +237,8 @@ void launch(const FusedForwardProblem& p, cudaStream_t stream) {
   };
   static_assert(v > 0);
   const size_t bytes = shared_bytes<T, kTileM>(p);
-  const auto kernel = fused_forward_kernel<T, kTileM>;
-  allow_max_shared_memory<fused_forward_kernel<T, kTileM>>();
+  constexpr auto kernel = fused_forward_kernel<T, kTileM>;
+  allow_max_shared_memory<kernel>();
   kernel<<<unsigned(ceil_div(p.tokens, kTileM)), kThreads, bytes, stream>>>(p, flags);
 }
 

@@ -105,8 +105,8 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T, bool kAKMajor, bool kBKMajor>
 void launch(const GemmProblem& p, cudaStream_t stream) {
   const size_t bytes = GemmTiles<T, kAKMajor, kBKMajor>::kSharedBytes;
-  const auto kernel = gemm_kernel<T, kAKMajor, kBKMajor>;
-  allow_max_shared_memory<gemm_kernel<T, kAKMajor, kBKMajor>>();
+  constexpr auto kernel = gemm_kernel<T, kAKMajor, kBKMajor>;
+  allow_max_shared_memory<kernel>();
   const int c_vec = p.c_is_float ? kVec<float> : kVec<T>;
   const GemmFlags flags{
       vectorizable<T>(p.a.data, p.a.ld, p.a.batch_stride),
