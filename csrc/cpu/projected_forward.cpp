@@ -46,9 +46,10 @@ constexpr int64_t kDotsMinDepth = 64;
 // columns of each 32 were filled and each block's sums stored and rounded apart. Measured at 4096
 // tokens, in = out = 1024, the two alternating in one process (minimum times): the forward 8%
 // faster at r = 8, K = 32 (one thread or two), 17% at r = 4, K = 64, 2% at r = 16; the products
-// are as many (the zeros are multiplied too). The zeros add exact zeros, so the sums are the same,
-// but for an Inf or NaN in x: 0 * Inf would put NaN in the group's other blocks, so a tile whose
-// hidden is not all finite is projected again block by block. Returns 1 where not grouped.
+// are as many (the zeros are multiplied too). The zeros add exact zeros (a block whose features
+// straddle the 32-deep steps otherwise may round its sums differently), but for an Inf or NaN in
+// x: 0 * Inf would put NaN in the group's other blocks, so a token whose hidden is not all finite
+// is projected again block by block. Returns 1 where not grouped.
 int64_t down_group(const LinearDims& d, at::ScalarType dtype, bool by_dots) {
   constexpr int64_t kColumns = 32;
   const int64_t r = d.rank, group = kColumns / r;
@@ -200,24 +201,34 @@ void many_tokens(const Layer<scalar_t>& layer, const Weights& w, const Tensor& x
         own.narrow(0, hidden_size, rows * layer.mixed_row()).view({rows, d.out_blocks, r});
     T* hid = Layer<scalar_t>::data(hidden);
     T* mid = Layer<scalar_t>::data(mixed);
-    bool grouped = group > 1;
-    for (int64_t g = 0; grouped && g < d.in_blocks / group; ++g) {
-      projection::project_packed(rows, x + begin * x_stride + g * group * d.in_block, x_stride,
-                                 down_groups.block(g), group * r, group * d.in_block, nullptr,
-                                 hid + g * group * r, layer.hidden_row());
-    }
-    if constexpr (std::is_same_v<T, uint16_t>) {
-      grouped =
-          grouped && projection::all_finite(rows, layer.hidden_row(), hid, layer.hidden_row());
-    }
-    for (int64_t j = 0; !grouped && j < d.in_blocks; ++j) {
-      const T* x_block = x + begin * x_stride + j * d.in_block;
-      if (down_by_dots) {
-        projection::project_rows(rows, x_block, x_stride, layer.down_rows(j), nullptr, hid + j * r,
-                                 layer.hidden_row());
-      } else {
-        projection::project_packed(rows, x_block, x_stride, down.block(j), r, d.in_block, nullptr,
-                                   hid + j * r, layer.hidden_row());
+    // Tokens [first, first + count) of the tile, block by block.
+    const auto down_by_blocks = [&](int64_t first, int64_t count) {
+      const T* x_first = x + (begin + first) * x_stride;
+      T* hid_first = hid + first * layer.hidden_row();
+      for (int64_t j = 0; j < d.in_blocks; ++j) {
+        if (down_by_dots) {
+          projection::project_rows(count, x_first + j * d.in_block, x_stride, layer.down_rows(j),
+                                   nullptr, hid_first + j * r, layer.hidden_row());
+        } else {
+          projection::project_packed(count, x_first + j * d.in_block, x_stride, down.block(j), r,
+                                     d.in_block, nullptr, hid_first + j * r, layer.hidden_row());
+        }
+      }
+    };
+    if (group == 1) {
+      down_by_blocks(0, rows);
+    } else if constexpr (std::is_same_v<T, uint16_t>) {
+      for (int64_t g = 0; g < d.in_blocks / group; ++g) {
+        projection::project_packed(rows, x + begin * x_stride + g * group * d.in_block, x_stride,
+                                   down_groups.block(g), group * r, group * d.in_block, nullptr,
+                                   hid + g * group * r, layer.hidden_row());
+      }
+      // Token by token, so that which tokens are redone does not depend on the tiling.
+      for (int64_t t = 0; t < rows; ++t) {
+        const T* row = hid + t * layer.hidden_row();
+        if (!projection::all_finite(1, layer.hidden_row(), row, layer.hidden_row())) {
+          down_by_blocks(t, 1);
+        }
       }
     }
     mix(hid, mid, rows);
