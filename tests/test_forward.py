@@ -200,7 +200,8 @@ def test_grouped_down_projections_keep_non_finite_inputs_in_their_block(value: f
     # the hidden of the group's other blocks as the reference has it (the tile is redone per block).
     # The token is redone alone, so the result does not depend on how threads tile the tokens.
     case = make_case((200,), 2, 8, 16, 4, 8, "diagonal", torch.bfloat16)
-    case.x[101, 3] = value
+    case.x[101, 3] = value  # a token on AMX
+    case.x[199, 40] = value  # past the last 16 tokens: the register tile (and the second group)
     threads = torch.get_num_threads()
     try:
         hidden = {}

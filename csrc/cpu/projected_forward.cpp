@@ -175,8 +175,9 @@ void many_tokens(const Layer<scalar_t>& layer, const Weights& w, const Tensor& x
   const at::ScalarType dtype = x_rows.scalar_type();
   const bool down_by_dots = r <= kDotsMaxRank && d.in_block >= kDotsMinDepth;
   const int64_t group = down_group(d, dtype, down_by_dots);
+  // Grouped, the blocks are projected one by one only for a token with an Inf or NaN (by dots).
   const auto down =
-      down_by_dots
+      down_by_dots || group > 1
           ? Packed<T>{}
           : pack_blocks<T>(d.in_blocks, [&](int64_t j) { return layer.down_rows(j); }, dtype);
   const auto down_groups = group > 1 ? pack_down_groups<T>(d, w.down, group) : Packed<T>{};
@@ -206,7 +207,7 @@ void many_tokens(const Layer<scalar_t>& layer, const Weights& w, const Tensor& x
       const T* x_first = x + (begin + first) * x_stride;
       T* hid_first = hid + first * layer.hidden_row();
       for (int64_t j = 0; j < d.in_blocks; ++j) {
-        if (down_by_dots) {
+        if (down_by_dots || group > 1) {
           projection::project_rows(count, x_first + j * d.in_block, x_stride, layer.down_rows(j),
                                    nullptr, hid_first + j * r, layer.hidden_row());
         } else {
