@@ -226,8 +226,7 @@ void many_tokens(const Layer<scalar_t>& layer, const Weights& w, const Tensor& x
       }
       // Token by token, so that which tokens are redone does not depend on the tiling.
       for (int64_t t = 0; t < rows; ++t) {
-        const T* row = hid + t * layer.hidden_row();
-        if (!projection::all_finite(1, layer.hidden_row(), row, layer.hidden_row())) {
+        if (!projection::all_finite(layer.hidden_row(), hid + t * layer.hidden_row())) {
           down_by_blocks(t, 1);
         }
       }

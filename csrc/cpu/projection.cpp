@@ -657,14 +657,12 @@ void project_rows(int64_t tokens, const uint16_t* packed, const uint16_t* in, in
   project_rows_on_amx(tokens, packed, in, in_stride, w, bias, out, out_stride);
 }
 
-NANOMOE_AVX512 bool all_finite(int64_t rows, int64_t cols, const uint16_t* data, int64_t stride) {
+NANOMOE_AVX512 bool all_finite(int64_t count, const uint16_t* data) {
   const __m512i exponent = _mm512_set1_epi16(0x7F80);  // all ones: Inf or NaN
-  for (int64_t t = 0; t < rows; ++t) {
-    for (int64_t c = 0; c < cols; c += 32) {
-      const __mmask32 lanes = cols - c >= 32 ? ~__mmask32(0) : (__mmask32(1) << (cols - c)) - 1;
-      const __m512i value = _mm512_maskz_loadu_epi16(lanes, data + t * stride + c);
-      if (_mm512_cmpeq_epi16_mask(_mm512_and_si512(value, exponent), exponent)) return false;
-    }
+  for (int64_t c = 0; c < count; c += 32) {
+    const __mmask32 lanes = count - c >= 32 ? ~__mmask32(0) : (__mmask32(1) << (count - c)) - 1;
+    const __m512i value = _mm512_maskz_loadu_epi16(lanes, data + c);
+    if (_mm512_cmpeq_epi16_mask(_mm512_and_si512(value, exponent), exponent)) return false;
   }
   return true;
 }
@@ -710,7 +708,7 @@ void project_rows(int64_t, const uint16_t*, int64_t, const WeightRows<uint16_t>&
                   uint16_t*, int64_t) {
   std::abort();
 }
-bool all_finite(int64_t, int64_t, const uint16_t*, int64_t) {
+bool all_finite(int64_t, const uint16_t*) {
   std::abort();
 }
 bool rows_on_amx(int64_t, const WeightRows<uint16_t>&) {

@@ -109,7 +109,7 @@ void project_rows(int64_t tokens, const uint16_t* packed, const uint16_t* in, in
                   const WeightRows<uint16_t>& w, const float* bias, uint16_t* out,
                   int64_t out_stride);
 
-// Whether every element of a rows x cols bfloat16 matrix (rows `stride` apart) is finite.
-bool all_finite(int64_t rows, int64_t cols, const uint16_t* data, int64_t stride);
+// Whether all of count contiguous bfloat16 values are finite.
+bool all_finite(int64_t count, const uint16_t* data);
 
 }  // namespace nanomoe::cpu::projection
