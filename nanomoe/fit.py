@@ -14,6 +14,7 @@ for all blocks at once with batched linear algebra: an iteration costs two produ
 weight with a rank-``r`` factor (``2 r m n`` flops each) plus ``r x r`` work per block.
 """
 
+from math import inf
 from typing import Iterable, List, NamedTuple, Optional, Tuple
 
 import torch
@@ -46,6 +47,11 @@ RIDGE = 1e-10
 EXACT_EIGH = 1024
 OVERSAMPLE = 16
 REFINE = 2
+
+# fit_dense(anneal=...): the Tikhonov weight falls geometrically over the first ANNEAL_SHARE of
+# the iterations, to ANNEAL_END of its start, and is 0 after.
+ANNEAL_SHARE = 2 / 3
+ANNEAL_END = 1e-4
 
 # Line search (_extrapolate): the step starts at 1, grows by STEP_GROWTH after each step that
 # lowers the error, up to MAX_STEP, and falls back to 1 after one that does not.
@@ -95,6 +101,7 @@ def fit_dense(
     mixing: Mixing = "scalar",
     iters: int = DEFAULT_ITERS,
     tol: float = DEFAULT_TOL,
+    anneal: float = 0.0,
 ) -> DenseFit:
     """NanoMoE factors whose equivalent weight approximates ``weight`` (SPEC section 6).
 
@@ -106,11 +113,16 @@ def fit_dense(
             initialization.
         tol: stop before ``iters`` once the error has fallen by less than this fraction over the
             last 5 iterations; 0 runs all ``iters``.
+        anneal: 0 for plain ALS. Else, over the first two thirds of the iterations, every
+            subproblem also pays ``anneal * (mean curvature) * ||x||^2``, a weight that falls
+            geometrically to 1e-4 of that and then to 0 (see below). Annealed steps may raise
+            the error: ``errors`` then follows the best factors so far, which are returned.
 
     Returns:
         A ``DenseFit``: the factors in the weight's dtype and device, and the relative error
         ``||W - W_fit||_F / ||W||_F`` after the initialization (that of truncated SVD at ``rank``)
-        and after each iteration, which never increases (up to rounding: squared, by 1e-13 or so).
+        and after each iteration, of the best factors so far: it never increases, and an ALS
+        step does not raise it either, except by rounding (squared, by 1e-13 or so).
         Where both sides exceed EXACT_EIGH, the start's error is SVD's to within 1e-9 or so (see
         ``_top_left_subspace``). Full gates come out in a balanced gauge: the three factors scaled
         against each other as a fresh layer's and, where the rank is at most the block sizes,
@@ -125,13 +137,23 @@ def fit_dense(
     0.6-0.7 at ranks 32 and 64 (300 iterations: 0.37-0.53 at ranks 16 and 32; re-aligning as for
     diagonal gates finds nothing better, its Jennrich step assumes diagonal gates).
 
+    There ALS crawls through a swamp: its gates' rank-one parts grow (RMS 20 after 5 iterations,
+    300 after 300, against 0.25 in the weight's own factors), traded against near-null directions
+    of ``up`` and ``down``. ``anneal`` penalizes that trade while it lasts: with ``anneal=0.5,
+    iters=150`` diagonal_outer gets to 0.06-0.24 of SVD's error at rank 8, 0.07-0.27 at rank 16,
+    0.14-0.20 at rank 32 and 0.31-0.32 at rank 64 (against 0.21-0.26, 0.40-0.44, 0.51-0.55 and
+    0.57-0.59 in 150 plain iterations), and diagonal to 0.10-0.17 at rank 64 (plain: 0.10-0.56),
+    on the same weights. On trained weights it gains nothing (all-MiniLM-L6-v2's MLP, 150
+    iterations: 0.957 of SVD's error with or without it) and needs the iterations, so it is off
+    by default.
+
     The work is done in float64 whatever the weight's dtype: the solves go through normal
     equations, which square condition numbers, and the error is read off those same equations
     (``||W||^2 - 2 <x, rhs> + <x, H x>``), which cancels to the square of a small number. Both
     would leave float32 a few significant digits; float64 products cost about twice as much on a
     CPU and on datacenter GPUs.
     """
-    _check_inputs(weight, rank, iters, tol)
+    _check_inputs(weight, rank, iters, tol, anneal)
     out_features, in_features = weight.shape
     k_out, k_in = check_layer(in_features, out_features, rank, num_blocks, mixing)
     w = weight.detach().to(torch.float64)
@@ -148,16 +170,21 @@ def fit_dense(
     up, down = _svd_factors(w, rank, k_out, k_in)
     factors = Factors(up, _identity_gate(mixing, k_out, k_in, rank, w.device), down)
     projected = _project(rows, up)  # always that of factors.up
-    errors = [(_squared_error(projected, factors, norm_sq).clamp_min(0).sqrt() / norm).item()]
+    best_error_sq = _squared_error(projected, factors, norm_sq)
+    best = factors
+    errors = [(best_error_sq.clamp_min(0).sqrt() / norm).item()]
     realigns = mixing in ("scalar", "diagonal") and rank <= min(rows.shape[1], columns.shape[1])
+    shrinks = _anneal_schedule(anneal, iters)
+    annealed = sum(1 for shrink in shrinks if shrink)
     step = 1.0
     for iteration in range(iters):
         previous, previous_projected = factors, projected
-        factors, error_sq = _als_iteration(rows, columns, factors, norm_sq, projected)
+        shrink = shrinks[iteration]
+        factors, error_sq = _als_iteration(rows, columns, factors, norm_sq, projected, shrink)
         if iteration == 0 and realigns:
             factors, error_sq = _better(factors, error_sq, _aligned(rows, factors, norm_sq))
         projected = _project(rows, factors.up)
-        if iteration > 0:  # line search: kept only where it lowers the error
+        if iteration > 0 and not shrink:  # line search: kept only where it lowers the error
             trial = _extrapolate(factors, previous, step)
             # The projection is linear in up: no product with the weight for the trial.
             trial_projected = torch.lerp(previous_projected, projected, 1 + step)
@@ -167,8 +194,10 @@ def fit_dense(
                 step = min(step * STEP_GROWTH, MAX_STEP)
             else:
                 step = 1.0
-        errors.append((error_sq.clamp_min(0).sqrt() / norm).item())
-        if tol and len(errors) > STALL and errors[-1] >= (1 - tol) * errors[-1 - STALL]:
+        best, best_error_sq = _better(best, best_error_sq, (factors, error_sq))
+        errors.append((best_error_sq.clamp_min(0).sqrt() / norm).item())
+        # Annealed steps may raise the error: the stall test looks only past them.
+        if tol and len(errors) > annealed + STALL and errors[-1] >= (1 - tol) * errors[-1 - STALL]:
             break
 
     def result(tensor: Tensor) -> Tensor:
@@ -178,8 +207,8 @@ def fit_dense(
         return None if tensor is None else result(tensor)
 
     if mixing == "full":
-        factors = _balanced_full_gate(factors)
-    up, gate, down = factors
+        best = _balanced_full_gate(best)
+    up, gate, down = best
     return DenseFit(
         result(down),
         result(gate.mix),
@@ -220,7 +249,7 @@ def _balanced_full_gate(factors: Factors) -> Factors:
     return Factors(up * scale_up, Gate(mix / (scale_up * scale_down)), down * scale_down)
 
 
-def _check_inputs(weight: Tensor, rank: int, iters: int, tol: float) -> None:
+def _check_inputs(weight: Tensor, rank: int, iters: int, tol: float, anneal: float) -> None:
     if not isinstance(weight, Tensor) or not weight.is_floating_point():
         raise TypeError(f"weight must be a floating-point tensor, got {_describe(weight)}")
     if weight.dim() != 2:
@@ -231,6 +260,8 @@ def _check_inputs(weight: Tensor, rank: int, iters: int, tol: float) -> None:
         raise ValueError(f"iters must be an int >= 0, got {iters!r}")
     if not isinstance(tol, (int, float)) or not 0 <= tol < 1:
         raise ValueError(f"tol must be a number in [0, 1), got {tol!r}")
+    if isinstance(anneal, bool) or not isinstance(anneal, (int, float)) or not 0 <= anneal < inf:
+        raise ValueError(f"anneal must be a finite number >= 0, got {anneal!r}")
 
 
 def _describe(value: object) -> str:
@@ -285,6 +316,15 @@ def _top_left_subspace(w: Tensor, keep: int) -> Tensor:
     return basis
 
 
+def _anneal_schedule(anneal: float, iters: int) -> List[float]:
+    """The Tikhonov weight of each iteration (relative to the mean curvature): falling
+    geometrically from ``anneal`` to ``anneal * ANNEAL_END`` over the first ANNEAL_SHARE of the
+    iterations, 0 after."""
+    annealed = round(iters * ANNEAL_SHARE) if anneal else 0
+    ratio = ANNEAL_END ** (1 / max(annealed - 1, 1))
+    return [anneal * ratio**t for t in range(annealed)] + [0.0] * (iters - annealed)
+
+
 def _identity_gate(mixing: str, k_out: int, k_in: int, rank: int, device: torch.device) -> Gate:
     """``G_ij = I``: with the SVD factors, the truncated SVD exactly."""
     ones = torch.ones(k_out, k_in, dtype=torch.float64, device=device)
@@ -303,15 +343,22 @@ def _identity_gate(mixing: str, k_out: int, k_in: int, rank: int, device: torch.
 
 
 def _als_iteration(
-    rows: Tensor, columns: Tensor, factors: Factors, norm_sq: Tensor, projected: Tensor
+    rows: Tensor,
+    columns: Tensor,
+    factors: Factors,
+    norm_sq: Tensor,
+    projected: Tensor,
+    shrink: float = 0.0,
 ) -> Tuple[Factors, Tensor]:
-    """Gate, down, gate, up: each the exact minimizer given the rest; ``projected`` is
-    ``_project(rows, factors.up)``. Returns the new factors and the squared error they leave."""
+    """Gate, down, gate, up: each the exact minimizer given the rest (plus ``shrink`` times its
+    mean curvature times ``||x||^2``); ``projected`` is ``_project(rows, factors.up)``. Returns
+    the new factors and the squared error they leave."""
     up, gate, down = factors
-    gate, down, _ = _update_gate_and_down(projected, up, gate, down, norm_sq)
+    gate, down, _ = _update_gate_and_down(projected, up, gate, down, norm_sq, shrink)
     # The up-projections are the down-projections of W^T = [down[j]^T G_ij^T up[i]^T].
     up, gate, down = down.mT, gate.transposed(), up.mT
-    gate, down, error_sq = _update_gate_and_down(_project(columns, up), up, gate, down, norm_sq)
+    columns_projected = _project(columns, up)
+    gate, down, error_sq = _update_gate_and_down(columns_projected, up, gate, down, norm_sq, shrink)
     return Factors(down.mT, gate.transposed(), up.mT), error_sq
 
 
@@ -322,18 +369,19 @@ def _project(rows: Tensor, up: Tensor) -> Tensor:
 
 
 def _update_gate_and_down(
-    projected: Tensor, up: Tensor, gate: Gate, down: Tensor, norm_sq: Tensor
+    projected: Tensor, up: Tensor, gate: Gate, down: Tensor, norm_sq: Tensor, shrink: float = 0.0
 ) -> Tuple[Gate, Tensor, Tensor]:
-    """Best gate for the current ``up`` and ``down``, then best ``down`` for that gate.
+    """Best gate for the current ``up`` and ``down``, then best ``down`` for that gate (each with
+    the Tikhonov weight ``shrink``, relative to its mean curvature).
 
     ``projected``: ``_project(rows, up)``. Returns the new gate, the new ``down`` and the squared
     error ``||W - W_fit||_F^2`` they leave.
     """
     up_gram = (up.mT @ up).unsqueeze(1)  # up[i]^T up[i], (K_out, 1, r, r)
     down_gram = (down @ down.mT).unsqueeze(0)  # down[j] down[j]^T, (1, K_in, r, r)
-    gate = _fit_gate(gate, up_gram, down_gram, projected, down)
+    gate = _fit_gate(gate, up_gram, down_gram, projected, down, shrink)
     hessian, rhs = _down_normal_equations(projected, up_gram, gate)
-    down = _proximal_solve(hessian, rhs, down)
+    down = _proximal_solve(hessian, rhs, down, shrink=shrink)
     return gate, down, _residual(hessian, rhs, down, norm_sq)
 
 
@@ -525,46 +573,63 @@ def _common_factor(estimates: Tensor, per_column: bool) -> Tensor:
 
 
 def _fit_gate(
-    gate: Gate, up_gram: Tensor, down_gram: Tensor, projected: Tensor, down: Tensor
+    gate: Gate,
+    up_gram: Tensor,
+    down_gram: Tensor,
+    projected: Tensor,
+    down: Tensor,
+    shrink: float = 0.0,
 ) -> Gate:
     """Best ``G_ij`` for every block at once: ``min ||W_ij - up[i] G_ij down[j]||_F``, i.e.
     ``min tr(G^T A G B) - 2 <G, C>`` with ``A = up_gram``, ``B = down_gram`` and ``C`` the
     ``_cross``; scalar and diagonal gates need only its diagonal, diagonal_outer that and ``C b``
-    (``_cross_times``)."""
+    (``_cross_times``). ``shrink``: a Tikhonov weight, relative to the mean curvature."""
     if gate.mix.dim() == 4:
-        return Gate(_fit_full_gate(gate.mix, up_gram, down_gram, _cross(projected, down)))
+        cross = _cross(projected, down)
+        return Gate(_fit_full_gate(gate.mix, up_gram, down_gram, cross, shrink))
     cross_diagonal = _cross_diagonal(projected, down)
     if gate.left is not None and gate.right is not None:
         cross_right = _cross_times(projected, down, gate.right)
-        mix, left = _fit_diagonal_and_outer(gate, up_gram, down_gram, cross_diagonal, cross_right)
+        mix, left = _fit_diagonal_and_outer(
+            gate, up_gram, down_gram, cross_diagonal, cross_right, shrink
+        )
         return Gate(mix, left, gate.right)
     if gate.mix.dim() == 2:  # g I: one unknown per block, curvature <A, B>
         # One product of the flattened grams: A * B itself would be K_out K_in r^2 numbers.
         curvature = (up_gram[:, 0].flatten(1) @ down_gram[0].flatten(1).T)[..., None, None]
         target = cross_diagonal.sum(-1)[..., None, None]
-        return Gate(_proximal_solve(curvature, target, gate.mix[..., None, None])[..., 0, 0])
+        solution = _proximal_solve(curvature, target, gate.mix[..., None, None], shrink=shrink)
+        return Gate(solution[..., 0, 0])
     # diag(g): curvature A o B
     curvature = up_gram * down_gram
     solution = _proximal_solve(
-        curvature, cross_diagonal[..., None], gate.mix[..., None], overwrite=True
+        curvature, cross_diagonal[..., None], gate.mix[..., None], overwrite=True, shrink=shrink
     )
     return Gate(solution[..., 0])
 
 
-def _fit_full_gate(mix: Tensor, up_gram: Tensor, down_gram: Tensor, cross: Tensor) -> Tensor:
+def _fit_full_gate(
+    mix: Tensor, up_gram: Tensor, down_gram: Tensor, cross: Tensor, shrink: float = 0.0
+) -> Tensor:
     """Dense ``G``: normal equations ``A G B = C``. In the eigenbases of ``A`` (per output block)
     and ``B`` (per input block) they are elementwise: ``alpha_k beta_l G'_kl = C'_kl``."""
     alpha, u = torch.linalg.eigh(up_gram)
     beta, v = torch.linalg.eigh(down_gram)
     alpha, beta = alpha.clamp_min(0), beta.clamp_min(0)  # PSD; rounding can dip below zero
     curvature = alpha[..., :, None] * beta[..., None, :]
-    ridge = _ridge(curvature.mean((-2, -1)))[..., None, None]
-    rotated = u.mT @ (cross + ridge * mix) @ v / (curvature + ridge)
+    mean_curvature = curvature.mean((-2, -1))[..., None, None]
+    ridge = _ridge(mean_curvature)
+    rotated = u.mT @ (cross + ridge * mix) @ v / (curvature + ridge + shrink * mean_curvature)
     return u @ rotated @ v.mT
 
 
 def _fit_diagonal_and_outer(
-    gate: Gate, up_gram: Tensor, down_gram: Tensor, cross_diagonal: Tensor, cross_right: Tensor
+    gate: Gate,
+    up_gram: Tensor,
+    down_gram: Tensor,
+    cross_diagonal: Tensor,
+    cross_right: Tensor,
+    shrink: float = 0.0,
 ) -> Tuple[Tensor, Tensor]:
     """Best ``(g, a)`` in ``G = diag(g) + a b^T`` for the current ``b``: linear in them jointly, a
     ``2r`` system per block from the gradient of ``tr(G^T A G B) - 2 <G, C>``, with the proximal
@@ -580,7 +645,8 @@ def _fit_diagonal_and_outer(
     pair whose ``S`` rounding made indefinite keeps its current ``(g, a)``.
 
     ``b`` gets its turn in the other half of the iteration, where the transposed problem's gate
-    is ``G^T = diag(g) + b a^T``.
+    is ``G^T = diag(g) + b a^T``. A Tikhonov weight ``shrink`` (relative to the mean curvature)
+    adds to ``rho`` on the left-hand side only.
     """
     assert gate.left is not None and gate.right is not None
     rank = gate.mix.shape[-1]
@@ -593,10 +659,11 @@ def _fit_diagonal_and_outer(
         2 * rank
     )
     rho = _ridge(mean_curvature)[..., None]  # (K_out, K_in, 1)
+    damping = rho + shrink * mean_curvature[..., None]
     lam, basis = torch.linalg.eigh(a_gram[:, 0])  # per output block: (K_out, r), (K_out, r, r)
     basis = basis.contiguous()  # eigh's is column-major: products with it would be too
     lam = lam.clamp_min(0)[:, None]  # PSD; rounding can dip below zero
-    scale = c * lam + rho  # L's eigenvalues, (K_out, K_in, r)
+    scale = c * lam + damping  # L's eigenvalues, (K_out, K_in, r)
     target_g = cross_diagonal + rho * gate.mix
     target_a = cross_right + rho * gate.left
     k_out, k_in = cross_diagonal.shape[:2]
@@ -612,7 +679,7 @@ def _fit_diagonal_and_outer(
     schur = scaled_columns.view(k_out, k_in * rank, rank) @ basis.mT
     schur = schur.view(k_out, k_in, rank, rank)
     schur = (a_gram * b_gram).addcmul_(schur, u[..., :, None] * u[..., None, :], value=-1)
-    schur.diagonal(dim1=-2, dim2=-1).add_(rho)
+    schur.diagonal(dim1=-2, dim2=-1).add_(damping)
     factor, info = torch.linalg.cholesky_ex(schur)
     rhs = target_g - u * in_basis(lam / scale, target_a)  # t_g - u o (A L^-1 t_a)
     g = _cholesky_solve(factor, rhs[..., None])[..., 0]
@@ -622,18 +689,20 @@ def _fit_diagonal_and_outer(
 
 
 def _proximal_solve(
-    hessian: Tensor, rhs: Tensor, current: Tensor, overwrite: bool = False
+    hessian: Tensor, rhs: Tensor, current: Tensor, overwrite: bool = False, shrink: float = 0.0
 ) -> Tensor:
-    """``argmin_x <x, H x> - 2 <x, rhs> + ridge ||x - current||^2`` for batches of ``H``;
-    ``overwrite``: ``hessian`` is a temporary, which may be changed (no copy of it).
+    """``argmin_x <x, H x> - 2 <x, rhs> + ridge ||x - current||^2`` for batches of ``H``, plus
+    ``shrink * (mean curvature) * ||x||^2`` where ``shrink`` is not 0; ``overwrite``: ``hessian``
+    is a temporary, which may be changed (no copy of it).
 
     By Cholesky: ``H + ridge I`` is positive definite. (Batched LU, ``torch.linalg.solve``, also
     hangs in MKL's DLASWP on this machine's torch 2.13 at 8 x 256 x 256.) A system that rounding
     made indefinite keeps ``current``, which cannot raise the error either.
     """
-    ridge = _ridge(hessian.diagonal(dim1=-2, dim2=-1).mean(-1))[..., None]
+    mean_curvature = hessian.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None]
+    ridge = _ridge(mean_curvature)
     regularized = hessian if overwrite else hessian.clone()
-    regularized.diagonal(dim1=-2, dim2=-1).add_(ridge)
+    regularized.diagonal(dim1=-2, dim2=-1).add_(ridge + shrink * mean_curvature)
     factor, info = torch.linalg.cholesky_ex(regularized)
     solution = _cholesky_solve(factor, rhs + ridge[..., None] * current)
     return torch.where((info == 0)[..., None, None], solution, current)
