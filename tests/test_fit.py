@@ -100,8 +100,13 @@ def test_error_never_increases_nor_exceeds_svd(mixing: str) -> None:
     # A random matrix has no NanoMoE structure, but the richer class still fits it better.
     assert fit.errors[-1] < fit.errors[0] * (1 - 1e-4)
     # Annealed steps can raise the error (a strong penalty at first): errors follows the best.
-    annealed = nanomoe.fit_dense(weight, 5, (4, 2), mixing, iters=20, tol=0, anneal=4.0)
+    annealed = nanomoe.fit_dense(weight, 5, (4, 2), mixing, iters=20, tol=0, anneal=1.0)
     assert_history(annealed, weight, 5, 20)
+    # One or two iterations: the last is plain, so annealing cannot leave the SVD start as it was.
+    for iters in (1, 2):
+        short = nanomoe.fit_dense(weight, 5, (4, 2), mixing, iters=iters, tol=0, anneal=1.0)
+        assert_history(short, weight, 5, iters)
+        assert short.errors[-1] < short.errors[0]
 
 
 @pytest.mark.parametrize("mixing", MIXINGS)
@@ -141,6 +146,9 @@ def test_one_block_is_the_truncated_svd(mixing: str) -> None:
     torch.testing.assert_close(dense(fit), svd_truncation(weight, 4), rtol=0, atol=1e-8)
     # Nothing to gain, so by default it stops once 5 iterations have gained nothing.
     assert len(nanomoe.fit_dense(weight, 4, 1, mixing, iters=12).errors) == 1 + 5
+    # Annealed, the stall test waits for 5 plain iterations: 20 of 30 are annealed.
+    annealed = nanomoe.fit_dense(weight, 4, 1, mixing, iters=30, anneal=0.5)
+    assert len(annealed.errors) == 1 + 20 + 5
 
 
 @pytest.mark.parametrize("config", [SQUARE, UNEVEN], ids=["square", "uneven"])
@@ -167,6 +175,55 @@ def test_annealing_recovers_diagonal_outer_at_larger_ranks() -> None:
         fit = nanomoe.fit_dense(weight, rank, 4, "diagonal_outer", iters=150, tol=0, anneal=0.5)
         assert_history(fit, weight, rank, 150)
         assert fit.errors[-1] < 0.35 * svd_error(weight, rank)
+
+
+@pytest.mark.parametrize("mixing", MIXINGS)
+def test_annealed_gate_step_is_the_penalized_least_squares_solution(mixing: str) -> None:
+    # The gate step with a Tikhonov weight, against a brute-force solve per block: the block's
+    # model is linear in its gate unknowns x (for diagonal_outer, (g, a) with b fixed), W_ij ~ D x,
+    # and the step minimizes ||W_ij - D x||^2 + ridge ||x - x_now||^2 + shrink c ||x||^2, with c
+    # the mean of diag(D^T D) and ridge = RIDGE c.
+    generator = torch.Generator().manual_seed(5)
+    k, rank, block = 2, 3, 4
+    up = torch.randn(k, block, rank, generator=generator, dtype=torch.float64)
+    down = torch.randn(k, rank, block, generator=generator, dtype=torch.float64)
+    shapes = gate_shapes(mixing, k, k, rank)  # type: ignore[arg-type]
+    gate = nanomoe.fit.Gate(
+        *(torch.randn(shape, generator=generator, dtype=torch.float64) for shape in shapes)
+    )
+    weight = torch.randn(k * block, k * block, generator=generator, dtype=torch.float64)
+    rows = weight.view(k, block, -1)
+    shrink = 0.3
+    fitted = nanomoe.fit._fit_gate(
+        gate, (up.mT @ up)[:, None], (down @ down.mT)[None], up.mT @ rows, down, shrink
+    )
+    for i in range(k):
+        for j in range(k):
+            columns = [up[i][:, c, None] * down[j][c] for c in range(rank)]  # u_c d_c^T
+            now = [gate.mix[i, j].reshape(-1)]
+            if mixing == "scalar":
+                columns = [up[i] @ down[j]]
+            elif mixing == "full":
+                columns = [up[i][:, a, None] * down[j][b] for a in range(rank) for b in range(rank)]
+            elif mixing == "diagonal_outer":
+                pulled = down[j].T @ gate.right[i, j]  # a's columns: u_c (down_j^T b)^T
+                columns += [up[i][:, c, None] * pulled for c in range(rank)]
+                now.append(gate.left[i, j])
+            design = torch.stack([column.reshape(-1) for column in columns], 1)
+            curvature = design.T @ design
+            mean = curvature.diagonal().mean()
+            ridge = nanomoe.fit.RIDGE * mean
+            system = curvature + (ridge + shrink * mean) * torch.eye(
+                len(curvature), dtype=torch.float64
+            )
+            target = design.T @ weight[
+                i * block : (i + 1) * block, j * block : (j + 1) * block
+            ].reshape(-1)
+            expected = torch.linalg.solve(system, target + ridge * torch.cat(now))
+            got = [fitted.mix[i, j].reshape(-1)]
+            if mixing == "diagonal_outer":
+                got.append(fitted.left[i, j])
+            torch.testing.assert_close(torch.cat(got), expected, rtol=1e-10, atol=1e-12)
 
 
 def test_full_gates_come_out_scaled_like_a_fresh_layer() -> None:
@@ -262,7 +319,7 @@ def test_bad_input_raises() -> None:
         nanomoe.fit_dense(weight, 2, 2, iters=-1)
     with pytest.raises(ValueError, match="tol"):
         nanomoe.fit_dense(weight, 2, 2, tol=1.0)
-    for anneal in (-0.5, float("inf"), True):
+    for anneal in (-0.5, 1.5, float("inf"), True):
         with pytest.raises(ValueError, match="anneal"):
             nanomoe.fit_dense(weight, 2, 2, anneal=anneal)
     with pytest.raises(ValueError, match="non-finite"):
