@@ -103,7 +103,8 @@ def test_training_forward_returns_hidden() -> None:
     torch.testing.assert_close(hidden, expected)
 
 
-# The AVX-512 kernels' edges: the register tile (12 tokens x 32 rows), the thread tile (96 tokens),
+# The AVX-512 kernels' edges: the register tile (12 tokens x 32 rows, or 24 x 16 on a panel of at
+# most 16 rows, then 12 x 16 and a tail), the thread tile (96 tokens),
 # the switch from reading weights in place to packing them (more than 16 tokens), 16-lane vector
 # tails, and odd depths (bfloat16 multiplies pairs of elements). On AMX, bfloat16 blocks of 32 and
 # 16 tokens with the rest on the register tile, and depths that are not multiples of 32.
@@ -111,7 +112,8 @@ def test_training_forward_returns_hidden() -> None:
 @pytest.mark.parametrize("mixing", MIXINGS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_kernel_tile_edges(tokens: int, mixing: str, dtype: torch.dtype) -> None:
-    for k_out, k_in, n_b, m_b, rank in [(2, 3, 33, 40, 17), (1, 2, 64, 31, 32), (3, 1, 7, 65, 33)]:
+    shapes = [(2, 3, 33, 40, 17), (1, 2, 64, 31, 32), (3, 1, 7, 65, 33), (4, 4, 16, 12, 16)]
+    for k_out, k_in, n_b, m_b, rank in shapes:
         case = make_case((tokens,), k_out, k_in, n_b, m_b, rank, mixing, dtype)
         scale = reference64(magnitude(case))
         label = f"{mixing} {dtype} tokens={tokens} rank={rank} n_b={n_b}"

@@ -1,7 +1,8 @@
 // AVX-512 inner loops of the CPU kernels (see projection.h). Two shapes of the same product:
 // - project_packed, for many tokens: a register tile of kTileTokens tokens x 32 output columns
 //   (24 accumulators), fed by broadcasting one input element (float32) or one pair (bfloat16) and
-//   two vector loads of a packed weight panel per step of the reduction;
+//   two vector loads of a packed weight panel per step of the reduction; a panel of at most 16
+//   columns (a small rank or block), twice the tokens x 16 columns;
 // - project_rows, for a few tokens: dot products along the weight rows as they lie in memory, four
 //   rows by up to four tokens at a time, their 16 sums reduced across lanes together at the end.
 // Where the CPU has AMX (amx.h), bfloat16 products give their leading rows to AMX blocks of 32 rows
@@ -23,7 +24,12 @@ namespace nanomoe::cpu::projection {
 namespace {
 
 constexpr int kTileTokens = 12;  // register tile rows: 12 x 2 accumulators + 2 panel vectors
-constexpr int kDotTokens = 4;    // project_rows: up to 4 tokens x 4 rows = 16 accumulators
+// A panel of at most 16 columns: its second 16 would multiply zeros, so the tile takes one vector
+// of columns and twice the tokens (24 x 1 accumulators). Every step then loads about once per
+// useful multiply-add (a broadcast of the input), against about once per two useful ones of the
+// whole tile on a whole panel, and once per useful one on a half-empty panel.
+constexpr int kNarrowTileTokens = 2 * kTileTokens;
+constexpr int kDotTokens = 4;  // project_rows: up to 4 tokens x 4 rows = 16 accumulators
 constexpr int kDotRows = 4;
 
 int64_t panels_of(int64_t rows) {
@@ -169,13 +175,14 @@ struct Accumulate {
 
 // One register tile: rows [0, kTokens) of the input x one panel of 32 weight columns, whose
 // step k lies at panel + k * panel_stride (columns side by side, the second 16 kStep * 16
-// further); lanes lo of the first 16 columns and hi of the second exist.
-// kUnitK: the input's k_stride is 1 (known at compile time, so the tile's 12 input pointers step
+// further); lanes lo of the first 16 columns and hi of the second exist. kHalves = 1: only the
+// first 16 columns (hi is empty), one accumulator per token.
+// kUnitK: the input's k_stride is 1 (known at compile time, so the tile's input pointers step
 // by a constant).
-template <typename Ops, int kTokens, bool kUnitK>
+template <typename Ops, int kTokens, bool kUnitK, int kHalves = 2>
 struct Tile {
   using T = typename Ops::T;
-  using Accumulators = __m512[kTokens][2];
+  using Accumulators = __m512[kTokens][kHalves];
 
   template <typename Out>
   NANOMOE_AVX512 __attribute__((noinline)) static void run(int64_t depth, Input<T> in,
@@ -183,17 +190,19 @@ struct Tile {
                                                            __mmask16 lo, __mmask16 hi,
                                                            const Out& out) {
     Accumulators acc;
-#pragma GCC unroll 16
-    for (int t = 0; t < kTokens; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+#pragma GCC unroll 24
+    for (int t = 0; t < kTokens; ++t) {
+      for (int h = 0; h < kHalves; ++h) acc[t][h] = _mm512_setzero_ps();
+    }
     const int64_t whole = depth / Ops::kStep * Ops::kStep;
     for (int64_t k = 0; k < whole; k += Ops::kStep) {
       step<false>(acc, in, panel + k * panel_stride, lo, hi, k);
     }
     if (whole < depth) step<true>(acc, in, panel + whole * panel_stride, lo, hi, whole);
-#pragma GCC unroll 16
+#pragma GCC unroll 24
     for (int t = 0; t < kTokens; ++t) {
       out.put(t, 0, lo, acc[t][0]);
-      out.put(t, 1, hi, acc[t][1]);
+      if constexpr (kHalves == 2) out.put(t, 1, hi, acc[t][1]);
     }
   }
 
@@ -204,25 +213,44 @@ struct Tile {
                                                                  const T* columns, __mmask16 lo,
                                                                  __mmask16 hi, int64_t k) {
     const auto b0 = Ops::load(lo, columns);
-    const auto b1 = Ops::load(hi, columns + Ops::kStep * 16);
-#pragma GCC unroll 16
+    const auto b1 = kHalves == 2 ? Ops::load(hi, columns + Ops::kStep * 16) : b0;
+#pragma GCC unroll 24
     for (int t = 0; t < kTokens; ++t) {
       const T* a_at = in.data + t * in.row_stride + (kUnitK ? k : k * in.k_stride);
       const auto a = kLast ? Ops::broadcast_last(a_at) : Ops::broadcast_step(a_at);
       acc[t][0] = Ops::madd(acc[t][0], a, b0);
-      acc[t][1] = Ops::madd(acc[t][1], a, b1);
+      if constexpr (kHalves == 2) acc[t][1] = Ops::madd(acc[t][1], a, b1);
     }
   }
 };
 
-// Runs Tile<Ops, kTokens> for a tail of 1 to kTileTokens - 1 tokens (kTokens fixed at compile
-// time keeps the accumulators in registers).
-template <typename Ops, bool kUnitK, int kTokens = kTileTokens - 1, typename... Args>
+// Runs Tile<Ops, kTokens, kUnitK, kHalves> for a tail of 1 to kTileTokens - 1 tokens (kTokens
+// fixed at compile time keeps the accumulators in registers).
+template <typename Ops, bool kUnitK, int kHalves, int kTokens = kTileTokens - 1, typename... Args>
 void tail_tile(int64_t tokens, Args... args) {
   if constexpr (kTokens > 0) {
-    if (tokens == kTokens) return Tile<Ops, kTokens, kUnitK>::run(args...);
-    tail_tile<Ops, kUnitK, kTokens - 1>(tokens, args...);
+    if (tokens == kTokens) return Tile<Ops, kTokens, kUnitK, kHalves>::run(args...);
+    tail_tile<Ops, kUnitK, kHalves, kTokens - 1>(tokens, args...);
   }
+}
+
+// Tokens [t, tokens) of one panel on register tiles: whole (kHalves = 2) or of its first 16
+// columns (1), the narrow tile's leftover 12 or more tokens on a tile of 12.
+template <typename Ops, bool kUnitK, int kHalves, typename T, typename Out>
+void tile_tokens(int64_t t, int64_t tokens, int64_t depth, Input<T> in, const T* panel,
+                 int64_t panel_stride, __mmask16 lo, __mmask16 hi, const Out& out) {
+  constexpr int kTokens = kHalves == 2 ? kTileTokens : kNarrowTileTokens;
+  for (; t + kTokens <= tokens; t += kTokens) {
+    Tile<Ops, kTokens, kUnitK, kHalves>::run(depth, in.at(t), panel, panel_stride, lo, hi,
+                                             out.at(t, 0));
+  }
+  if (kTokens > kTileTokens && t + kTileTokens <= tokens) {
+    Tile<Ops, kTileTokens, kUnitK, kHalves>::run(depth, in.at(t), panel, panel_stride, lo, hi,
+                                                 out.at(t, 0));
+    t += kTileTokens;
+  }
+  tail_tile<Ops, kUnitK, kHalves>(tokens - t, depth, in.at(t), panel, panel_stride, lo, hi,
+                                  out.at(t, 0));
 }
 
 // ---- project_rows --------------------------------------------------------------------------
@@ -341,12 +369,13 @@ void project_panels(int64_t tokens, int64_t depth, int64_t cols, Input<T> in, co
         t = amx_panel(tokens, depth, amx_rows, panel, panel_stride, lo, hi, out.at(0, first));
       }
     }
-    for (; t + kTileTokens <= tokens; t += kTileTokens) {
-      Tile<Ops, kTileTokens, kUnitK>::run(depth, in.at(t), panel, panel_stride, lo, hi,
-                                          out.at(t, first));
+    if (width <= 16) {
+      tile_tokens<Ops, kUnitK, 1>(t, tokens, depth, in, panel, panel_stride, lo, hi,
+                                  out.at(0, first));
+    } else {
+      tile_tokens<Ops, kUnitK, 2>(t, tokens, depth, in, panel, panel_stride, lo, hi,
+                                  out.at(0, first));
     }
-    tail_tile<Ops, kUnitK>(tokens - t, depth, in.at(t), panel, panel_stride, lo, hi,
-                           out.at(t, first));
   }
 }
 
