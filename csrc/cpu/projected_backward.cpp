@@ -130,6 +130,7 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
 
   // Each thread's scratch for one tile, and its float32 sums of the weight gradients.
   const int64_t tile = kBackwardTiling.max_tokens, threads = at::get_num_threads();
+  const int64_t chunk = chunk_tokens<T>(tile);
   const bool elementwise_gate = need_gate && !layer.full();
   const int64_t scratch_bytes =
       2 * Carve::bytes<T>(tile * mixed_row) + Carve::bytes<T>(tile * hidden_row) +
@@ -154,12 +155,18 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
     const T* go = grad + begin * grad_stride;
     const T* h = hid + begin * hidden_row;
 
+    // fn(first, count) over the tile's tokens, chunk by chunk (see chunk_tokens).
+    const auto by_chunks = [&](const auto& fn) {
+      for (int64_t c0 = 0; c0 < rows; c0 += chunk) fn(c0, std::min(chunk, rows - c0));
+    };
     T* gm = carve.take<T>(tile * mixed_row);
     if (need_grad_mixed) {
-      for (int64_t i = 0; i < d.out_blocks; ++i) {
-        projection::project_steps(rows, go + i * m_b, grad_stride, up_steps[i], r, m_b, gm + i * r,
-                                  mixed_row);
-      }
+      by_chunks([&](int64_t c0, int64_t n) {
+        for (int64_t i = 0; i < d.out_blocks; ++i) {
+          projection::project_steps(n, go + c0 * grad_stride + i * m_b, grad_stride, up_steps[i], r,
+                                    m_b, gm + c0 * mixed_row + i * r, mixed_row);
+        }
+      });
     }
     T* mid = carve.take<T>(tile * mixed_row);
     if (needs[kUp]) {  // the forward's mixed, again
@@ -175,10 +182,12 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
       }
     }
     if (needs[kX]) {
-      for (int64_t j = 0; j < d.in_blocks; ++j) {
-        projection::project_steps(rows, gh + j * r, hidden_row, down_steps[j], n_b, r,
-                                  gx + begin * d.in_features + j * n_b, d.in_features);
-      }
+      by_chunks([&](int64_t c0, int64_t n) {
+        for (int64_t j = 0; j < d.in_blocks; ++j) {
+          projection::project_steps(n, gh + c0 * hidden_row + j * r, hidden_row, down_steps[j], n_b,
+                                    r, gx + (begin + c0) * d.in_features + j * n_b, d.in_features);
+        }
+      });
     }
 
     // The weight gradients: sums over the tile's tokens (the steps of each product).

@@ -34,14 +34,6 @@ constexpr int64_t kRowsTokens = 16;
 constexpr Tiling kPackedTiling{96, kShareTokens, 24};
 // project_rows tasks: this many weight rows each (a multiple of its 4-row step).
 constexpr int64_t kRowsPerTask = 16;
-// Packed path off AMX: a tile's tokens pass through every block this many at a time (the narrow
-// register tile's count), so that each token's row of x is read, and its row of the output
-// written, front to back. Block by block over the whole tile, each block touched one cache line of
-// every token's row, each row in another page, where the prefetchers do not follow, and every
-// output line was a store miss of its own. Measured at 4096 tokens, in = out = 1024, K = 64,
-// r = 16, float32 (the two orders alternating in one process): the forward 10 to 13% faster; at
-// K = 8, r = 64, 3%. AMX takes whole blocks of 16 and 32 tokens, so it keeps the whole tile.
-constexpr int64_t kChunkTokens = 24;
 // Down-projections to at most this rank, from blocks of at least this many features, take dot
 // products along the weight rows even for many tokens: the register tile's 32 columns would be at
 // most a quarter full, and each dot product's lane reduction is paid back over 64 elements (from
@@ -197,7 +189,7 @@ void many_tokens(const Layer<scalar_t>& layer, const Weights& w, const Tensor& x
   // malloc's mmap threshold) made the threads queue on the kernel's memory map, and measured no
   // faster with 2 threads than with 1.
   const int64_t tile = kPackedTiling.max_tokens;
-  const int64_t chunk = std::is_same_v<T, uint16_t> && amx::available() ? tile : kChunkTokens;
+  const int64_t chunk = chunk_tokens<T>(tile);
   const int64_t hidden_size = tile * layer.hidden_row();
   const Tensor scratch =
       at::empty({at::get_num_threads(), hidden_size + tile * layer.mixed_row()}, x_rows.options());

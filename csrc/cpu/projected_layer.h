@@ -8,8 +8,10 @@
 #include <c10/util/BFloat16.h>
 
 #include <optional>
+#include <type_traits>
 
 #include "../checks.h"
+#include "amx.h"
 #include "gate.h"
 #include "gate_tile.h"
 #include "operands.h"
@@ -21,6 +23,18 @@ namespace nanomoe::cpu {
 // rows and of AMX's 16: a token's products then go to AMX or to the register tile (which sum in
 // different orders) whatever the thread count, so results stay bitwise the same for any count.
 constexpr int64_t kShareTokens = 48;
+
+// Off AMX, a token tile's products pass through every block this many tokens at a time (the narrow
+// register tile's count), so that each token's rows of the activations are read and written front
+// to back. Block by block over the whole tile, each block touched one cache line of every token's
+// row, each row in another 4 KiB page, where the prefetchers do not follow, and each output line
+// was a store miss of its own. AMX takes whole blocks of 16 and 32 tokens, so there the tile stays
+// whole. Measured in benchmarks/NOTES.md, version 29.
+template <typename T>
+int64_t chunk_tokens(int64_t tile) {
+  constexpr int64_t kChunkTokens = 24;
+  return std::is_same_v<T, uint16_t> && amx::available() ? tile : kChunkTokens;
+}
 
 // The kernels' element type: bfloat16 as its bits.
 template <typename scalar_t>
