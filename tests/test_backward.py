@@ -159,7 +159,15 @@ def test_many_blocks_small_ranks(tokens: int, mixing: str, dtype: torch.dtype) -
     """The transposed gate mixes by block too (its destination is the input blocks), and the gate's
     gradients are summed by block; the full gate's transpose is one product."""
     generator = torch.Generator().manual_seed(tokens)
-    for k_out, k_in, rank in [(64, 64, 4), (20, 36, 3), (36, 20, 1), (17, 5, 2)]:
+    # (16, 32, 16), (32, 16, 32): diagonal_outer by block where blocks and rank fill lanes alike.
+    for k_out, k_in, rank in [
+        (64, 64, 4),
+        (20, 36, 3),
+        (36, 20, 1),
+        (17, 5, 2),
+        (16, 32, 16),
+        (32, 16, 32),
+    ]:
         case = make_case((tokens,), k_out, k_in, 3, 2, rank, mixing, dtype, True, generator)
         grad_out = torch.randn(tokens, k_out * 2, generator=generator, dtype=torch.float64)
         got = grads_of(torch.ops.nanomoe.linear, case, grad_out.to(dtype))

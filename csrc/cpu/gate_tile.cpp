@@ -254,7 +254,7 @@ void accumulate_grads_as(const GateRows<float>& g, const T* src, const T* grad_d
 
 // The gate is laid out by block once per call; whether a tile of `tokens` uses it is per tile.
 bool by_block(const GateRows<float>& g, int64_t tokens) {
-  return g.mix_by_block && mixes_by_block(g.rank, g.dst_blocks, tokens);
+  return g.mix_by_block && mixes_by_block(g.variant, g.rank, g.dst_blocks, tokens);
 }
 
 }  // namespace
