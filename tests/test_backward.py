@@ -90,7 +90,8 @@ def test_no_grad_keeps_nothing_and_matches() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_kernel_tile_edges(tokens: int, mixing: str, dtype: torch.dtype) -> None:
     generator = torch.Generator().manual_seed(tokens)
-    # (4, 4, 16, 12, 16): every product's panel at most 16 columns wide (the narrow tile).
+    # (4, 4, 16, 12, 16): the projections' panels at most 16 columns wide (the narrow tile; off
+    # AMX in bfloat16, where 2 blocks' down-projections are one 32-column product).
     shapes = [(2, 3, 33, 40, 17), (1, 2, 64, 31, 32), (3, 1, 7, 65, 33), (4, 4, 16, 12, 16)]
     for k_out, k_in, n_b, m_b, rank in shapes:
         case = make_case((tokens,), k_out, k_in, n_b, m_b, rank, mixing, dtype, True, generator)

@@ -149,8 +149,15 @@ def test_bitwise_same_for_one_and_two_threads(tokens: int, mixing: str, dtype: t
     # needs the same tokens to go to AMX blocks (which sum in another order than the register
     # tile) for any split: depths of 32 and more, so AMX's sums differ from the tile's.
     # (20, 16, 8): bfloat16 on AMX, 4 blocks' down-projections as one product (down_group).
-    for n_b, m_b, rank in [(20, 24, 18), (96, 40, 64), (20, 16, 8)]:
-        case = make_case((tokens,), 4, 4, n_b, m_b, rank, mixing, dtype)
+    # K = 16, rank 16: diagonal_outer mixes by block, whose dot products sum in another order than
+    # by rank position; every tile must take the same layout (decided per call).
+    for blocks, n_b, m_b, rank in [
+        (4, 20, 24, 18),
+        (4, 96, 40, 64),
+        (4, 20, 16, 8),
+        (16, 3, 2, 16),
+    ]:
+        case = make_case((tokens,), blocks, blocks, n_b, m_b, rank, mixing, dtype)
         threads = torch.get_num_threads()
         try:
             torch.set_num_threads(1)

@@ -75,7 +75,7 @@ struct Gate {
     g.rows.left = outer ? g.left.template const_data_ptr<acc_t>() : nullptr;
     g.rows.right = outer ? g.right.template const_data_ptr<acc_t>() : nullptr;
     if constexpr (std::is_same_v<acc_t, float>) {
-      if (by_block && mixes_by_block(g.rows.variant, dims.rank, g.rows.dst_blocks)) {
+      if (by_block && mixes_by_block(g.rows.variant, dims.rank, g.rows.dst_blocks, dims.tokens)) {
         g.lay_out_by_block(transposed);
       }
     }

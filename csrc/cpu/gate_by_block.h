@@ -1,5 +1,5 @@
 // The elementwise gates with destination blocks as the vector lanes, for gate_tile.h's mix where
-// mixes_by_block (gate_layout.h) chooses it: small ranks under many blocks.
+// mixes_by_block (gate_layout.h) chooses it, once per call: small ranks under many blocks.
 #pragma once
 
 #include <cstdint>

@@ -34,32 +34,27 @@ inline double filled_lanes(int64_t n) {
   return double(n) / double((n + kGateLanes - 1) / kGateLanes * kGateLanes);
 }
 
-// diagonal_outer mixes by block also where blocks and rank fill the lanes equally, up to this
-// rank: by block its rank-one part's dot products <right_ds, x_s> are plain multiply-adds with 16
-// blocks in the lanes, where with rank positions as the lanes each one ends in a lane reduction.
-// Measured (4096 tokens, float32 and bfloat16, alternating in one process): the forward 1.3x to
-// 2.5x faster and forward+backward 1.2x to 1.65x at ranks 16 and 32 with 16 to 64 blocks; at
-// rank 64 with 16 blocks the same within noise, at rank 128 forward+backward 6 to 10% slower.
+// diagonal_outer mixes by block also where blocks and rank fill the lanes equally, at ranks from 16
+// up to this one: by block its rank-one part's dot products <right_ds, x_s> are plain multiply-adds
+// with 16 blocks in the lanes, where with rank positions as the lanes each one ends in a lane
+// reduction. Measured (4096 tokens, float32 and bfloat16, alternating in one process): the
+// forward 1.3x to 2.5x faster and forward+backward 1.2x to 1.65x at ranks 16 and 32 with 16 to 64
+// blocks; at rank 64 with 16 blocks the same within noise, at rank 128 forward+backward 6 to 10%
+// slower.
 constexpr int64_t kOuterByBlockMaxRank = 32;
 
 // Whether the AVX-512 mixing runs with destination blocks as its vector lanes (a product of the
 // (dst, src) gate with the (src, tokens) activations per rank position: one GEMM-shaped step)
-// rather than rank positions, given the share of the lanes the blocks fill: when the rank fills
-// fewer (for diagonal_outer, variant 2, no more: see kOuterByBlockMaxRank).
-inline bool lanes_prefer_blocks(int variant, int64_t rank, double block_lanes) {
-  const double rank_lanes = filled_lanes(rank);
-  return block_lanes > rank_lanes ||
-         (variant == 2 && rank <= kOuterByBlockMaxRank && block_lanes >= rank_lanes);
-}
-
-inline bool mixes_by_block(int variant, int64_t rank, int64_t dst_blocks) {
-  return lanes_prefer_blocks(variant, rank, filled_lanes(dst_blocks));
-}
-
-// The same for a call of `tokens` tokens: below kByBlockTokens, part of each group is padding.
+// rather than rank positions, for a call of `tokens` tokens: when the rank fills fewer lanes than
+// the blocks do (below kByBlockTokens tokens, part of each group is padding); for diagonal_outer
+// (variant 2) at ranks 16 to kOuterByBlockMaxRank, no more. Decided once per call, never per token
+// tile: diagonal_outer's two layouts sum its dot products in different orders, so a choice per
+// tile would make the bits depend on how the threads cut the tokens.
 inline bool mixes_by_block(int variant, int64_t rank, int64_t dst_blocks, int64_t tokens) {
   const double group = double(tokens < kByBlockTokens ? tokens : kByBlockTokens) / kByBlockTokens;
-  return lanes_prefer_blocks(variant, rank, group * filled_lanes(dst_blocks));
+  const double block_lanes = group * filled_lanes(dst_blocks), rank_lanes = filled_lanes(rank);
+  const bool outer_ranks = variant == 2 && rank >= kGateLanes && rank <= kOuterByBlockMaxRank;
+  return block_lanes > rank_lanes || (outer_ranks && block_lanes >= rank_lanes);
 }
 
 // fn(std::integral_constant<int, variant>{}): the variant as a compile-time constant, for the

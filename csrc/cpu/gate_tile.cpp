@@ -1,6 +1,6 @@
 // AVX-512 mixing (see gate_tile.h): eight tokens at a time, each destination block 16 lanes at a
 // time in registers, summed over the source blocks; each load of the gate serves the eight tokens.
-// Where the rank fills the lanes worse than the block count, gate_by_block.cpp mixes instead.
+// Where the gate is laid out by block (gate_layout.h, mixes_by_block), gate_by_block.cpp mixes.
 // Their source rows (converted to float32 once when they are bfloat16) and the gate stay in L1.
 #include "gate_tile.h"
 
@@ -252,11 +252,6 @@ void accumulate_grads_as(const GateRows<float>& g, const T* src, const T* grad_d
   }
 }
 
-// The gate is laid out by block once per call; whether a tile of `tokens` uses it is per tile.
-bool by_block(const GateRows<float>& g, int64_t tokens) {
-  return g.mix_by_block && mixes_by_block(g.variant, g.rank, g.dst_blocks, tokens);
-}
-
 }  // namespace
 
 void accumulate_grads(const GateRows<float>& g, const float* src, const float* grad_dst,
@@ -284,12 +279,12 @@ void accumulate_grads(const GateRows<float>& g, const uint16_t* src, const uint1
 }
 
 void mix(const GateRows<float>& g, const float* src, float* dst, int64_t tokens) {
-  if (by_block(g, tokens)) return gate_by_block::mix(g, src, dst, tokens);
+  if (g.mix_by_block) return gate_by_block::mix(g, src, dst, tokens);
   with_variant(g.variant, [&](auto v) { mix_tokens<decltype(v)::value>(g, src, dst, tokens); });
 }
 
 void mix(const GateRows<float>& g, const uint16_t* src, uint16_t* dst, int64_t tokens) {
-  if (by_block(g, tokens)) return gate_by_block::mix(g, src, dst, tokens);
+  if (g.mix_by_block) return gate_by_block::mix(g, src, dst, tokens);
   with_variant(g.variant, [&](auto v) { mix_tokens<decltype(v)::value>(g, src, dst, tokens); });
 }
 

@@ -28,7 +28,8 @@ using projection::WeightRows;
 
 // Up to this many tokens the weights are read in place (project_rows), beyond it packed.
 constexpr int64_t kRowsTokens = 16;
-// Packed path: tiles of at most 96 tokens (8 register tiles of 12), so a tile's hidden and mixed
+// Packed path: tiles of at most 96 tokens (8 register tiles of 12, or 4 narrow ones of 24), so a
+// tile's hidden and mixed
 // (tokens x K x r each) stay in L2; batches up to 12 tokens per thread run as one tile. Threads'
 // shares are multiples of kShareTokens, so the same tokens fall to AMX for any thread count.
 constexpr Tiling kPackedTiling{96, kShareTokens, 24};

@@ -348,7 +348,7 @@ NANOMOE_AVX512 int64_t amx_panel(int64_t tokens, int64_t depth, AmxRows in, cons
   return covered;
 }
 
-// Panel by panel (the panel stays in L1 while every row passes), rows kTileTokens at a time.
+// Panel by panel (the panel stays in L1 while every row passes), rows a register tile at a time.
 // Panel p starts at w + p * panel_offset, its step k panel_stride further per k. Given amx rows,
 // the leading rows go to AMX on every panel whose 32 columns may all be read: all when padded
 // (packed panels are), else the whole ones.
