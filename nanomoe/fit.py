@@ -174,9 +174,8 @@ def fit_dense(
     up, down = _svd_factors(w, rank, k_out, k_in)
     factors = Factors(up, _identity_gate(mixing, k_out, k_in, rank, w.device), down)
     projected = _project(rows, up)  # always that of factors.up
-    best_error_sq = _squared_error(projected, factors, norm_sq)
     best = factors
-    errors = [(best_error_sq.clamp_min(0).sqrt() / norm).item()]
+    errors = [(_squared_error(projected, factors, norm_sq).clamp_min(0).sqrt() / norm).item()]
     current_errors = errors[:]  # of each iteration's factors, for the stall test
     realigns = mixing in ("scalar", "diagonal") and rank <= min(rows.shape[1], columns.shape[1])
     shrinks = _anneal_schedule(anneal, iters)
@@ -201,9 +200,10 @@ def fit_dense(
                 step = min(step * STEP_GROWTH, MAX_STEP)
             else:
                 step = 1.0
-        best, best_error_sq = _better(best, best_error_sq, (factors, error_sq))
-        errors.append((best_error_sq.clamp_min(0).sqrt() / norm).item())
-        current_errors.append((error_sq.clamp_min(0).sqrt() / norm).item())
+        current_errors.append((error_sq.clamp_min(0).sqrt() / norm).item())  # one sync a step
+        if current_errors[-1] < errors[-1]:
+            best = factors
+        errors.append(min(errors[-1], current_errors[-1]))
         # Annealed steps may raise the error: the stall test looks only past them, and at the
         # iterate's own error (once annealing ends it may still be above the best, and falling).
         plain = iteration + 1 - annealed  # plain iterations so far
