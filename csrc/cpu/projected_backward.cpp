@@ -155,13 +155,9 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
     const T* go = grad + begin * grad_stride;
     const T* h = hid + begin * hidden_row;
 
-    // fn(first, count) over the tile's tokens, chunk by chunk (see chunk_tokens).
-    const auto by_chunks = [&](const auto& fn) {
-      for (int64_t c0 = 0; c0 < rows; c0 += chunk) fn(c0, std::min(chunk, rows - c0));
-    };
     T* gm = carve.take<T>(tile * mixed_row);
     if (need_grad_mixed) {
-      by_chunks([&](int64_t c0, int64_t n) {
+      for_each_chunk(0, rows, chunk, [&](int64_t c0, int64_t n) {
         for (int64_t i = 0; i < d.out_blocks; ++i) {
           projection::project_steps(n, go + c0 * grad_stride + i * m_b, grad_stride, up_steps[i], r,
                                     m_b, gm + c0 * mixed_row + i * r, mixed_row);
@@ -182,7 +178,7 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
       }
     }
     if (needs[kX]) {
-      by_chunks([&](int64_t c0, int64_t n) {
+      for_each_chunk(0, rows, chunk, [&](int64_t c0, int64_t n) {
         for (int64_t j = 0; j < d.in_blocks; ++j) {
           projection::project_steps(n, gh + c0 * hidden_row + j * r, hidden_row, down_steps[j], n_b,
                                     r, gx + (begin + c0) * d.in_features + j * n_b, d.in_features);

@@ -29,9 +29,9 @@ using projection::WeightRows;
 // Up to this many tokens the weights are read in place (project_rows), beyond it packed.
 constexpr int64_t kRowsTokens = 16;
 // Packed path: tiles of at most 96 tokens (8 register tiles of 12, or 4 narrow ones of 24), so a
-// tile's hidden and mixed
-// (tokens x K x r each) stay in L2; batches up to 12 tokens per thread run as one tile. Threads'
-// shares are multiples of kShareTokens, so the same tokens fall to AMX for any thread count.
+// tile's hidden and mixed (tokens x K x r each) stay in L2; batches up to 12 tokens per thread run
+// as one tile. Threads' shares are multiples of kShareTokens, so the same tokens fall to AMX for
+// any thread count.
 constexpr Tiling kPackedTiling{96, kShareTokens, 24};
 // project_rows tasks: this many weight rows each (a multiple of its 4-row step).
 constexpr int64_t kRowsPerTask = 16;
@@ -206,8 +206,7 @@ void many_tokens(const Layer<scalar_t>& layer, const Weights& w, const Tensor& x
     T* mid = Layer<scalar_t>::data(mixed);
     // Tokens [first, first + count) of the tile, chunk by chunk, block by block.
     const auto down_by_blocks = [&](int64_t first, int64_t count) {
-      for (int64_t c0 = first; c0 < first + count; c0 += chunk) {
-        const int64_t n = std::min(chunk, first + count - c0);
+      for_each_chunk(first, first + count, chunk, [&](int64_t c0, int64_t n) {
         const T* x_first = x + (begin + c0) * x_stride;
         T* hid_first = hid + c0 * layer.hidden_row();
         for (int64_t j = 0; j < d.in_blocks; ++j) {
@@ -219,7 +218,7 @@ void many_tokens(const Layer<scalar_t>& layer, const Weights& w, const Tensor& x
                                        d.in_block, nullptr, hid_first + j * r, layer.hidden_row());
           }
         }
-      }
+      });
     };
     if (group == 1) {
       down_by_blocks(0, rows);
@@ -237,15 +236,14 @@ void many_tokens(const Layer<scalar_t>& layer, const Weights& w, const Tensor& x
       }
     }
     mix(hid, mid, rows);
-    for (int64_t c0 = 0; c0 < rows; c0 += chunk) {
-      const int64_t n = std::min(chunk, rows - c0);
+    for_each_chunk(0, rows, chunk, [&](int64_t c0, int64_t n) {
       for (int64_t i = 0; i < d.out_blocks; ++i) {
         projection::project_packed(
             n, mid + c0 * layer.mixed_row() + i * r, layer.mixed_row(), up.block(i), d.out_block, r,
             bias ? bias + i * d.out_block : nullptr,
             y + (begin + c0) * d.out_features + i * d.out_block, d.out_features);
       }
-    }
+    });
   });
 }
 

@@ -7,6 +7,7 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 
+#include <algorithm>
 #include <optional>
 #include <type_traits>
 
@@ -34,6 +35,12 @@ template <typename T>
 int64_t chunk_tokens(int64_t tile) {
   constexpr int64_t kChunkTokens = 24;
   return std::is_same_v<T, uint16_t> && amx::available() ? tile : kChunkTokens;
+}
+
+// fn(first, count) over tokens [begin, end), chunk tokens at a time.
+template <typename F>
+void for_each_chunk(int64_t begin, int64_t end, int64_t chunk, const F& fn) {
+  for (int64_t first = begin; first < end; first += chunk) fn(first, std::min(chunk, end - first));
 }
 
 // The kernels' element type: bfloat16 as its bits.

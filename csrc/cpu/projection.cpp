@@ -244,10 +244,12 @@ void tile_tokens(int64_t t, int64_t tokens, int64_t depth, Input<T> in, const T*
     Tile<Ops, kTokens, kUnitK, kHalves>::run(depth, in.at(t), panel, panel_stride, lo, hi,
                                              out.at(t, 0));
   }
-  if (kTokens > kTileTokens && t + kTileTokens <= tokens) {
-    Tile<Ops, kTileTokens, kUnitK, kHalves>::run(depth, in.at(t), panel, panel_stride, lo, hi,
-                                                 out.at(t, 0));
-    t += kTileTokens;
+  if constexpr (kTokens > kTileTokens) {
+    if (t + kTileTokens <= tokens) {
+      Tile<Ops, kTileTokens, kUnitK, kHalves>::run(depth, in.at(t), panel, panel_stride, lo, hi,
+                                                   out.at(t, 0));
+      t += kTileTokens;
+    }
   }
   tail_tile<Ops, kUnitK, kHalves>(tokens - t, depth, in.at(t), panel, panel_stride, lo, hi,
                                   out.at(t, 0));
