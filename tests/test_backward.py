@@ -179,6 +179,26 @@ def test_many_blocks_small_ranks(tokens: int, mixing: str, dtype: torch.dtype) -
             assert_close_to(grad, expected[name], dtype, label, scale[name])
 
 
+@pytest.mark.parametrize("tokens", [5, 131])
+@pytest.mark.parametrize("mixing", MIXINGS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gate_tiles(tokens: int, mixing: str, dtype: torch.dtype) -> None:
+    """Ranks that fill the lanes: the gate's gradients are summed for 4 x 4 (output, input) blocks
+    at once, so block counts that leave partial ones, and ranks over 16 with a partial last 16;
+    at 16 blocks or more each way, bfloat16's scalar gate and its transpose run on AMX (odd
+    counts: the last pair's partner is zero)."""
+    generator = torch.Generator().manual_seed(tokens)
+    for k_out, k_in, rank in [(6, 7, 17), (5, 18, 33), (17, 33, 24), (33, 16, 16)]:
+        case = make_case((tokens,), k_out, k_in, 3, 2, rank, mixing, dtype, True, generator)
+        grad_out = torch.randn(tokens, k_out * 2, generator=generator, dtype=torch.float64)
+        got = grads_of(torch.ops.nanomoe.linear, case, grad_out.to(dtype))
+        expected = grads_of(nanomoe_linear_reference, case.map(torch.Tensor.double), grad_out)
+        scale = grads_of(nanomoe_linear_reference, magnitude(case), grad_out.abs())
+        for name, grad in got.items():
+            label = f"grad of {name}, K=({k_out}, {k_in}) rank={rank}"
+            assert_close_to(grad, expected[name], dtype, label, scale[name])
+
+
 @pytest.mark.parametrize("mixing", ["scalar", "diagonal_outer"])
 def test_gate_gradients_by_block_add_up_over_tiles(mixing: str) -> None:
     """One thread, 450 tokens: three 192-token tiles each add into the same gate-gradient sums."""

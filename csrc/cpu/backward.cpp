@@ -64,9 +64,10 @@ Grads linear_backward_cpu(const Tensor& grad_out_in, const Tensor& x_in, const T
 
   AT_DISPATCH_FLOATING_TYPES_AND(
       at::kBFloat16, x_in.scalar_type(), "nanomoe_linear_backward_cpu", [&] {
-        const auto gate = Gate<scalar_t>::make(dims, w, /*transposed=*/false, /*by_block=*/false);
+        const auto gate =
+            Gate<scalar_t>::make(dims, w, /*transposed=*/false, /*for_kernels=*/false);
         const auto gate_t = need_grad_hidden ? Gate<scalar_t>::make(dims, w, /*transposed=*/true,
-                                                                    /*by_block=*/false)
+                                                                    /*for_kernels=*/false)
                                              : Gate<scalar_t>{};
 
         for_each_token_tile(tokens, kBlasTiling, [&](int64_t begin, int64_t end) {

@@ -68,7 +68,7 @@ std::tuple<Tensor, Tensor> forward(const Tensor& x, const Tensor& down_in, const
     return {out, hidden};
   }
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "nanomoe_linear_cpu", [&] {
-    const auto gate = Gate<scalar_t>::make(dims, w, /*transposed=*/false, /*by_block=*/false);
+    const auto gate = Gate<scalar_t>::make(dims, w, /*transposed=*/false, /*for_kernels=*/false);
     forward_tiles<scalar_t>(dims, x_rows, w.down, gate, w.up, bias, out_rows,
                             keep_hidden ? &hidden : nullptr);
   });

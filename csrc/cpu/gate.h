@@ -11,10 +11,12 @@
 #include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <c10/util/BFloat16.h>
 
 #include <type_traits>
 
 #include "../checks.h"
+#include "gate_amx.h"
 #include "gate_rows.h"
 #include "matmul.h"
 #include "operands.h"
@@ -37,15 +39,17 @@ struct Gate {
   Mixing mixing;
   at::Tensor mix, left, right;  // acc_t copies (the weights themselves when scalar_t is acc_t)
   at::Tensor mix_by_block, left_by_block, right_by_block;  // see GateRows, when used
+  at::Tensor amx_gate;                                     // likewise
   GateRows<acc_t> rows;                                    // scalar, diagonal, diagonal_outer
   // full: one (K_dst r, K_src r) matrix, permuted once per call; or, for fewer tokens than the
   // rank (where that copy of K^2 r^2 would cost more than the products), mix read in place.
   at::Tensor matrix;
   bool transposed = false;
 
-  // by_block: also lay the elementwise gates out for gate_by_block.h where mixes_by_block says so
-  // (only the AVX-512 kernels read that layout).
-  static Gate make(const LinearDims& dims, const Weights& w, bool transposed, bool by_block) {
+  // for_kernels: also lay the gate out as the AVX-512 and AMX kernels read it: by block where
+  // mixes_by_block says so (gate_by_block.h), and bfloat16's scalar gate for the tile unit where
+  // gate_amx::chosen says so (gate_amx.h).
+  static Gate make(const LinearDims& dims, const Weights& w, bool transposed, bool for_kernels) {
     const auto acc = c10::CppTypeToScalarType<acc_t>::value;
     Gate g{};
     g.mixing = dims.mixing;
@@ -75,11 +79,29 @@ struct Gate {
     g.rows.left = outer ? g.left.template const_data_ptr<acc_t>() : nullptr;
     g.rows.right = outer ? g.right.template const_data_ptr<acc_t>() : nullptr;
     if constexpr (std::is_same_v<acc_t, float>) {
-      if (by_block && mixes_by_block(g.rows.variant, dims.rank, g.rows.dst_blocks, dims.tokens)) {
+      if (for_kernels &&
+          mixes_by_block(g.rows.variant, dims.rank, g.rows.dst_blocks, dims.tokens)) {
         g.lay_out_by_block(transposed);
       }
     }
+    // On AMX, mix takes the bfloat16 scalar gate from there; the gradients keep the layouts above.
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      if (for_kernels && g.rows.variant == 0 &&
+          gate_amx::chosen(g.rows.dst_blocks, g.rows.src_blocks)) {
+        g.lay_out_for_amx(w.mix);
+      }
+    }
     return g;
+  }
+
+  // The bfloat16 scalar gate as gate_amx.h reads it.
+  void lay_out_for_amx(const at::Tensor& weights) {
+    amx_gate =
+        at::empty({gate_amx::gate_size(rows.dst_blocks, rows.src_blocks)}, weights.options());
+    uint16_t* gate = reinterpret_cast<uint16_t*>(amx_gate.mutable_data_ptr());
+    gate_amx::lay_out(reinterpret_cast<const uint16_t*>(weights.const_data_ptr()), rows.dst_stride,
+                      rows.src_stride, rows.dst_blocks, rows.src_blocks, gate);
+    rows.amx_gate = gate;
   }
 
   // mix, left and right again with the destination block innermost (GateRows::mix_by_block).

@@ -1,6 +1,7 @@
 // AVX-512 mixing (see gate_tile.h): eight tokens at a time, each destination block 16 lanes at a
 // time in registers, summed over the source blocks; each load of the gate serves the eight tokens.
-// Where the gate is laid out by block (gate_layout.h, mixes_by_block), gate_by_block.cpp mixes.
+// Where the gate is laid out by block (gate_layout.h, mixes_by_block), gate_by_block.cpp mixes, and
+// where bfloat16's scalar gate is laid out for AMX (gate_amx::chosen), gate_amx.cpp.
 // Their source rows (converted to float32 once when they are bfloat16) and the gate stay in L1.
 #include "gate_tile.h"
 
@@ -11,6 +12,7 @@
 #include <vector>
 
 #include "avx512.h"
+#include "gate_amx.h"
 #include "gate_by_block.h"
 
 namespace nanomoe::cpu::gate_tile {
@@ -133,46 +135,85 @@ NANOMOE_AVX512 void mix_tokens(const GateRows<float>& g, const T* src, T* dst, i
 // ---- the gate's weight gradients ------------------------------------------------------------
 
 constexpr int kGradTokens = 32;  // tokens converted to float32 and summed per pass
-constexpr int kGradSrc = 4;      // source blocks whose sums sit in registers at once
+// Blocks of destination x source blocks whose sums sit in registers at once: per token, 4 + 4 row
+// loads serve 16 multiply-adds, in 16 independent sums (enough to cover the FMA latency).
+constexpr int kGradDst = 4;
+constexpr int kGradSrc = 4;
 
-// grad_mix[d, s(, :)] += sum_t <grad_dst[t, d], src[t, s]> (scalar: over the rank too) for source
-// blocks [s0, s0 + kCount); forward gate layout (dst = output block).
-template <int kVariant, int kCount>
+// grad_mix[d, s(, :)] += sum_t <grad_dst[t, d], src[t, s]> (scalar: over the rank too) for
+// destination blocks [d0, d0 + kDst) and source blocks [s0, s0 + kSrc); forward gate layout (dst =
+// output block).
+template <int kVariant, int kDst, int kSrc>
 NANOMOE_AVX512 void mix_grads(const GateRows<float>& g, const float* src, const float* grad_dst,
-                              int64_t tokens, int64_t d, int64_t s0, float* grad_mix) {
+                              int64_t tokens, int64_t d0, int64_t s0, float* grad_mix) {
   const int64_t r = g.rank, src_row = g.src_blocks * r, dst_row = g.dst_blocks * r;
-  __m512 total[kCount];
-  for (int n = 0; n < kCount; ++n) total[n] = _mm512_setzero_ps();
+  const auto grad_at = [&](int d, int s) {
+    return grad_mix + (d0 + d) * g.dst_stride + (s0 + s) * g.src_stride;
+  };
+  __m512 acc[kDst][kSrc];
+#pragma GCC unroll 4
+  for (int d = 0; d < kDst; ++d) {
+#pragma GCC unroll 4
+    for (int s = 0; s < kSrc; ++s) acc[d][s] = _mm512_setzero_ps();
+  }
   for (int64_t c = 0; c < r; c += 16) {
     const __mmask16 lanes = first_lanes(r - c);
-    __m512 acc[kCount];
-    for (int n = 0; n < kCount; ++n) {
-      acc[n] = kVariant == 0 ? total[n]
-                             : _mm512_maskz_loadu_ps(lanes, grad_mix + d * g.dst_stride +
-                                                                (s0 + n) * g.src_stride + c);
+    if constexpr (kVariant != 0) {  // per rank position: the sums so far, lane by lane
+#pragma GCC unroll 4
+      for (int d = 0; d < kDst; ++d) {
+#pragma GCC unroll 4
+        for (int s = 0; s < kSrc; ++s) acc[d][s] = _mm512_maskz_loadu_ps(lanes, grad_at(d, s) + c);
+      }
     }
     for (int64_t t = 0; t < tokens; ++t) {
-      const __m512 gy = _mm512_maskz_loadu_ps(lanes, grad_dst + t * dst_row + d * r + c);
+      __m512 gy[kDst];
 #pragma GCC unroll 4
-      for (int n = 0; n < kCount; ++n) {
-        const __m512 x = _mm512_maskz_loadu_ps(lanes, src + t * src_row + (s0 + n) * r + c);
-        acc[n] = _mm512_fmadd_ps(gy, x, acc[n]);
+      for (int d = 0; d < kDst; ++d) {
+        gy[d] = _mm512_maskz_loadu_ps(lanes, grad_dst + t * dst_row + (d0 + d) * r + c);
+      }
+#pragma GCC unroll 4
+      for (int s = 0; s < kSrc; ++s) {
+        const __m512 x = _mm512_maskz_loadu_ps(lanes, src + t * src_row + (s0 + s) * r + c);
+#pragma GCC unroll 4
+        for (int d = 0; d < kDst; ++d) acc[d][s] = _mm512_fmadd_ps(gy[d], x, acc[d][s]);
       }
     }
-    for (int n = 0; n < kCount; ++n) {
-      if constexpr (kVariant == 0) {
-        total[n] = acc[n];
-      } else {
-        _mm512_mask_storeu_ps(grad_mix + d * g.dst_stride + (s0 + n) * g.src_stride + c, lanes,
-                              acc[n]);
+    if constexpr (kVariant != 0) {
+#pragma GCC unroll 4
+      for (int d = 0; d < kDst; ++d) {
+#pragma GCC unroll 4
+        for (int s = 0; s < kSrc; ++s) _mm512_mask_storeu_ps(grad_at(d, s) + c, lanes, acc[d][s]);
       }
     }
   }
-  if constexpr (kVariant == 0) {
-    for (int n = 0; n < kCount; ++n) {
-      grad_mix[d * g.dst_stride + (s0 + n) * g.src_stride] += _mm512_reduce_add_ps(total[n]);
+  if constexpr (kVariant == 0) {  // the scalar gate sums over the rank too: the lanes, at the end
+#pragma GCC unroll 4
+    for (int d = 0; d < kDst; ++d) {
+#pragma GCC unroll 4
+      for (int s = 0; s < kSrc; ++s) *grad_at(d, s) += _mm512_reduce_add_ps(acc[d][s]);
     }
   }
+}
+
+// mix_grads for blocks of 1 to kGradDst by 1 to kGradSrc (fixed at compile time, so the sums stay
+// in registers).
+template <int kVariant, int kDst = kGradDst, int kSrc = kGradSrc>
+NANOMOE_AVX512 void mix_grads_of(int64_t dst_count, int64_t src_count, const GateRows<float>& g,
+                                 const float* src, const float* grad_dst, int64_t tokens,
+                                 int64_t d0, int64_t s0, float* grad_mix) {
+  if constexpr (kDst > 1) {
+    if (dst_count < kDst) {
+      return mix_grads_of<kVariant, kDst - 1, kSrc>(dst_count, src_count, g, src, grad_dst, tokens,
+                                                    d0, s0, grad_mix);
+    }
+  }
+  if constexpr (kSrc > 1) {
+    if (src_count < kSrc) {
+      return mix_grads_of<kVariant, kDst, kSrc - 1>(dst_count, src_count, g, src, grad_dst, tokens,
+                                                    d0, s0, grad_mix);
+    }
+  }
+  mix_grads<kVariant, kDst, kSrc>(g, src, grad_dst, tokens, d0, s0, grad_mix);
 }
 
 // diagonal_outer's rank-one part, G_ds = ... + left_ds right_ds^T: grad_left_ds += sum_t
@@ -221,14 +262,15 @@ template <int kVariant>
 NANOMOE_AVX512 void grads_of_group(const GateRows<float>& g, const float* src,
                                    const float* grad_dst, int64_t tokens, float* dots,
                                    float* grad_mix, float* grad_left, float* grad_right) {
-  for (int64_t d = 0; d < g.dst_blocks; ++d) {
-    int64_t s = 0;
-    for (; s + kGradSrc <= g.src_blocks; s += kGradSrc) {
-      mix_grads<kVariant, kGradSrc>(g, src, grad_dst, tokens, d, s, grad_mix);
+  for (int64_t d = 0; d < g.dst_blocks; d += kGradDst) {
+    for (int64_t s = 0; s < g.src_blocks; s += kGradSrc) {
+      mix_grads_of<kVariant>(g.dst_blocks - d, g.src_blocks - s, g, src, grad_dst, tokens, d, s,
+                             grad_mix);
     }
-    for (; s < g.src_blocks; ++s) mix_grads<kVariant, 1>(g, src, grad_dst, tokens, d, s, grad_mix);
-    if constexpr (kVariant == 2) {
-      for (s = 0; s < g.src_blocks; ++s) {
+  }
+  if constexpr (kVariant == 2) {
+    for (int64_t d = 0; d < g.dst_blocks; ++d) {
+      for (int64_t s = 0; s < g.src_blocks; ++s) {
         outer_grads(g, src, grad_dst, tokens, d, s, dots, grad_left, grad_right);
       }
     }
@@ -284,6 +326,7 @@ void mix(const GateRows<float>& g, const float* src, float* dst, int64_t tokens)
 }
 
 void mix(const GateRows<float>& g, const uint16_t* src, uint16_t* dst, int64_t tokens) {
+  if (g.amx_gate) return gate_amx::mix(g, src, dst, tokens);
   if (g.mix_by_block) return gate_by_block::mix(g, src, dst, tokens);
   with_variant(g.variant, [&](auto v) { mix_tokens<decltype(v)::value>(g, src, dst, tokens); });
 }

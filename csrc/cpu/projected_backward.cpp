@@ -1,7 +1,8 @@
 // The backward of a token tile on one core, like the forward (projected_forward.cpp): grad_mixed
 // = grad_out blocks x up, the forward's mixed recomputed from the saved hidden, grad_hidden =
-// G^T grad_mixed and grad_x = grad_hidden blocks x down, all on the register tile with the weights
-// read by steps (in place in float32, paired once per call in bfloat16). Then the tile's share of
+// G^T grad_mixed and grad_x = grad_hidden blocks x down, the products on the register tile (or AMX)
+// with the weights read by steps (in place in float32, paired once per call in bfloat16), the gates
+// by gate_tile. Then the tile's share of
 // every weight gradient is added into its thread's float32 sums, reduced once at the end; so
 // nothing of tokens x features is allocated besides grad_x, and every product is summed in
 // float32 before its one rounding.
@@ -100,7 +101,7 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
   const PackedMixing<scalar_t> mix(layer, w, dtype);
   std::optional<Gate<scalar_t>> gate_t;
   if (!layer.full() && need_grad_hidden)
-    gate_t = Gate<scalar_t>::make(d, w, /*transposed=*/true, /*by_block=*/true);
+    gate_t = Gate<scalar_t>::make(d, w, /*transposed=*/true, /*for_kernels=*/true);
 
   // The weights by steps: up[i] (m_b steps of r), down[j] (r steps of n_b), and the full gate as
   // one matrix (K_out r steps (i, a) of K_in r columns (j, b)), so grad_hidden is one product with

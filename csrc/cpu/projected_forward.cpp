@@ -257,7 +257,8 @@ void forward_as(const LinearDims& dims, const Tensor& x_rows, const Weights& w, 
     return;
   }
   std::optional<Gate<scalar_t>> gate;
-  if (!layer.full()) gate = Gate<scalar_t>::make(dims, w, /*transposed=*/false, /*by_block=*/true);
+  if (!layer.full())
+    gate = Gate<scalar_t>::make(dims, w, /*transposed=*/false, /*for_kernels=*/true);
   Tensor hidden = hidden_all.defined()
                       ? hidden_all
                       : at::empty({dims.tokens, dims.in_blocks, dims.rank}, x_rows.options());

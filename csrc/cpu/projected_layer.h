@@ -113,9 +113,9 @@ Packed<T> pack_blocks(int64_t blocks, const RowsOf& rows_of, at::ScalarType dtyp
   return packed;
 }
 
-// The forward gate for many tokens: the elementwise gates in AVX-512 (gate_tile), or the full gate
-// as one register-tiled projection of the whole (K_out r, K_in r) matrix, packed once per call (per
-// output block, a small rank would leave most of each 32-column panel empty).
+// The forward gate for many tokens: the elementwise gates by gate_tile (AVX-512, or AMX), or the
+// full gate as one register-tiled projection of the whole (K_out r, K_in r) matrix, packed once per
+// call (per output block, a small rank would leave most of each 32-column panel empty).
 template <typename scalar_t>
 struct PackedMixing {
   using T = typename Layer<scalar_t>::T;
@@ -126,7 +126,7 @@ struct PackedMixing {
   PackedMixing(const Layer<scalar_t>& layer_in, const Weights& w, at::ScalarType dtype)
       : layer(layer_in) {
     if (!layer.full()) {
-      gate = Gate<scalar_t>::make(layer.d, w, /*transposed=*/false, /*by_block=*/true);
+      gate = Gate<scalar_t>::make(layer.d, w, /*transposed=*/false, /*for_kernels=*/true);
     } else {
       const at::Tensor matrix = full_mix_matrix(w.mix).contiguous();
       const projection::WeightRows<T> rows{Layer<scalar_t>::data(matrix),

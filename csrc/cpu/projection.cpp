@@ -554,13 +554,14 @@ void accumulate_steps(int64_t depth, Steps<T> a, int64_t a_cols, Steps<T> b, int
                         Accumulate{sums, sums_stride}, amx_rows_of(depth, a, a_cols, b_cols));
 }
 
-// Rows k and k + 1 of src side by side, one 32-bit pair per column: the first row's bits low.
+// Rows k and k + 1 of src side by side, one 32-bit pair per column: the first row's bits low; pair
+// row k / 2 at dst + k / 2 * pair_stride.
 NANOMOE_AVX512 void pair_rows(int64_t steps, int64_t cols, const uint16_t* src, int64_t src_stride,
-                              uint16_t* dst) {
+                              uint16_t* dst, int64_t pair_stride) {
   for (int64_t k = 0; k < steps; k += 2) {
     const uint16_t* first = src + k * src_stride;
     const uint16_t* second = k + 1 < steps ? first + src_stride : nullptr;
-    uint16_t* pairs = dst + k * cols;
+    uint16_t* pairs = dst + k / 2 * pair_stride;
     for (int64_t c = 0; c < cols; c += 16) {
       const __mmask16 lanes = first_lanes(cols - c);
       const __m512i low = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, first + c));
@@ -631,7 +632,12 @@ int64_t paired_size(int64_t steps, int64_t cols) {
 
 void pair_steps(int64_t steps, int64_t cols, const uint16_t* src, int64_t src_stride,
                 uint16_t* dst) {
-  pair_rows(steps, cols, src, src_stride, dst);
+  pair_rows(steps, cols, src, src_stride, dst, 2 * cols);
+}
+
+void pair_steps(int64_t steps, int64_t cols, const uint16_t* src, int64_t src_stride, uint16_t* dst,
+                int64_t pair_stride) {
+  pair_rows(steps, cols, src, src_stride, dst, pair_stride);
 }
 
 void project_steps(int64_t tokens, const float* in, int64_t in_stride, Steps<float> w, int64_t cols,
@@ -759,6 +765,9 @@ int64_t paired_size(int64_t, int64_t) {
   std::abort();
 }
 void pair_steps(int64_t, int64_t, const uint16_t*, int64_t, uint16_t*) {
+  std::abort();
+}
+void pair_steps(int64_t, int64_t, const uint16_t*, int64_t, uint16_t*, int64_t) {
   std::abort();
 }
 void project_steps(int64_t, const float*, int64_t, Steps<float>, int64_t, int64_t, float*,

@@ -65,6 +65,9 @@ struct Steps {
 int64_t paired_size(int64_t steps, int64_t cols);
 void pair_steps(int64_t steps, int64_t cols, const uint16_t* src, int64_t src_stride,
                 uint16_t* dst);
+// The same with pair row p at dst + p * pair_stride (at least 2 * cols).
+void pair_steps(int64_t steps, int64_t cols, const uint16_t* src, int64_t src_stride, uint16_t* dst,
+                int64_t pair_stride);
 
 // out[t, c] = sum_k in[t, k] W(k, c) for t < tokens, c < cols, k < depth: W by steps, read in
 // place (no packing), rounded like project_packed.
