@@ -42,7 +42,7 @@ KERNEL_TESTS = [
     "tests/test_forward.py::test_kernel_tile_edges",
     "tests/test_forward.py::test_many_blocks_small_ranks",
     "tests/test_forward.py::test_down_projection_by_dot_products",
-    "tests/test_forward.py::test_scalar_gate_on_amx",
+    "tests/test_forward.py::test_gate_on_amx",
     "tests/test_backward.py::test_kernel_tile_edges",
     "tests/test_backward.py::test_many_blocks_small_ranks",
     "tests/test_backward.py::test_gate_tiles",

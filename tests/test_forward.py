@@ -229,27 +229,30 @@ def test_grouped_down_projections_keep_non_finite_inputs_in_their_block(value: f
 
 
 # bfloat16 on AMX, 16 blocks or more each way: the scalar gate is the tile unit's product of the
-# (K_out, K_in) gate with the (K_in, tokens x rank) activations (gate_amx.cpp), 128 columns a chunk,
-# 32 a product. Odd K_in (the last pair's partner is zero), K_out leaving a partial 16-row tile,
-# ranks that straddle products and chunks (24, 40, 130), tokens few and many. float32 runs the same
-# shapes through the AVX-512 gate.
+# (K_out, K_in) gate with the (K_in, tokens x rank) activations, 128 columns a chunk, 32 a product;
+# the diagonal gate one product per rank position with the (K_in, tokens) activations, 32 tokens a
+# product, rank positions transposed 16 at a time (gate_amx.cpp). Odd K_in (the last pair's partner
+# is zero), K_out leaving a partial 16-row tile, ranks that straddle products, chunks and 16-lane
+# transposes (3, 24, 40, 130), tokens few and many. float32 runs the same shapes on AVX-512.
 AMX_GATE_SHAPES = [(16, 16, 1), (17, 33, 24), (40, 17, 3), (33, 20, 40), (16, 18, 130)]
 
 
 @pytest.mark.parametrize("tokens", [1, 5, 17, 131])
+@pytest.mark.parametrize("mixing", ["scalar", "diagonal"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_scalar_gate_on_amx(tokens: int, dtype: torch.dtype) -> None:
+def test_gate_on_amx(tokens: int, mixing: str, dtype: torch.dtype) -> None:
     for k_out, k_in, rank in AMX_GATE_SHAPES:
-        case = make_case((tokens,), k_out, k_in, 3, 2, rank, "scalar", dtype)
+        case = make_case((tokens,), k_out, k_in, 3, 2, rank, mixing, dtype)
         scale = reference64(magnitude(case))
-        label = f"{dtype} tokens={tokens} K=({k_out}, {k_in}) rank={rank}"
+        label = f"{mixing} {dtype} tokens={tokens} K=({k_out}, {k_in}) rank={rank}"
         assert_close_to(run(case), reference64(case), dtype, label, scale)
 
 
-def test_scalar_gate_on_amx_keeps_non_finite_tokens_apart() -> None:
-    # A product's 32 columns hold several tokens (rank 5): a token's Inf must reach its own outputs
-    # only, every other token's bits unchanged.
-    case = make_case((40,), 16, 17, 3, 2, 5, "scalar", torch.bfloat16)
+@pytest.mark.parametrize("mixing", ["scalar", "diagonal"])
+def test_gate_on_amx_keeps_non_finite_tokens_apart(mixing: str) -> None:
+    # A product's 32 columns hold several tokens: a token's Inf must reach its own outputs only,
+    # every other token's bits unchanged.
+    case = make_case((40,), 16, 17, 3, 2, 5, mixing, torch.bfloat16)
     clean = run(case)
     case.x[7, 4] = float("inf")
     dirty = run(case)

@@ -51,6 +51,35 @@ NANOMOE_AVX512 inline __m512 sum_lanes16(const __m512 v[16]) {
                        _mm512_shuffle_f32x4(octs[0], octs[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
+// Transposes 16 rows of 16 32-bit elements in place: v[j] lane i becomes v[i] lane j. Pairs of rows
+// are interleaved by 32 and 64 bits (each 128-bit lane then holds one column's four rows of a
+// quarter), and the quarters gathered by 128-bit lanes: 64 shuffles.
+NANOMOE_AVX512 inline void transpose16(__m512i v[16]) {
+  __m512i pairs[16], quads[16];
+  for (int i = 0; i < 16; i += 2) {
+    pairs[i] = _mm512_unpacklo_epi32(v[i], v[i + 1]);
+    pairs[i + 1] = _mm512_unpackhi_epi32(v[i], v[i + 1]);
+  }
+  // quads[4q + k], 128-bit lane L: rows 4q to 4q + 3 of column 4L + k.
+  for (int q = 0; q < 4; ++q) {
+    const __m512i* p = pairs + 4 * q;
+    quads[4 * q] = _mm512_unpacklo_epi64(p[0], p[2]);
+    quads[4 * q + 1] = _mm512_unpackhi_epi64(p[0], p[2]);
+    quads[4 * q + 2] = _mm512_unpacklo_epi64(p[1], p[3]);
+    quads[4 * q + 3] = _mm512_unpackhi_epi64(p[1], p[3]);
+  }
+  for (int k = 0; k < 4; ++k) {
+    const __m512i low_lanes_ab = _mm512_shuffle_i32x4(quads[k], quads[4 + k], 0x44);
+    const __m512i low_lanes_cd = _mm512_shuffle_i32x4(quads[8 + k], quads[12 + k], 0x44);
+    const __m512i high_lanes_ab = _mm512_shuffle_i32x4(quads[k], quads[4 + k], 0xEE);
+    const __m512i high_lanes_cd = _mm512_shuffle_i32x4(quads[8 + k], quads[12 + k], 0xEE);
+    v[k] = _mm512_shuffle_i32x4(low_lanes_ab, low_lanes_cd, 0x88);
+    v[4 + k] = _mm512_shuffle_i32x4(low_lanes_ab, low_lanes_cd, 0xDD);
+    v[8 + k] = _mm512_shuffle_i32x4(high_lanes_ab, high_lanes_cd, 0x88);
+    v[12 + k] = _mm512_shuffle_i32x4(high_lanes_ab, high_lanes_cd, 0xDD);
+  }
+}
+
 // Stores the lanes of value as T: float32, or bfloat16 bits rounded to nearest even.
 template <typename T>
 NANOMOE_AVX512 inline void store_lanes(T* out, __mmask16 lanes, __m512 value) {

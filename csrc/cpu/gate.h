@@ -84,23 +84,20 @@ struct Gate {
         g.lay_out_by_block(transposed);
       }
     }
-    // On AMX, mix takes the bfloat16 scalar gate from there; the gradients keep the layouts above.
+    // On AMX, mix takes bfloat16's scalar and diagonal gates from there; the gradients keep the
+    // layouts above.
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-      if (for_kernels && g.rows.variant == 0 &&
-          gate_amx::chosen(g.rows.dst_blocks, g.rows.src_blocks)) {
-        g.lay_out_for_amx(w.mix);
-      }
+      if (for_kernels && gate_amx::chosen(g.rows)) g.lay_out_for_amx(w.mix);
     }
     return g;
   }
 
-  // The bfloat16 scalar gate as gate_amx.h reads it.
-  void lay_out_for_amx(const at::Tensor& weights) {
-    amx_gate =
-        at::empty({gate_amx::gate_size(rows.dst_blocks, rows.src_blocks)}, weights.options());
+  // The bfloat16 gate as gate_amx.h reads it, from the weight mix itself (rows.dst_stride and
+  // src_stride are its strides).
+  void lay_out_for_amx(const at::Tensor& mix_weight) {
+    amx_gate = at::empty({gate_amx::gate_size(rows)}, mix_weight.options());
     uint16_t* gate = reinterpret_cast<uint16_t*>(amx_gate.mutable_data_ptr());
-    gate_amx::lay_out(reinterpret_cast<const uint16_t*>(weights.const_data_ptr()), rows.dst_stride,
-                      rows.src_stride, rows.dst_blocks, rows.src_blocks, gate);
+    gate_amx::lay_out(rows, reinterpret_cast<const uint16_t*>(mix_weight.const_data_ptr()), gate);
     rows.amx_gate = gate;
   }
 

@@ -1,8 +1,16 @@
-// The scalar gate on AMX (see gate_amx.h). A tile's activations are (tokens, K_src, r): column
-// t * r + c of the product is token t's rank position c, and its K_src entries, one per block, lie
-// r apart. So each chunk of columns is first paired for the tile unit (blocks 2p and 2p + 1 side by
-// side, per column), then every 32 columns by 32 destination blocks are one amx::product with the
-// gate's rows, and the float32 sums go back to (token, block, rank) order, rounded once.
+// The bfloat16 scalar and diagonal gates on AMX (see gate_amx.h).
+//
+// Scalar: a tile's activations are (tokens, K_src, r), so column t * r + c of the product is token
+// t's rank position c, and its K_src entries, one per block, lie r apart. Each chunk of columns is
+// first paired for the tile unit (blocks 2p and 2p + 1 side by side, per column), then every 32
+// columns by 32 destination blocks are one amx::product with the gate's rows, and the float32 sums
+// go back to (token, block, rank) order, rounded once.
+//
+// Diagonal: a (K_dst x K_src) gate per rank position c, so per c one product of that gate with the
+// (K_src, tokens) activations at c. Per 32 tokens, each token's blocks are paired as above, the
+// (token, rank) pairs transposed to (rank, token) 16 x 16 at a time, one product per rank position
+// and 32 destination blocks, and the (rank, token) sums transposed back into (token, block, rank)
+// rows, rounded once.
 #include "gate_amx.h"
 
 #include "amx.h"
@@ -61,7 +69,7 @@ NANOMOE_AVX512 void store_sums(const float* sums, int64_t rows, int64_t d0, int6
   }
 }
 
-NANOMOE_AVX512 void mix_on_amx(const GateRows<float>& g, const uint16_t* src, uint16_t* dst,
+NANOMOE_AVX512 void mix_scalar(const GateRows<float>& g, const uint16_t* src, uint16_t* dst,
                                int64_t tokens) {
   const int64_t r = g.rank, columns = tokens * r, pairs = (g.src_blocks + 1) / 2;
   thread_local std::vector<uint16_t> buffer;
@@ -86,28 +94,110 @@ NANOMOE_AVX512 void mix_on_amx(const GateRows<float>& g, const uint16_t* src, ui
   }
 }
 
+// Diagonal, per 32 tokens: rank positions 16 at a time (transposes are 16 x 16).
+constexpr int64_t kLanes = 16;
+
+template <typename U>
+U* thread_buffer(std::vector<U>& buffer, int64_t n) {
+  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
+  return buffer.data();
+}
+
+NANOMOE_AVX512 void mix_diagonal(const GateRows<float>& g, const uint16_t* src, uint16_t* dst,
+                                 int64_t tokens) {
+  constexpr int64_t kTokens = amx::kCols;  // the products' columns
+  const int64_t r = g.rank, k_src = g.src_blocks, k_dst = g.dst_blocks;
+  const int64_t pairs = (k_src + 1) / 2, padded_rank = (r + kLanes - 1) / kLanes * kLanes;
+  const int64_t dst_rows = (k_dst + kGateRows - 1) / kGateRows * kGateRows;
+  // by_token: (token, pair, rank) 32-bit pairs; by_rank: (rank of the 16, pair, token), as each
+  // product's second operand; sums: (rank of the 16, destination block, token).
+  thread_local std::vector<uint32_t> by_token_buffer, by_rank_buffer;
+  thread_local std::vector<float> sums_buffer;
+  uint32_t* by_token = thread_buffer(by_token_buffer, kTokens * pairs * padded_rank);
+  uint32_t* by_rank = thread_buffer(by_rank_buffer, kLanes * pairs * kTokens);
+  float* sums = thread_buffer(sums_buffer, kLanes * dst_rows * kTokens);
+  const amx::Tiles tiles;
+  for (int64_t t0 = 0; t0 < tokens; t0 += kTokens) {
+    const int64_t count = std::min(kTokens, tokens - t0);
+    for (int64_t t = 0; t < count; ++t) {
+      projection::pair_steps(k_src, r, src + (t0 + t) * k_src * r, r,
+                             reinterpret_cast<uint16_t*>(by_token + t * pairs * padded_rank),
+                             2 * padded_rank);
+    }
+    for (int64_t c0 = 0; c0 < r; c0 += kLanes) {
+      const int64_t lanes = std::min(kLanes, r - c0);
+      // Past count tokens, and past r rank positions, the rows hold stale pairs: transposed into
+      // columns and rows whose sums are never stored.
+      for (int64_t p = 0; p < pairs; ++p) {
+        for (int64_t half = 0; half < kTokens; half += kLanes) {
+          __m512i v[kLanes];
+          for (int64_t i = 0; i < kLanes; ++i) {
+            v[i] = _mm512_loadu_si512(by_token + ((half + i) * pairs + p) * padded_rank + c0);
+          }
+          transpose16(v);
+          for (int64_t c = 0; c < lanes; ++c) {
+            _mm512_storeu_si512(by_rank + (c * pairs + p) * kTokens + half, v[c]);
+          }
+        }
+      }
+      for (int64_t c = 0; c < lanes; ++c) {
+        const uint16_t* gate = g.amx_gate + (c0 + c) * dst_rows * k_src;
+        const uint16_t* pairs_at = reinterpret_cast<const uint16_t*>(by_rank + c * pairs * kTokens);
+        for (int64_t d0 = 0; d0 < k_dst; d0 += amx::kTokens) {
+          const int64_t rows = k_dst - d0 > kGateRows ? amx::kTokens : kGateRows;
+          amx::product(rows, gate + d0 * k_src, k_src, pairs_at, 2 * kTokens, k_src,
+                       sums + (c * dst_rows + d0) * kTokens);
+        }
+      }
+      const __mmask16 stored = first_lanes(lanes);
+      for (int64_t d = 0; d < k_dst; ++d) {
+        for (int64_t half = 0; half < count; half += kLanes) {
+          __m512i v[kLanes];
+          for (int64_t c = 0; c < kLanes; ++c) {
+            v[c] = _mm512_loadu_si512(sums + (c * dst_rows + d) * kTokens + half);
+          }
+          transpose16(v);
+          for (int64_t t = 0; t < std::min(kLanes, count - half); ++t) {
+            store_lanes(dst + ((t0 + half + t) * k_dst + d) * r + c0, stored,
+                        _mm512_castsi512_ps(v[t]));
+          }
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 
-bool chosen(int64_t dst_blocks, int64_t src_blocks) {
-  return dst_blocks >= kMinBlocks && src_blocks >= kMinBlocks && amx::available();
+bool chosen(const GateRows<float>& g) {
+  return g.variant <= 1 && g.dst_blocks >= kMinBlocks && g.src_blocks >= kMinBlocks &&
+         amx::available();
 }
 
-int64_t gate_size(int64_t dst_blocks, int64_t src_blocks) {
-  return (dst_blocks + kGateRows - 1) / kGateRows * kGateRows * src_blocks;
+int64_t gate_size(const GateRows<float>& g) {
+  const int64_t rows = (g.dst_blocks + kGateRows - 1) / kGateRows * kGateRows;
+  return (g.variant == 0 ? 1 : g.rank) * rows * g.src_blocks;
 }
 
-void lay_out(const uint16_t* mix, int64_t dst_stride, int64_t src_stride, int64_t dst_blocks,
-             int64_t src_blocks, uint16_t* gate) {
-  std::fill(gate, gate + gate_size(dst_blocks, src_blocks), uint16_t(0));
-  for (int64_t d = 0; d < dst_blocks; ++d) {
-    for (int64_t s = 0; s < src_blocks; ++s) {
-      gate[d * src_blocks + s] = mix[d * dst_stride + s * src_stride];
+void lay_out(const GateRows<float>& g, const uint16_t* mix, uint16_t* gate) {
+  std::fill(gate, gate + gate_size(g), uint16_t(0));
+  const int64_t steps = g.variant == 0 ? 1 : g.rank;
+  const int64_t rows = (g.dst_blocks + kGateRows - 1) / kGateRows * kGateRows;
+  for (int64_t c = 0; c < steps; ++c) {
+    for (int64_t d = 0; d < g.dst_blocks; ++d) {
+      for (int64_t s = 0; s < g.src_blocks; ++s) {
+        gate[(c * rows + d) * g.src_blocks + s] = mix[d * g.dst_stride + s * g.src_stride + c];
+      }
     }
   }
 }
 
 void mix(const GateRows<float>& g, const uint16_t* src, uint16_t* dst, int64_t tokens) {
-  mix_on_amx(g, src, dst, tokens);
+  if (g.variant == 0) {
+    mix_scalar(g, src, dst, tokens);
+  } else {
+    mix_diagonal(g, src, dst, tokens);
+  }
 }
 
 }  // namespace nanomoe::cpu::gate_amx
@@ -117,13 +207,13 @@ void mix(const GateRows<float>& g, const uint16_t* src, uint16_t* dst, int64_t t
 #include <cstdlib>
 
 namespace nanomoe::cpu::gate_amx {
-bool chosen(int64_t, int64_t) {
+bool chosen(const GateRows<float>&) {
   return false;
 }
-int64_t gate_size(int64_t, int64_t) {
+int64_t gate_size(const GateRows<float>&) {
   return 0;
 }
-void lay_out(const uint16_t*, int64_t, int64_t, int64_t, int64_t, uint16_t*) {
+void lay_out(const GateRows<float>&, const uint16_t*, uint16_t*) {
   std::abort();
 }
 void mix(const GateRows<float>&, const uint16_t*, uint16_t*, int64_t) {

@@ -1,7 +1,8 @@
-// The scalar gate in bfloat16 on AMX, for gate_tile.h's mix where Gate::make chose it: per token,
-// dst (K_dst x r) = G (K_dst x K_src) src (K_src x r), so over a tile of tokens one product of G
-// with the (K_src, tokens * r) activations, the tile unit's 16 x 32 steps in place of float32
-// FMAs. Raw pointers only, like projection.h.
+// The scalar and diagonal gates in bfloat16 on AMX, for gate_tile.h's mix where Gate::make chose
+// it. Scalar: per token, dst (K_dst x r) = G (K_dst x K_src) src (K_src x r), so over a tile of
+// tokens one product of G with the (K_src, tokens * r) activations. Diagonal: per rank position,
+// one product of that position's (K_dst x K_src) gate with the (K_src, tokens) activations. The
+// tile unit's 16 x 32 steps in place of float32 FMAs. Raw pointers only, like projection.h.
 #pragma once
 
 #include <cstdint>
@@ -10,16 +11,16 @@
 
 namespace nanomoe::cpu::gate_amx {
 
-// Whether a bfloat16 call's scalar gate with these block counts mixes here: the CPU runs AMX
-// (amx::available) and the blocks fill enough of the 16 x 32 steps (measured in
-// benchmarks/NOTES.md, version 31).
-bool chosen(int64_t dst_blocks, int64_t src_blocks);
+// Whether a bfloat16 call's gate g (its counts and strides set) mixes here: scalar or diagonal, the
+// CPU runs AMX (amx::available) and the blocks fill enough of the 16 x 32 steps (measured in
+// benchmarks/NOTES.md, versions 31 and 33).
+bool chosen(const GateRows<float>& g);
 
-// The gate's (dst, src) entries as the tile unit's first operand: row d (src_blocks long) of
-// G_ds, the rows padded with zeros to a multiple of 16. gate_size elements.
-int64_t gate_size(int64_t dst_blocks, int64_t src_blocks);
-void lay_out(const uint16_t* mix, int64_t dst_stride, int64_t src_stride, int64_t dst_blocks,
-             int64_t src_blocks, uint16_t* gate);
+// The gate's (dst, src) entries as the tile unit's first operand, from mix (bfloat16 bits, at g's
+// strides): per rank position c of diagonal (once for scalar), row d (src_blocks long) of G_ds at
+// c, the rows padded with zeros to a multiple of 16. gate_size(g) elements.
+int64_t gate_size(const GateRows<float>& g);
+void lay_out(const GateRows<float>& g, const uint16_t* mix, uint16_t* gate);
 
 // dst[t, d, :] = sum_s G_ds src[t, s, :] as gate_tile::mix, reading g.amx_gate (Gate::make lays it
 // out), summed in float32 and rounded once. Configures the tile unit itself.
