@@ -36,7 +36,7 @@ Grads linear_backward_cpu(const Tensor& grad_out_in, const Tensor& x_in, const T
   check_cpu_dtype(x_in);
 
   const Weights w(down_in, mix_in, up_in, left_in, right_in);
-  if (runs_projected(x_in.scalar_type()) && dims.tokens >= kProjectedBackwardTokens) {
+  if (runs_projected(x_in.scalar_type()) && backward_projected(dims)) {
     Grads grads = projected_backward(dims, rows_of(grad_out_in, dims.out_features),
                                      rows_of(x_in, dims.in_features), w,
                                      hidden_in.detach().contiguous(), needs);

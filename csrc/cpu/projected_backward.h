@@ -13,8 +13,19 @@
 namespace nanomoe::cpu {
 
 // Below this many tokens the backward keeps ATen's BLAS, which splits each weight product across
-// threads; the tile loop here splits tokens.
+// threads (the tile loop here splits tokens), unless either side has this many blocks: ATen's
+// loop of small per-block products then costs more than one thread's pass over the weights.
+// Measured at 16 tokens and at one (2 threads, forward+backward, benchmarks/NOTES.md version 35):
+// with 16 to 64 blocks the tile loop took 0.24x to 0.9x ATen's time but for one case (1.16x:
+// diagonal_outer, 16 blocks of rank 64, bfloat16); with 8 blocks, 0.56x to 2.7x.
 constexpr int64_t kProjectedBackwardTokens = 17;
+constexpr int64_t kProjectedBackwardBlocks = 16;
+
+// Whether the backward of this call runs here (on a CPU where runs_projected holds).
+inline bool backward_projected(const LinearDims& dims) {
+  return dims.tokens >= kProjectedBackwardTokens || dims.in_blocks >= kProjectedBackwardBlocks ||
+         dims.out_blocks >= kProjectedBackwardBlocks;
+}
 
 // linear_backward's gradients: those asked for in needs, the others undefined; grad_x as
 // (tokens, in_features). grad_rows: (tokens, out_features) and x_rows: (tokens,
