@@ -159,12 +159,16 @@ bool available() {
   return runs;
 }
 
+// Tiles alive on this thread: only the outermost configures and releases, so a caller may hold the
+// configuration across many products that each hold their own.
+thread_local int live_tiles = 0;
+
 Tiles::Tiles() {
-  load_configuration();
+  if (live_tiles++ == 0) load_configuration();
 }
 
 Tiles::~Tiles() {
-  release();
+  if (--live_tiles == 0) release();
 }
 
 void product(int64_t tokens, const uint16_t* in, int64_t in_stride, const uint16_t* weights,

@@ -22,7 +22,9 @@ constexpr int64_t kCols = 32;
 
 // Holds the tile unit's configuration on the calling thread for its lifetime. Configure once per
 // run of blocks on one thread (the configuration zeroes the tiles, and other libraries on this
-// thread, oneDNN among them, may configure it otherwise between calls).
+// thread, oneDNN among them, may configure it otherwise between calls). Nested on one thread, only
+// the outermost configures and releases: a caller may hold it across many products that each hold
+// their own, provided nothing in between configures the tile unit otherwise.
 class Tiles {
  public:
   Tiles();

@@ -195,6 +195,9 @@ void many_tokens(const Layer<scalar_t>& layer, const Weights& w, const Tensor& x
   const Tensor scratch =
       at::empty({at::get_num_threads(), hidden_size + tile * layer.mixed_row()}, x_rows.options());
   for_each_token_tile(d.tokens, kPackedTiling, [&](int64_t begin, int64_t end) {
+    // bfloat16 on AMX: the tile unit configured once per token tile, not per block's product.
+    std::optional<amx::Tiles> tiles;
+    if (std::is_same_v<T, uint16_t> && amx::available()) tiles.emplace();
     const int64_t rows = end - begin;
     const Tensor own = scratch[at::get_thread_num()];
     Tensor hidden = hidden_all.defined()
