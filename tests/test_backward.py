@@ -153,12 +153,13 @@ def test_weight_gradients_repeat_bitwise_and_agree_across_threads(
         assert_close_to(single[name], grad.double(), dtype, f"grad of {name}, 1 against 2 threads")
 
 
-@pytest.mark.parametrize("tokens", [5, 13, 131])
+@pytest.mark.parametrize("tokens", [0, 1, 5, 13, 16, 131])
 @pytest.mark.parametrize("mixing", MIXINGS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_many_blocks_small_ranks(tokens: int, mixing: str, dtype: torch.dtype) -> None:
     """The transposed gate mixes by block too (its destination is the input blocks), and the gate's
-    gradients are summed by block; the full gate's transpose is one product."""
+    gradients are summed by block; the full gate's transpose is one product. With 16 blocks or more
+    on a side, 16 tokens or fewer take the tile loop too (backward_projected)."""
     generator = torch.Generator().manual_seed(tokens)
     # (16, 32, 16), (32, 16, 32): diagonal_outer by block where blocks and rank fill lanes alike.
     for k_out, k_in, rank in [

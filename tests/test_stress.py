@@ -9,6 +9,7 @@ added at the end, so another count adds in another order (the same bits for a fi
 runs on ATen's BLAS, whose summation order is its own, so it is held to none of these.
 """
 
+import functools
 import os
 import threading
 from typing import Callable
@@ -134,13 +135,17 @@ def with_threads(count: int, fn: Callable[[], dict]) -> dict:
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 def test_bitwise_same_for_any_thread_count(tokens: int, mixing: str, dtype: torch.dtype) -> None:
     generator = torch.Generator().manual_seed(tokens)
-    case = make_case((tokens,), 3, 2, 96, 40, 33, mixing, dtype, True, generator)
-    grad_out = torch.randn(tokens, 120, generator=generator).to(dtype)
-    single = with_threads(1, lambda: forward_and_grads(case, grad_out))
-    for count in (2, 3, 4):
-        got = with_threads(count, lambda: forward_and_grads(case, grad_out))
-        assert_same(got, {name: single[name] for name in ("out", "x")}, f"{count} threads")
-        for name in NAMES[1:]:  # the weight gradients: summed per thread, see the docstring
-            if name in got:
-                label = f"grad of {name}, {count} threads against 1"
-                assert_close_to(got[name], single[name].double(), dtype, label)
+    # And 16 blocks of rank 16: the gates on AMX in bfloat16, and up to 16 tokens the backward's
+    # tile loop (backward_projected).
+    for k_out, k_in, n_b, m_b, rank in [(3, 2, 96, 40, 33), (16, 16, 4, 3, 16)]:
+        case = make_case((tokens,), k_out, k_in, n_b, m_b, rank, mixing, dtype, True, generator)
+        grad_out = torch.randn(tokens, k_out * m_b, generator=generator).to(dtype)
+        run = functools.partial(forward_and_grads, case, grad_out)
+        single = with_threads(1, run)
+        for count in (2, 3, 4):
+            got = with_threads(count, run)
+            assert_same(got, {name: single[name] for name in ("out", "x")}, f"{count} threads")
+            for name in NAMES[1:]:  # the weight gradients: summed per thread, see the docstring
+                if name in got:
+                    label = f"grad of {name}, {count} threads against 1, K = {k_out}"
+                    assert_close_to(got[name], single[name].double(), dtype, label)

@@ -152,16 +152,16 @@ NANOMOE_AMX void release() {
   _tile_release();
 }
 
+// Tiles alive on this thread: only the outermost configures and releases, so a caller may hold the
+// configuration across many products that each hold their own.
+thread_local int live_tiles = 0;
+
 }  // namespace
 
 bool available() {
   static const bool runs = !switched_off() && cpu_has_amx_bf16() && os_grants_tiles();
   return runs;
 }
-
-// Tiles alive on this thread: only the outermost configures and releases, so a caller may hold the
-// configuration across many products that each hold their own.
-thread_local int live_tiles = 0;
 
 Tiles::Tiles() {
   if (live_tiles++ == 0) load_configuration();

@@ -1,5 +1,5 @@
 // Small AVX-512 helpers shared by the kernels' translation units (projection.cpp, gate_tile.cpp,
-// gate_by_block.cpp).
+// gate_by_block.cpp, gate_amx.cpp).
 // Every function carries the target attribute itself and sits in an unnamed namespace, so each
 // includer gets its own copy and no other translation unit can end up calling an AVX-512 one.
 #pragma once

@@ -47,8 +47,8 @@ struct Gate {
   bool transposed = false;
 
   // for_kernels: also lay the gate out as the AVX-512 and AMX kernels read it: by block where
-  // mixes_by_block says so (gate_by_block.h), and bfloat16's scalar gate for the tile unit where
-  // gate_amx::chosen says so (gate_amx.h).
+  // mixes_by_block says so (gate_by_block.h), and bfloat16's scalar and diagonal gates for the tile
+  // unit where gate_amx::chosen says so (gate_amx.h).
   static Gate make(const LinearDims& dims, const Weights& w, bool transposed, bool for_kernels) {
     const auto acc = c10::CppTypeToScalarType<acc_t>::value;
     Gate g{};

@@ -30,11 +30,25 @@ namespace {
 // tile unit would multiply padding.
 constexpr int64_t kMinBlocks = 16;
 constexpr int64_t kGateRows = 16;  // the gate's rows come in the tile unit's 16-row tiles
+// Gate rows per amx::product: its first operand's rows (amx.h's kTokens, tokens there).
+constexpr int64_t kProductRows = amx::kTokens;
 
 // Columns paired per chunk: each product reads a 32-column slice of the chunk's pairs (K_src x 64
 // elements), which every 32 destination blocks read again.
 constexpr int64_t kChunkColumns = 128;
 constexpr int64_t kPairRow = 2 * kChunkColumns;
+
+// A buffer of this thread's that outlives the call, of at least n elements.
+template <typename U>
+U* thread_buffer(std::vector<U>& buffer, int64_t n) {
+  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
+  return buffer.data();
+}
+
+// The gate's destination blocks rounded up to whole 16-row tiles.
+int64_t padded_rows(const GateRows<float>& g) {
+  return (g.dst_blocks + kGateRows - 1) / kGateRows * kGateRows;
+}
 
 // Columns [first, first + count) of the (K_src, tokens * r) activations, paired: row p holds
 // (src[t, 2p, c], src[t, 2p + 1, c]) for column t * r + c at pairs + p * kPairRow + 2 * (column -
@@ -72,21 +86,21 @@ NANOMOE_AVX512 void store_sums(const float* sums, int64_t rows, int64_t d0, int6
 NANOMOE_AVX512 void mix_scalar(const GateRows<float>& g, const uint16_t* src, uint16_t* dst,
                                int64_t tokens) {
   const int64_t r = g.rank, columns = tokens * r, pairs = (g.src_blocks + 1) / 2;
-  thread_local std::vector<uint16_t> buffer;
-  if (static_cast<int64_t>(buffer.size()) < pairs * kPairRow) buffer.resize(pairs * kPairRow);
+  thread_local std::vector<uint16_t> buffer_storage;
+  uint16_t* buffer = thread_buffer(buffer_storage, pairs * kPairRow);
   const amx::Tiles tiles;
-  alignas(64) float sums[amx::kTokens * amx::kCols];
+  alignas(64) float sums[kProductRows * amx::kCols];
   for (int64_t first = 0; first < columns; first += kChunkColumns) {
     const int64_t count = std::min(kChunkColumns, columns - first);
-    pair_columns(g, src, first, count, buffer.data());
+    pair_columns(g, src, first, count, buffer);
     for (int64_t c = 0; c < count; c += amx::kCols) {
-      for (int64_t d0 = 0; d0 < g.dst_blocks; d0 += amx::kTokens) {
-        const int64_t rows = std::min(amx::kTokens, g.dst_blocks - d0);
+      for (int64_t d0 = 0; d0 < g.dst_blocks; d0 += kProductRows) {
+        const int64_t rows = std::min(kProductRows, g.dst_blocks - d0);
         // 16 or 32 gate rows: the padded rows (zeros) fill a partial tile. Past count, the slice's
         // columns hold pairs of an earlier chunk or call: their sums are never stored, and no
         // column's sum reads another's.
-        amx::product(rows > kGateRows ? amx::kTokens : kGateRows, g.amx_gate + d0 * g.src_blocks,
-                     g.src_blocks, buffer.data() + 2 * c, kPairRow, g.src_blocks, sums);
+        amx::product(rows > kGateRows ? kProductRows : kGateRows, g.amx_gate + d0 * g.src_blocks,
+                     g.src_blocks, buffer + 2 * c, kPairRow, g.src_blocks, sums);
         store_sums(sums, rows, d0, first + c, std::min(amx::kCols, count - c), r, g.dst_blocks * r,
                    dst);
       }
@@ -97,28 +111,22 @@ NANOMOE_AVX512 void mix_scalar(const GateRows<float>& g, const uint16_t* src, ui
 // Diagonal, per 32 tokens: rank positions 16 at a time (transposes are 16 x 16).
 constexpr int64_t kLanes = 16;
 
-template <typename U>
-U* thread_buffer(std::vector<U>& buffer, int64_t n) {
-  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
-  return buffer.data();
-}
-
 NANOMOE_AVX512 void mix_diagonal(const GateRows<float>& g, const uint16_t* src, uint16_t* dst,
                                  int64_t tokens) {
-  constexpr int64_t kTokens = amx::kCols;  // the products' columns
+  constexpr int64_t kTokenColumns = amx::kCols;  // tokens per product: its columns
   const int64_t r = g.rank, k_src = g.src_blocks, k_dst = g.dst_blocks;
   const int64_t pairs = (k_src + 1) / 2, padded_rank = (r + kLanes - 1) / kLanes * kLanes;
-  const int64_t dst_rows = (k_dst + kGateRows - 1) / kGateRows * kGateRows;
+  const int64_t dst_rows = padded_rows(g);
   // by_token: (token, pair, rank) 32-bit pairs; by_rank: (rank of the 16, pair, token), as each
   // product's second operand; sums: (rank of the 16, destination block, token).
   thread_local std::vector<uint32_t> by_token_buffer, by_rank_buffer;
   thread_local std::vector<float> sums_buffer;
-  uint32_t* by_token = thread_buffer(by_token_buffer, kTokens * pairs * padded_rank);
-  uint32_t* by_rank = thread_buffer(by_rank_buffer, kLanes * pairs * kTokens);
-  float* sums = thread_buffer(sums_buffer, kLanes * dst_rows * kTokens);
+  uint32_t* by_token = thread_buffer(by_token_buffer, kTokenColumns * pairs * padded_rank);
+  uint32_t* by_rank = thread_buffer(by_rank_buffer, kLanes * pairs * kTokenColumns);
+  float* sums = thread_buffer(sums_buffer, kLanes * dst_rows * kTokenColumns);
   const amx::Tiles tiles;
-  for (int64_t t0 = 0; t0 < tokens; t0 += kTokens) {
-    const int64_t count = std::min(kTokens, tokens - t0);
+  for (int64_t t0 = 0; t0 < tokens; t0 += kTokenColumns) {
+    const int64_t count = std::min(kTokenColumns, tokens - t0);
     for (int64_t t = 0; t < count; ++t) {
       projection::pair_steps(k_src, r, src + (t0 + t) * k_src * r, r,
                              reinterpret_cast<uint16_t*>(by_token + t * pairs * padded_rank),
@@ -129,24 +137,25 @@ NANOMOE_AVX512 void mix_diagonal(const GateRows<float>& g, const uint16_t* src, 
       // Past count tokens, and past r rank positions, the rows hold stale pairs: transposed into
       // columns and rows whose sums are never stored.
       for (int64_t p = 0; p < pairs; ++p) {
-        for (int64_t half = 0; half < kTokens; half += kLanes) {
+        for (int64_t half = 0; half < count; half += kLanes) {
           __m512i v[kLanes];
           for (int64_t i = 0; i < kLanes; ++i) {
             v[i] = _mm512_loadu_si512(by_token + ((half + i) * pairs + p) * padded_rank + c0);
           }
           transpose16(v);
           for (int64_t c = 0; c < lanes; ++c) {
-            _mm512_storeu_si512(by_rank + (c * pairs + p) * kTokens + half, v[c]);
+            _mm512_storeu_si512(by_rank + (c * pairs + p) * kTokenColumns + half, v[c]);
           }
         }
       }
       for (int64_t c = 0; c < lanes; ++c) {
         const uint16_t* gate = g.amx_gate + (c0 + c) * dst_rows * k_src;
-        const uint16_t* pairs_at = reinterpret_cast<const uint16_t*>(by_rank + c * pairs * kTokens);
-        for (int64_t d0 = 0; d0 < k_dst; d0 += amx::kTokens) {
-          const int64_t rows = k_dst - d0 > kGateRows ? amx::kTokens : kGateRows;
-          amx::product(rows, gate + d0 * k_src, k_src, pairs_at, 2 * kTokens, k_src,
-                       sums + (c * dst_rows + d0) * kTokens);
+        const uint16_t* pairs_at =
+            reinterpret_cast<const uint16_t*>(by_rank + c * pairs * kTokenColumns);
+        for (int64_t d0 = 0; d0 < k_dst; d0 += kProductRows) {
+          const int64_t rows = k_dst - d0 > kGateRows ? kProductRows : kGateRows;
+          amx::product(rows, gate + d0 * k_src, k_src, pairs_at, 2 * kTokenColumns, k_src,
+                       sums + (c * dst_rows + d0) * kTokenColumns);
         }
       }
       const __mmask16 stored = first_lanes(lanes);
@@ -154,7 +163,7 @@ NANOMOE_AVX512 void mix_diagonal(const GateRows<float>& g, const uint16_t* src, 
         for (int64_t half = 0; half < count; half += kLanes) {
           __m512i v[kLanes];
           for (int64_t c = 0; c < kLanes; ++c) {
-            v[c] = _mm512_loadu_si512(sums + (c * dst_rows + d) * kTokens + half);
+            v[c] = _mm512_loadu_si512(sums + (c * dst_rows + d) * kTokenColumns + half);
           }
           transpose16(v);
           for (int64_t t = 0; t < std::min(kLanes, count - half); ++t) {
@@ -175,14 +184,13 @@ bool chosen(const GateRows<float>& g) {
 }
 
 int64_t gate_size(const GateRows<float>& g) {
-  const int64_t rows = (g.dst_blocks + kGateRows - 1) / kGateRows * kGateRows;
-  return (g.variant == 0 ? 1 : g.rank) * rows * g.src_blocks;
+  return (g.variant == 0 ? 1 : g.rank) * padded_rows(g) * g.src_blocks;
 }
 
 void lay_out(const GateRows<float>& g, const uint16_t* mix, uint16_t* gate) {
   std::fill(gate, gate + gate_size(g), uint16_t(0));
   const int64_t steps = g.variant == 0 ? 1 : g.rank;
-  const int64_t rows = (g.dst_blocks + kGateRows - 1) / kGateRows * kGateRows;
+  const int64_t rows = padded_rows(g);
   for (int64_t c = 0; c < steps; ++c) {
     for (int64_t d = 0; d < g.dst_blocks; ++d) {
       for (int64_t s = 0; s < g.src_blocks; ++s) {

@@ -23,7 +23,8 @@ int64_t gate_size(const GateRows<float>& g);
 void lay_out(const GateRows<float>& g, const uint16_t* mix, uint16_t* gate);
 
 // dst[t, d, :] = sum_s G_ds src[t, s, :] as gate_tile::mix, reading g.amx_gate (Gate::make lays it
-// out), summed in float32 and rounded once. Configures the tile unit itself.
+// out), summed in float32 and rounded once. Holds its own amx::Tiles (a no-op
+// inside a caller's).
 void mix(const GateRows<float>& g, const uint16_t* src, uint16_t* dst, int64_t tokens);
 
 }  // namespace nanomoe::cpu::gate_amx

@@ -1,5 +1,5 @@
 // The CPU backward on the kernels of projection.h: float32 and bfloat16 on CPUs with AVX-512
-// (runs_projected in projected_forward.h), for batches of more than kRowsTokens tokens.
+// (runs_projected in projected_forward.h), for the calls backward_projected picks.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -22,9 +22,13 @@ constexpr int64_t kProjectedBackwardTokens = 17;
 constexpr int64_t kProjectedBackwardBlocks = 16;
 
 // Whether the backward of this call runs here (on a CPU where runs_projected holds).
+// The full gate with fewer tokens than its rank stays on ATen, which reads its K^2 r^2 entries in
+// place (the tile loop packs them).
 inline bool backward_projected(const LinearDims& dims) {
-  return dims.tokens >= kProjectedBackwardTokens || dims.in_blocks >= kProjectedBackwardBlocks ||
-         dims.out_blocks >= kProjectedBackwardBlocks;
+  const bool many_blocks =
+      dims.in_blocks >= kProjectedBackwardBlocks || dims.out_blocks >= kProjectedBackwardBlocks;
+  const bool full_in_place = dims.mixing == Mixing::kFull && dims.tokens < dims.rank;
+  return dims.tokens >= kProjectedBackwardTokens || (many_blocks && !full_in_place);
 }
 
 // linear_backward's gradients: those asked for in needs, the others undefined; grad_x as

@@ -195,9 +195,6 @@ void many_tokens(const Layer<scalar_t>& layer, const Weights& w, const Tensor& x
   const Tensor scratch =
       at::empty({at::get_num_threads(), hidden_size + tile * layer.mixed_row()}, x_rows.options());
   for_each_token_tile(d.tokens, kPackedTiling, [&](int64_t begin, int64_t end) {
-    // bfloat16 on AMX: the tile unit configured once per token tile, not per block's product.
-    std::optional<amx::Tiles> tiles;
-    if (std::is_same_v<T, uint16_t> && amx::available()) tiles.emplace();
     const int64_t rows = end - begin;
     const Tensor own = scratch[at::get_thread_num()];
     Tensor hidden = hidden_all.defined()
@@ -207,6 +204,12 @@ void many_tokens(const Layer<scalar_t>& layer, const Weights& w, const Tensor& x
         own.narrow(0, hidden_size, rows * layer.mixed_row()).view({rows, d.out_blocks, r});
     T* hid = Layer<scalar_t>::data(hidden);
     T* mid = Layer<scalar_t>::data(mixed);
+    // bfloat16 on AMX: the tile unit configured once per token tile, not per block's product
+    // (nothing below configures it otherwise).
+    std::optional<amx::Tiles> tile_unit;
+    if constexpr (std::is_same_v<T, uint16_t>) {
+      if (amx::available()) tile_unit.emplace();
+    }
     // Tokens [first, first + count) of the tile, chunk by chunk, block by block.
     const auto down_by_blocks = [&](int64_t first, int64_t count) {
       for_each_chunk(first, first + count, chunk, [&](int64_t c0, int64_t n) {

@@ -398,41 +398,16 @@ NANOMOE_AVX512 void transpose_pairs(int64_t pairs, int64_t cols, const uint16_t*
   for (int64_t q0 = 0; q0 < pairs; q0 += 16) {
     for (int64_t c0 = 0; c0 < cols; c0 += 16) {
       const __mmask16 in_cols = first_lanes(cols - c0);
-      __m512i row[16], half[16], quarter[16];
+      __m512i row[16];
       for (int i = 0; i < 16; ++i) {
         row[i] = q0 + i < pairs
                      ? _mm512_maskz_loadu_epi32(in_cols, src + (q0 + i) * src_row + 2 * c0)
                      : _mm512_setzero_si512();
       }
-      // In 128-bit lane L of quarter[4 g + e]: element 4 L + e of rows 4 g .. 4 g + 3.
-      for (int i = 0; i < 16; i += 2) {
-        half[i] = _mm512_unpacklo_epi32(row[i], row[i + 1]);
-        half[i + 1] = _mm512_unpackhi_epi32(row[i], row[i + 1]);
-      }
-      for (int g = 0; g < 4; ++g) {
-        const __m512i* h = half + 4 * g;
-        quarter[4 * g] = _mm512_unpacklo_epi64(h[0], h[2]);
-        quarter[4 * g + 1] = _mm512_unpackhi_epi64(h[0], h[2]);
-        quarter[4 * g + 2] = _mm512_unpacklo_epi64(h[1], h[3]);
-        quarter[4 * g + 3] = _mm512_unpackhi_epi64(h[1], h[3]);
-      }
+      transpose16(row);
       const __mmask16 out_pairs = first_lanes(pairs - q0);
-      for (int e = 0; e < 4; ++e) {
-        // Lanes 0 and 2 (even) or 1 and 3 (odd) of rows 0-7, then of rows 8-15.
-        const __m512i even_low = _mm512_shuffle_i32x4(quarter[e], quarter[4 + e], 0x88);
-        const __m512i odd_low = _mm512_shuffle_i32x4(quarter[e], quarter[4 + e], 0xdd);
-        const __m512i even_high = _mm512_shuffle_i32x4(quarter[8 + e], quarter[12 + e], 0x88);
-        const __m512i odd_high = _mm512_shuffle_i32x4(quarter[8 + e], quarter[12 + e], 0xdd);
-        const __m512i column[4] = {_mm512_shuffle_i32x4(even_low, even_high, 0x88),
-                                   _mm512_shuffle_i32x4(odd_low, odd_high, 0x88),
-                                   _mm512_shuffle_i32x4(even_low, even_high, 0xdd),
-                                   _mm512_shuffle_i32x4(odd_low, odd_high, 0xdd)};
-        for (int lane = 0; lane < 4; ++lane) {
-          const int64_t c = c0 + 4 * lane + e;
-          if (c < cols) {
-            _mm512_mask_storeu_epi32(dst + c * dst_stride + 2 * q0, out_pairs, column[lane]);
-          }
-        }
+      for (int64_t c = c0; c < std::min(cols, c0 + 16); ++c) {
+        _mm512_mask_storeu_epi32(dst + c * dst_stride + 2 * q0, out_pairs, row[c - c0]);
       }
     }
   }
