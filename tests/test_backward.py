@@ -187,9 +187,10 @@ def test_gate_tiles(tokens: int, mixing: str, dtype: torch.dtype) -> None:
     """Ranks that fill the lanes: the gate's gradients are summed for 4 x 4 (output, input) blocks
     at once, so block counts that leave partial ones, and ranks over 16 with a partial last 16;
     at 16 blocks or more each way, bfloat16's scalar and diagonal gates and their transposes run
-    on AMX (odd counts: the last pair's partner is zero)."""
+    on AMX (odd counts: the last pair's partner is zero), and so does the scalar gate's gradient
+    at an even rank of 16 or more (32 tokens a product; an odd rank keeps the float32 sums)."""
     generator = torch.Generator().manual_seed(tokens)
-    for k_out, k_in, rank in [(6, 7, 17), (5, 18, 33), (17, 33, 24), (33, 16, 16)]:
+    for k_out, k_in, rank in [(6, 7, 17), (5, 18, 33), (17, 33, 24), (33, 16, 16), (16, 17, 17)]:
         case = make_case((tokens,), k_out, k_in, 3, 2, rank, mixing, dtype, True, generator)
         grad_out = torch.randn(tokens, k_out * 2, generator=generator, dtype=torch.float64)
         got = grads_of(torch.ops.nanomoe.linear, case, grad_out.to(dtype))

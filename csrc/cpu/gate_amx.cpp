@@ -176,6 +176,70 @@ NANOMOE_AVX512 void mix_diagonal(const GateRows<float>& g, const uint16_t* src, 
   }
 }
 
+// The scalar gate's weight gradient, per 32 tokens: grad_mix[d, s] += sum over the tokens' (token,
+// rank) positions n of grad_dst[n, d] src[n, s], a product (K_dst x 32 r) by (32 r x K_src). Its
+// first operand is grad_dst's rows regrouped by block (row d: every token's r entries of block d);
+// its second pairs consecutive rank positions, which for an even rank are one 32-bit element of a
+// token's row of block s: per token, its (K_src x r / 2) pairs transposed 16 x 16.
+NANOMOE_AVX512 void accumulate_scalar_grads(const GateRows<float>& g, const uint16_t* src,
+                                            const uint16_t* grad_dst, int64_t tokens,
+                                            float* grad_mix) {
+  constexpr int64_t kChunkTokens = 32;
+  const int64_t r = g.rank, half_rank = r / 2, k_src = g.src_blocks, k_dst = g.dst_blocks;
+  const int64_t depth_max = kChunkTokens * r, dst_rows = padded_rows(g);
+  // Columns of the second operand: the source blocks rounded up to whole products of 32.
+  const int64_t src_columns = (k_src + amx::kCols - 1) / amx::kCols * amx::kCols;
+  thread_local std::vector<uint16_t> by_block_buffer;
+  thread_local std::vector<uint32_t> pairs_buffer;
+  uint16_t* by_block = thread_buffer(by_block_buffer, dst_rows * depth_max);
+  uint32_t* pairs = thread_buffer(pairs_buffer, kChunkTokens * half_rank * src_columns);
+  alignas(64) float sums[kProductRows * amx::kCols];
+  const amx::Tiles tiles;
+  for (int64_t t0 = 0; t0 < tokens; t0 += kChunkTokens) {
+    const int64_t count = std::min(kChunkTokens, tokens - t0), depth = count * r;
+    for (int64_t t = 0; t < count; ++t) {
+      const uint16_t* row = grad_dst + (t0 + t) * k_dst * r;
+      for (int64_t d = 0; d < k_dst; ++d) {
+        for (int64_t c = 0; c < r; c += 32) {
+          const __mmask32 lanes = c + 32 <= r ? ~__mmask32(0) : (__mmask32(1) << (r - c)) - 1;
+          _mm512_mask_storeu_epi16(by_block + d * depth_max + t * r + c, lanes,
+                                   _mm512_maskz_loadu_epi16(lanes, row + d * r + c));
+        }
+      }
+      // Token t's pairs: pair row t * half_rank + q holds (src[t, s, 2q], src[t, s, 2q + 1]).
+      const uint32_t* token = reinterpret_cast<const uint32_t*>(src + (t0 + t) * k_src * r);
+      for (int64_t s0 = 0; s0 < k_src; s0 += kLanes) {
+        for (int64_t q0 = 0; q0 < half_rank; q0 += kLanes) {
+          const __mmask16 in_pairs = first_lanes(half_rank - q0);
+          __m512i v[kLanes];
+          for (int64_t i = 0; i < kLanes; ++i) {
+            v[i] = s0 + i < k_src
+                       ? _mm512_maskz_loadu_epi32(in_pairs, token + (s0 + i) * half_rank + q0)
+                       : _mm512_setzero_si512();
+          }
+          transpose16(v);
+          for (int64_t q = q0; q < std::min(half_rank, q0 + kLanes); ++q) {
+            _mm512_storeu_si512(pairs + (t * half_rank + q) * src_columns + s0, v[q - q0]);
+          }
+        }
+      }
+    }
+    for (int64_t d0 = 0; d0 < k_dst; d0 += kProductRows) {
+      const int64_t rows = std::min(kProductRows, k_dst - d0);
+      for (int64_t s0 = 0; s0 < k_src; s0 += amx::kCols) {
+        amx::product(rows > kGateRows ? kProductRows : kGateRows, by_block + d0 * depth_max,
+                     depth_max, reinterpret_cast<const uint16_t*>(pairs + s0), 2 * src_columns,
+                     depth, sums);
+        for (int64_t d = 0; d < rows; ++d) {
+          for (int64_t s = s0; s < std::min(k_src, s0 + amx::kCols); ++s) {
+            grad_mix[(d0 + d) * g.dst_stride + s * g.src_stride] += sums[d * amx::kCols + s - s0];
+          }
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 
 bool chosen(const GateRows<float>& g) {
@@ -198,6 +262,15 @@ void lay_out(const GateRows<float>& g, const uint16_t* mix, uint16_t* gate) {
       }
     }
   }
+}
+
+bool grads_chosen(const GateRows<float>& g) {
+  return g.amx_gate && g.variant == 0 && g.rank % 2 == 0 && g.rank >= kLanes;
+}
+
+void accumulate_grads(const GateRows<float>& g, const uint16_t* src, const uint16_t* grad_dst,
+                      int64_t tokens, float* grad_mix) {
+  accumulate_scalar_grads(g, src, grad_dst, tokens, grad_mix);
 }
 
 void mix(const GateRows<float>& g, const uint16_t* src, uint16_t* dst, int64_t tokens) {
@@ -225,6 +298,12 @@ void lay_out(const GateRows<float>&, const uint16_t*, uint16_t*) {
   std::abort();
 }
 void mix(const GateRows<float>&, const uint16_t*, uint16_t*, int64_t) {
+  std::abort();
+}
+bool grads_chosen(const GateRows<float>&) {
+  return false;
+}
+void accumulate_grads(const GateRows<float>&, const uint16_t*, const uint16_t*, int64_t, float*) {
   std::abort();
 }
 }  // namespace nanomoe::cpu::gate_amx

@@ -27,4 +27,13 @@ void lay_out(const GateRows<float>& g, const uint16_t* mix, uint16_t* gate);
 // inside a caller's).
 void mix(const GateRows<float>& g, const uint16_t* src, uint16_t* dst, int64_t tokens);
 
+// Whether the forward gate g (laid out here) also sums its weight gradient here: scalar, an even
+// rank of at least 16 (a pair of rank positions is then one 32-bit element of a token's row).
+bool grads_chosen(const GateRows<float>& g);
+
+// grad_mix[d, s] += sum_t <grad_dst[t, d], src[t, s]> as gate_tile::accumulate_grads, for a gate
+// grads_chosen accepts, in float32 sums laid out like mix.
+void accumulate_grads(const GateRows<float>& g, const uint16_t* src, const uint16_t* grad_dst,
+                      int64_t tokens, float* grad_mix);
+
 }  // namespace nanomoe::cpu::gate_amx

@@ -310,6 +310,8 @@ void accumulate_grads(const GateRows<float>& g, const float* src, const float* g
 
 void accumulate_grads(const GateRows<float>& g, const uint16_t* src, const uint16_t* grad_dst,
                       int64_t tokens, float* grad_mix, float* grad_left, float* grad_right) {
+  if (gate_amx::grads_chosen(g))
+    return gate_amx::accumulate_grads(g, src, grad_dst, tokens, grad_mix);
   if (g.mix_by_block) {
     return gate_by_block::accumulate_grads(g, src, grad_dst, tokens, grad_mix, grad_left,
                                            grad_right);
