@@ -153,23 +153,13 @@ def test_weight_gradients_repeat_bitwise_and_agree_across_threads(
         assert_close_to(single[name], grad.double(), dtype, f"grad of {name}, 1 against 2 threads")
 
 
-@pytest.mark.parametrize("tokens", [0, 1, 5, 13, 16, 131])
-@pytest.mark.parametrize("mixing", MIXINGS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_many_blocks_small_ranks(tokens: int, mixing: str, dtype: torch.dtype) -> None:
-    """The transposed gate mixes by block too (its destination is the input blocks), and the gate's
-    gradients are summed by block; the full gate's transpose is one product. With 16 blocks or more
-    on a side, 16 tokens or fewer take the tile loop too (backward_projected)."""
+def assert_grads_match_reference(
+    tokens: int, mixing: str, dtype: torch.dtype, shapes: list[tuple[int, int, int]]
+) -> None:
+    """Every gradient against the float64 reference, for each (K_out, K_in, rank) in shapes
+    (blocks of 3 input and 2 output features)."""
     generator = torch.Generator().manual_seed(tokens)
-    # (16, 32, 16), (32, 16, 32): diagonal_outer by block where blocks and rank fill lanes alike.
-    for k_out, k_in, rank in [
-        (64, 64, 4),
-        (20, 36, 3),
-        (36, 20, 1),
-        (17, 5, 2),
-        (16, 32, 16),
-        (32, 16, 32),
-    ]:
+    for k_out, k_in, rank in shapes:
         case = make_case((tokens,), k_out, k_in, 3, 2, rank, mixing, dtype, True, generator)
         grad_out = torch.randn(tokens, k_out * 2, generator=generator, dtype=torch.float64)
         got = grads_of(torch.ops.nanomoe.linear, case, grad_out.to(dtype))
@@ -178,6 +168,18 @@ def test_many_blocks_small_ranks(tokens: int, mixing: str, dtype: torch.dtype) -
         for name, grad in got.items():
             label = f"grad of {name}, K=({k_out}, {k_in}) rank={rank}"
             assert_close_to(grad, expected[name], dtype, label, scale[name])
+
+
+@pytest.mark.parametrize("tokens", [0, 1, 5, 13, 16, 131])
+@pytest.mark.parametrize("mixing", MIXINGS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_many_blocks_small_ranks(tokens: int, mixing: str, dtype: torch.dtype) -> None:
+    """The transposed gate mixes by block too (its destination is the input blocks), and the gate's
+    gradients are summed by block; the full gate's transpose is one product. With 16 blocks or more
+    on a side, 16 tokens or fewer take the tile loop too (backward_projected)."""
+    # (16, 32, 16), (32, 16, 32): diagonal_outer by block where blocks and rank fill lanes alike.
+    shapes = [(64, 64, 4), (20, 36, 3), (36, 20, 1), (17, 5, 2), (16, 32, 16), (32, 16, 32)]
+    assert_grads_match_reference(tokens, mixing, dtype, shapes)
 
 
 @pytest.mark.parametrize("tokens", [5, 131])
@@ -189,16 +191,8 @@ def test_gate_tiles(tokens: int, mixing: str, dtype: torch.dtype) -> None:
     at 16 blocks or more each way, bfloat16's scalar and diagonal gates and their transposes run
     on AMX (odd counts: the last pair's partner is zero), and so does the scalar gate's gradient
     at an even rank of 16 or more (32 tokens a product; an odd rank keeps the float32 sums)."""
-    generator = torch.Generator().manual_seed(tokens)
-    for k_out, k_in, rank in [(6, 7, 17), (5, 18, 33), (17, 33, 24), (33, 16, 16), (16, 17, 17)]:
-        case = make_case((tokens,), k_out, k_in, 3, 2, rank, mixing, dtype, True, generator)
-        grad_out = torch.randn(tokens, k_out * 2, generator=generator, dtype=torch.float64)
-        got = grads_of(torch.ops.nanomoe.linear, case, grad_out.to(dtype))
-        expected = grads_of(nanomoe_linear_reference, case.map(torch.Tensor.double), grad_out)
-        scale = grads_of(nanomoe_linear_reference, magnitude(case), grad_out.abs())
-        for name, grad in got.items():
-            label = f"grad of {name}, K=({k_out}, {k_in}) rank={rank}"
-            assert_close_to(grad, expected[name], dtype, label, scale[name])
+    shapes = [(6, 7, 17), (5, 18, 33), (17, 33, 24), (33, 16, 16), (16, 17, 17)]
+    assert_grads_match_reference(tokens, mixing, dtype, shapes)
 
 
 @pytest.mark.parametrize("mixing", ["scalar", "diagonal_outer"])
