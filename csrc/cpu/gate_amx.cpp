@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "avx512.h"
+#include "thread_buffer.h"
 
 namespace nanomoe::cpu::gate_amx {
 namespace {
@@ -37,13 +38,6 @@ constexpr int64_t kProductRows = amx::kTokens;
 // elements), which every 32 destination blocks read again.
 constexpr int64_t kChunkColumns = 128;
 constexpr int64_t kPairRow = 2 * kChunkColumns;
-
-// A buffer of this thread's that outlives the call, of at least n elements.
-template <typename U>
-U* thread_buffer(std::vector<U>& buffer, int64_t n) {
-  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
-  return buffer.data();
-}
 
 // The gate's destination blocks rounded up to whole 16-row tiles.
 int64_t padded_rows(const GateRows<float>& g) {
@@ -115,43 +109,33 @@ NANOMOE_AVX512 void mix_diagonal(const GateRows<float>& g, const uint16_t* src, 
                                  int64_t tokens) {
   constexpr int64_t kTokenColumns = amx::kCols;  // tokens per product: its columns
   const int64_t r = g.rank, k_src = g.src_blocks, k_dst = g.dst_blocks;
-  const int64_t pairs = (k_src + 1) / 2, padded_rank = (r + kLanes - 1) / kLanes * kLanes;
-  const int64_t dst_rows = padded_rows(g);
+  const int64_t pairs = (k_src + 1) / 2, dst_rows = padded_rows(g);
   // by_token: (token, pair, rank) 32-bit pairs; by_rank: (rank of the 16, pair, token), as each
   // product's second operand; sums: (rank of the 16, destination block, token).
   thread_local std::vector<uint32_t> by_token_buffer, by_rank_buffer;
   thread_local std::vector<float> sums_buffer;
-  uint32_t* by_token = thread_buffer(by_token_buffer, kTokenColumns * pairs * padded_rank);
-  uint32_t* by_rank = thread_buffer(by_rank_buffer, kLanes * pairs * kTokenColumns);
+  uint16_t* by_token =
+      reinterpret_cast<uint16_t*>(thread_buffer(by_token_buffer, kTokenColumns * pairs * r));
+  uint16_t* by_rank =
+      reinterpret_cast<uint16_t*>(thread_buffer(by_rank_buffer, kLanes * pairs * kTokenColumns));
   float* sums = thread_buffer(sums_buffer, kLanes * dst_rows * kTokenColumns);
   const amx::Tiles tiles;
   for (int64_t t0 = 0; t0 < tokens; t0 += kTokenColumns) {
     const int64_t count = std::min(kTokenColumns, tokens - t0);
     for (int64_t t = 0; t < count; ++t) {
-      projection::pair_steps(k_src, r, src + (t0 + t) * k_src * r, r,
-                             reinterpret_cast<uint16_t*>(by_token + t * pairs * padded_rank),
-                             2 * padded_rank);
+      projection::pair_steps(k_src, r, src + (t0 + t) * k_src * r, r, by_token + 2 * t * pairs * r,
+                             2 * r);
     }
     for (int64_t c0 = 0; c0 < r; c0 += kLanes) {
       const int64_t lanes = std::min(kLanes, r - c0);
-      // Past count tokens, and past r rank positions, the rows hold stale pairs: transposed into
-      // columns and rows whose sums are never stored.
+      // Past count tokens the columns hold stale pairs, whose sums are never stored.
       for (int64_t p = 0; p < pairs; ++p) {
-        for (int64_t half = 0; half < count; half += kLanes) {
-          __m512i v[kLanes];
-          for (int64_t i = 0; i < kLanes; ++i) {
-            v[i] = _mm512_loadu_si512(by_token + ((half + i) * pairs + p) * padded_rank + c0);
-          }
-          transpose16(v);
-          for (int64_t c = 0; c < lanes; ++c) {
-            _mm512_storeu_si512(by_rank + (c * pairs + p) * kTokenColumns + half, v[c]);
-          }
-        }
+        projection::transpose_pairs(count, lanes, by_token + 2 * (p * r + c0), 2 * pairs * r,
+                                    by_rank + 2 * p * kTokenColumns, 2 * pairs * kTokenColumns);
       }
       for (int64_t c = 0; c < lanes; ++c) {
         const uint16_t* gate = g.amx_gate + (c0 + c) * dst_rows * k_src;
-        const uint16_t* pairs_at =
-            reinterpret_cast<const uint16_t*>(by_rank + c * pairs * kTokenColumns);
+        const uint16_t* pairs_at = by_rank + 2 * c * pairs * kTokenColumns;
         for (int64_t d0 = 0; d0 < k_dst; d0 += kProductRows) {
           const int64_t rows = k_dst - d0 > kGateRows ? kProductRows : kGateRows;
           amx::product(rows, gate + d0 * k_src, k_src, pairs_at, 2 * kTokenColumns, k_src,
@@ -180,7 +164,7 @@ NANOMOE_AVX512 void mix_diagonal(const GateRows<float>& g, const uint16_t* src, 
 // rank) positions n of grad_dst[n, d] src[n, s], a product (K_dst x 32 r) by (32 r x K_src). Its
 // first operand is grad_dst's rows regrouped by block (row d: every token's r entries of block d);
 // its second pairs consecutive rank positions, which for an even rank are one 32-bit element of a
-// token's row of block s: per token, its (K_src x r / 2) pairs transposed 16 x 16.
+// token's row of block s: per token, its (K_src x r / 2) pairs transposed.
 NANOMOE_AVX512 void accumulate_scalar_grads(const GateRows<float>& g, const uint16_t* src,
                                             const uint16_t* grad_dst, int64_t tokens,
                                             float* grad_mix) {
@@ -190,9 +174,9 @@ NANOMOE_AVX512 void accumulate_scalar_grads(const GateRows<float>& g, const uint
   // Columns of the second operand: the source blocks rounded up to whole products of 32.
   const int64_t src_columns = (k_src + amx::kCols - 1) / amx::kCols * amx::kCols;
   thread_local std::vector<uint16_t> by_block_buffer;
-  thread_local std::vector<uint32_t> pairs_buffer;
+  thread_local std::vector<uint16_t> pairs_buffer;
   uint16_t* by_block = thread_buffer(by_block_buffer, dst_rows * depth_max);
-  uint32_t* pairs = thread_buffer(pairs_buffer, kChunkTokens * half_rank * src_columns);
+  uint16_t* pairs = thread_buffer(pairs_buffer, 2 * kChunkTokens * half_rank * src_columns);
   alignas(64) float sums[kProductRows * amx::kCols];
   const amx::Tiles tiles;
   for (int64_t t0 = 0; t0 < tokens; t0 += kChunkTokens) {
@@ -207,29 +191,14 @@ NANOMOE_AVX512 void accumulate_scalar_grads(const GateRows<float>& g, const uint
         }
       }
       // Token t's pairs: pair row t * half_rank + q holds (src[t, s, 2q], src[t, s, 2q + 1]).
-      const uint32_t* token = reinterpret_cast<const uint32_t*>(src + (t0 + t) * k_src * r);
-      for (int64_t s0 = 0; s0 < k_src; s0 += kLanes) {
-        for (int64_t q0 = 0; q0 < half_rank; q0 += kLanes) {
-          const __mmask16 in_pairs = first_lanes(half_rank - q0);
-          __m512i v[kLanes];
-          for (int64_t i = 0; i < kLanes; ++i) {
-            v[i] = s0 + i < k_src
-                       ? _mm512_maskz_loadu_epi32(in_pairs, token + (s0 + i) * half_rank + q0)
-                       : _mm512_setzero_si512();
-          }
-          transpose16(v);
-          for (int64_t q = q0; q < std::min(half_rank, q0 + kLanes); ++q) {
-            _mm512_storeu_si512(pairs + (t * half_rank + q) * src_columns + s0, v[q - q0]);
-          }
-        }
-      }
+      projection::transpose_pairs(k_src, half_rank, src + (t0 + t) * k_src * r, r,
+                                  pairs + 2 * t * half_rank * src_columns, 2 * src_columns);
     }
     for (int64_t d0 = 0; d0 < k_dst; d0 += kProductRows) {
       const int64_t rows = std::min(kProductRows, k_dst - d0);
       for (int64_t s0 = 0; s0 < k_src; s0 += amx::kCols) {
         amx::product(rows > kGateRows ? kProductRows : kGateRows, by_block + d0 * depth_max,
-                     depth_max, reinterpret_cast<const uint16_t*>(pairs + s0), 2 * src_columns,
-                     depth, sums);
+                     depth_max, pairs + 2 * s0, 2 * src_columns, depth, sums);
         for (int64_t d = 0; d < rows; ++d) {
           for (int64_t s = s0; s < std::min(k_src, s0 + amx::kCols); ++s) {
             grad_mix[(d0 + d) * g.dst_stride + s * g.src_stride] += sums[d * amx::kCols + s - s0];

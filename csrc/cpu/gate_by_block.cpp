@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "avx512.h"
+#include "thread_buffer.h"
 
 namespace nanomoe::cpu::gate_by_block {
 namespace {
@@ -20,15 +21,6 @@ namespace {
 // Sums per load of the gate: enough to cover the FMA latency on both pipes.
 constexpr int kTokens = static_cast<int>(kByBlockTokens);
 constexpr int64_t kLanes = kGateLanes;
-
-// A buffer of this thread's that outlives the call, of at least n elements. Every tile of every
-// call needs its buffers, some of hundreds of KiB: allocated afresh, they made threads queue on
-// the kernel's memory map (see projected_forward.cpp).
-template <typename U>
-U* thread_buffer(std::vector<U>& buffer, int64_t n) {
-  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
-  return buffer.data();
-}
 
 // diagonal_outer's rank-one part needs <right_ds, src_ts> for the 16 blocks from d0:
 // dots[(s * kTokens + t) * 16 + l] for every source block s.

@@ -44,7 +44,7 @@ Steps<T> as_steps(int64_t rows, int64_t cols, const T* data, int64_t stride, T* 
   if constexpr (projection::kElementsPerStep<T> == 1) {
     return {data, stride};
   } else {
-    projection::pair_steps(rows, cols, data, stride, buffer);
+    projection::pair_steps(rows, cols, data, stride, buffer, 2 * cols);
     return {buffer, cols};
   }
 }

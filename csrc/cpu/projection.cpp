@@ -393,8 +393,8 @@ AmxRows amx_rows_of(const T* in, int64_t in_stride) {
 // dst row c (at dst + c * dst_stride) = column c of src, its pairs side by side: a transpose of
 // 32-bit pairs, 16 x 16 at a time, src's `pairs` rows of pairs (row q at src + q * src_row) by
 // `cols` columns. Only the pairs < `pairs` of each dst row are written.
-NANOMOE_AVX512 void transpose_pairs(int64_t pairs, int64_t cols, const uint16_t* src,
-                                    int64_t src_row, uint16_t* dst, int64_t dst_stride) {
+NANOMOE_AVX512 void transpose_pair_tiles(int64_t pairs, int64_t cols, const uint16_t* src,
+                                         int64_t src_row, uint16_t* dst, int64_t dst_stride) {
   for (int64_t q0 = 0; q0 < pairs; q0 += 16) {
     for (int64_t c0 = 0; c0 < cols; c0 += 16) {
       const __mmask16 in_cols = first_lanes(cols - c0);
@@ -420,7 +420,8 @@ AmxRows amx_rows_of(int64_t depth, Steps<uint16_t> a, int64_t a_cols, int64_t b_
   thread_local std::vector<uint16_t> buffer;
   const int64_t pairs = (depth + 1) / 2, stride = (pairs + 15) / 16 * 32;
   if (static_cast<int64_t>(buffer.size()) < a_cols * stride) buffer.resize(a_cols * stride);
-  transpose_pairs(pairs, a_cols, a.data, 2 * a.stride, buffer.data(), stride);  // a pair per step
+  transpose_pair_tiles(pairs, a_cols, a.data, 2 * a.stride, buffer.data(),
+                       stride);  // a pair per step
   return {buffer.data(), stride};
 }
 AmxRows amx_rows_of(int64_t, Steps<float>, int64_t, int64_t) {
@@ -465,8 +466,8 @@ NANOMOE_AVX512 void project_rows_on_amx(int64_t tokens, const uint16_t* packed, 
                           _mm512_add_ps(_mm512_load_ps(total + i), _mm512_load_ps(segment + i)));
         }
       }
-      transpose_pairs(kRows, tokens, reinterpret_cast<const uint16_t*>(total), kPairRow,
-                      reinterpret_cast<uint16_t*>(by_token), 2 * kRows);
+      transpose_pair_tiles(kRows, tokens, reinterpret_cast<const uint16_t*>(total), kPairRow,
+                           reinterpret_cast<uint16_t*>(by_token), 2 * kRows);
       const __m512 add = bias ? _mm512_loadu_ps(bias + c0) : _mm512_setzero_ps();
       for (int64_t t = 0; t < tokens; ++t) {
         store_lanes(out + t * out_stride + c0, first_lanes(kRows),
@@ -489,7 +490,7 @@ NANOMOE_AVX512 void pack_input_pairs(int64_t tokens, const uint16_t* in, int64_t
                                      int64_t depth, uint16_t* packed) {
   constexpr int64_t kPairRow = 2 * amx::kCols;
   const int64_t pairs = depth / 2;
-  transpose_pairs(tokens, pairs, in, in_stride, packed, kPairRow);
+  transpose_pair_tiles(tokens, pairs, in, in_stride, packed, kPairRow);
   const __mmask32 no_token = ~((__mmask32(1) << tokens) - 1);
   for (int64_t p = 0; p < pairs; ++p) {
     _mm512_mask_storeu_epi32(packed + p * kPairRow, __mmask16(no_token), _mm512_setzero_si512());
@@ -605,14 +606,14 @@ int64_t paired_size(int64_t steps, int64_t cols) {
   return (steps + 1) / 2 * 2 * cols;
 }
 
-void pair_steps(int64_t steps, int64_t cols, const uint16_t* src, int64_t src_stride,
-                uint16_t* dst) {
-  pair_rows(steps, cols, src, src_stride, dst, 2 * cols);
-}
-
 void pair_steps(int64_t steps, int64_t cols, const uint16_t* src, int64_t src_stride, uint16_t* dst,
                 int64_t pair_stride) {
   pair_rows(steps, cols, src, src_stride, dst, pair_stride);
+}
+
+void transpose_pairs(int64_t pairs, int64_t cols, const uint16_t* src, int64_t src_row,
+                     uint16_t* dst, int64_t dst_stride) {
+  transpose_pair_tiles(pairs, cols, src, src_row, dst, dst_stride);
 }
 
 void project_steps(int64_t tokens, const float* in, int64_t in_stride, Steps<float> w, int64_t cols,
@@ -739,10 +740,10 @@ void project_rows(int64_t, const uint16_t*, const uint16_t*, int64_t, const Weig
 int64_t paired_size(int64_t, int64_t) {
   std::abort();
 }
-void pair_steps(int64_t, int64_t, const uint16_t*, int64_t, uint16_t*) {
+void pair_steps(int64_t, int64_t, const uint16_t*, int64_t, uint16_t*, int64_t) {
   std::abort();
 }
-void pair_steps(int64_t, int64_t, const uint16_t*, int64_t, uint16_t*, int64_t) {
+void transpose_pairs(int64_t, int64_t, const uint16_t*, int64_t, uint16_t*, int64_t) {
   std::abort();
 }
 void project_steps(int64_t, const float*, int64_t, Steps<float>, int64_t, int64_t, float*,

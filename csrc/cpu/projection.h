@@ -60,14 +60,18 @@ struct Steps {
   int64_t stride;
 };
 
-// bfloat16: src, (steps, cols) with row stride src_stride, into dst as Steps with stride cols;
-// dst holds paired_size(steps, cols) elements.
+// bfloat16: src, (steps, cols) with row stride src_stride, paired into dst: pair row p (rows 2p
+// and 2p + 1 side by side) at dst + p * pair_stride, at least 2 * cols; with pair_stride = 2 *
+// cols, Steps with stride cols, in paired_size(steps, cols) elements.
 int64_t paired_size(int64_t steps, int64_t cols);
-void pair_steps(int64_t steps, int64_t cols, const uint16_t* src, int64_t src_stride,
-                uint16_t* dst);
-// The same with pair row p at dst + p * pair_stride (at least 2 * cols).
 void pair_steps(int64_t steps, int64_t cols, const uint16_t* src, int64_t src_stride, uint16_t* dst,
                 int64_t pair_stride);
+
+// dst row c (at dst + c * dst_stride) = column c of src, its pairs side by side: a transpose of
+// 32-bit pairs, src's `pairs` rows of pairs (row q at src + q * src_row) by `cols` columns. Only
+// the pairs < `pairs` of each dst row are written, and src is read only within its rows.
+void transpose_pairs(int64_t pairs, int64_t cols, const uint16_t* src, int64_t src_row,
+                     uint16_t* dst, int64_t dst_stride);
 
 // out[t, c] = sum_k in[t, k] W(k, c) for t < tokens, c < cols, k < depth: W by steps, read in
 // place (no packing), rounded like project_packed.
