@@ -231,14 +231,16 @@ def test_grouped_down_projections_keep_non_finite_inputs_in_their_block(value: f
 # bfloat16 on AMX, 16 blocks or more each way: the scalar gate is the tile unit's product of the
 # (K_out, K_in) gate with the (K_in, tokens x rank) activations, 128 columns a chunk, 32 a product;
 # the diagonal gate one product per rank position with the (K_in, tokens) activations, 32 tokens a
-# product, rank positions transposed 16 at a time (gate_amx.cpp). Odd K_in (the last pair's partner
-# is zero), K_out leaving a partial 16-row tile, ranks that straddle products, chunks and 16-lane
-# transposes (3, 24, 40, 130), tokens few and many. float32 runs the same shapes on AVX-512.
+# product, rank positions transposed 16 at a time; diagonal_outer that plus its rank-one part, one
+# product per source block for the dot products and one per destination block for their sums
+# (gate_amx.cpp). Odd K_in (the last pair's partner is zero), K_out leaving a partial 16-row tile,
+# odd ranks (the rank-one part pairs rank positions), ranks that straddle products, chunks and
+# 16-lane transposes (3, 24, 40, 130), tokens few and many. float32 runs the same shapes on AVX-512.
 AMX_GATE_SHAPES = [(16, 16, 1), (17, 33, 24), (40, 17, 3), (33, 20, 40), (16, 18, 130)]
 
 
 @pytest.mark.parametrize("tokens", [1, 5, 17, 131])
-@pytest.mark.parametrize("mixing", ["scalar", "diagonal"])
+@pytest.mark.parametrize("mixing", ["scalar", "diagonal", "diagonal_outer"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_gate_on_amx(tokens: int, mixing: str, dtype: torch.dtype) -> None:
     for k_out, k_in, rank in AMX_GATE_SHAPES:
@@ -248,7 +250,7 @@ def test_gate_on_amx(tokens: int, mixing: str, dtype: torch.dtype) -> None:
         assert_close_to(run(case), reference64(case), dtype, label, scale)
 
 
-@pytest.mark.parametrize("mixing", ["scalar", "diagonal"])
+@pytest.mark.parametrize("mixing", ["scalar", "diagonal", "diagonal_outer"])
 def test_gate_on_amx_keeps_non_finite_tokens_apart(mixing: str) -> None:
     # A product's 32 columns hold several tokens: a token's Inf must reach its own outputs only,
     # every other token's bits unchanged.

@@ -47,8 +47,8 @@ struct Gate {
   bool transposed = false;
 
   // for_kernels: also lay the gate out as the AVX-512 and AMX kernels read it: by block where
-  // mixes_by_block says so (gate_by_block.h), and bfloat16's scalar and diagonal gates for the tile
-  // unit where gate_amx::chosen says so (gate_amx.h).
+  // mixes_by_block says so (gate_by_block.h), and bfloat16's gates for the tile unit where
+  // gate_amx::chosen says so (gate_amx.h).
   static Gate make(const LinearDims& dims, const Weights& w, bool transposed, bool for_kernels) {
     const auto acc = c10::CppTypeToScalarType<acc_t>::value;
     Gate g{};
@@ -84,8 +84,8 @@ struct Gate {
         g.lay_out_by_block(transposed);
       }
     }
-    // On AMX, mix takes bfloat16's scalar and diagonal gates from there; the gradients keep the
-    // layouts above.
+    // On AMX, mix takes bfloat16's gates from there; the gradients keep the layouts above (the
+    // scalar gate's on AMX reads it too).
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
       if (for_kernels && gate_amx::chosen(g.rows)) g.lay_out_for_amx(w.mix);
     }

@@ -1,4 +1,4 @@
-// The bfloat16 scalar and diagonal gates on AMX (see gate_amx.h).
+// The bfloat16 elementwise gates on AMX (see gate_amx.h).
 //
 // Scalar: a tile's activations are (tokens, K_src, r), so column t * r + c of the product is token
 // t's rank position c, and its K_src entries, one per block, lie r apart. Each chunk of columns is
@@ -11,6 +11,14 @@
 // (token, rank) pairs transposed to (rank, token) 16 x 16 at a time, one product per rank position
 // and 32 destination blocks, and the (rank, token) sums transposed back into (token, block, rank)
 // rows, rounded once.
+//
+// diagonal_outer: the diagonal part as above, plus the rank-one part dst[t, d] += left_ds
+// <right_ds, src[t, s]> summed over s, in two products per 32 tokens. First the dot products
+// dots[t, d, s] = <right_ds, src[t, s]>, per source block s a product of its (K_dst x r) right rows
+// with the (r, tokens) activations (consecutive rank positions are a 32-bit pair of a token's row,
+// transposed 16 x 16); rounded to bfloat16 and paired over s. Then per destination block d a
+// product of its (r x K_src) left rows with the (K_src, tokens) dots, added to the diagonal part's
+// float32 sums before their one rounding.
 #include "gate_amx.h"
 
 #include "amx.h"
@@ -19,6 +27,7 @@
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "avx512.h"
@@ -42,6 +51,24 @@ constexpr int64_t kPairRow = 2 * kChunkColumns;
 // The gate's destination blocks rounded up to whole 16-row tiles.
 int64_t padded_rows(const GateRows<float>& g) {
   return (g.dst_blocks + kGateRows - 1) / kGateRows * kGateRows;
+}
+
+// diagonal_outer's rank positions rounded up to whole 16-row tiles: the rows of its left products.
+int64_t padded_rank(const GateRows<float>& g) {
+  return (g.rank + kGateRows - 1) / kGateRows * kGateRows;
+}
+
+// diagonal_outer's tensors in amx_gate, after the diagonal part: right's (s, d, b) entry at
+// right_offset(g) + (s * padded_rows(g) + d) * r + b; left's (d, a, s) entry at left_offset(g) +
+// (d * padded_rank(g) + a) * K_src + s. Padded rows are zeros.
+int64_t diagonal_size(const GateRows<float>& g) {
+  return (g.variant == 0 ? 1 : g.rank) * padded_rows(g) * g.src_blocks;
+}
+int64_t right_offset(const GateRows<float>& g) {
+  return diagonal_size(g);
+}
+int64_t left_offset(const GateRows<float>& g) {
+  return right_offset(g) + g.src_blocks * padded_rows(g) * g.rank;
 }
 
 // Columns [first, first + count) of the (K_src, tokens * r) activations, paired: row p holds
@@ -104,24 +131,125 @@ NANOMOE_AVX512 void mix_scalar(const GateRows<float>& g, const uint16_t* src, ui
 
 // Diagonal, per 32 tokens: rank positions 16 at a time (transposes are 16 x 16).
 constexpr int64_t kLanes = 16;
+constexpr int64_t kTokenColumns = amx::kCols;  // tokens per product: its columns
 
+// The first min(n, 32) of 32 lanes.
+inline __mmask32 lanes32(int64_t n) {
+  return n >= 32 ? ~__mmask32(0) : (__mmask32(1) << n) - 1;
+}
+
+// Pairs of (tokens, K_src, r) rows with their rank positions paired: an even rank's pairs are the
+// rows' own 32-bit elements; an odd rank's rows are copied with a zero after each block's last
+// position, so no pair reaches into the next block. Row t of the result at rows + 2 * t *
+// row_pairs.
+struct RankPairs {
+  const uint16_t* rows;
+  int64_t row_pairs;
+};
+
+NANOMOE_AVX512 RankPairs pair_rank_positions(const GateRows<float>& g, const uint16_t* src,
+                                             int64_t count, uint16_t* padded) {
+  const int64_t r = g.rank, k_src = g.src_blocks;
+  if (r % 2 == 0) return {src, k_src * r / 2};
+  for (int64_t t = 0; t < count; ++t) {
+    for (int64_t s = 0; s < k_src; ++s) {
+      const uint16_t* in = src + (t * k_src + s) * r;
+      uint16_t* out = padded + (t * k_src + s) * (r + 1);
+      for (int64_t c = 0; c <= r; c += 32) {
+        const __mmask32 written = lanes32(r + 1 - c), read = lanes32(r - c);
+        _mm512_mask_storeu_epi16(out + c, written, _mm512_maskz_loadu_epi16(read, in + c));
+      }
+    }
+  }
+  return {padded, k_src * (r + 1) / 2};
+}
+
+// bfloat16 pairs (even[i], odd[i]) of two rows of 16 float32 sums, rounded to nearest even.
+NANOMOE_AVX512 __m512i round_in_pairs(const float* even, const float* odd) {
+  const __m512i interleave =
+      _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                       21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512bh both = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(odd), _mm512_loadu_ps(even));
+  return _mm512_permutexvar_epi16(interleave, (__m512i)both);
+}
+
+// diagonal_outer's rank-one part of `count` (at most 32) tokens from src (tokens, K_src, r):
+// rank_one[(d * padded_rank + a) * 32 + t] = sum_s left[d, s, a] dots[t, d, s], with dots[t, d,
+// s] = <right[d, s], src[t, s]> rounded to bfloat16. Columns t >= count hold whatever stale
+// pairs give; no other column reads them.
+NANOMOE_AVX512 void rank_one_sums(const GateRows<float>& g, const uint16_t* src, int64_t count,
+                                  float* rank_one) {
+  const int64_t r = g.rank, k_src = g.src_blocks, k_dst = g.dst_blocks;
+  const int64_t dst_rows = padded_rows(g), rank_rows = padded_rank(g);
+  const int64_t half_rank = (r + 1) / 2, src_pairs = (k_src + 1) / 2;
+  const uint16_t* right = g.amx_gate + right_offset(g);
+  const uint16_t* left = g.amx_gate + left_offset(g);
+  // padded: an odd rank's rows (pair_rank_positions); by_rank: (s, rank pair, token) pairs, each
+  // block's second operand; dots: (d, source pair, token) pairs, each left product's second
+  // operand; sums: one product's (d, token) float32 sums per source block of a pair.
+  thread_local std::vector<uint16_t> padded_buffer, by_rank_buffer, dots_buffer;
+  thread_local std::vector<float> sums_buffer;
+  uint16_t* padded = r % 2 == 0 ? nullptr : thread_buffer(padded_buffer, count * k_src * (r + 1));
+  uint16_t* by_rank = thread_buffer(by_rank_buffer, 2 * k_src * half_rank * kTokenColumns);
+  uint16_t* dots = thread_buffer(dots_buffer, 2 * dst_rows * src_pairs * kTokenColumns);
+  float* sums = thread_buffer(sums_buffer, 2 * kProductRows * amx::kCols);
+  const RankPairs pairs = pair_rank_positions(g, src, count, padded);
+  projection::transpose_pairs(count, k_src * half_rank, pairs.rows, 2 * pairs.row_pairs, by_rank,
+                              2 * kTokenColumns);
+  for (int64_t d0 = 0; d0 < k_dst; d0 += kProductRows) {
+    const int64_t rows = std::min(kProductRows, k_dst - d0);
+    for (int64_t p = 0; p < src_pairs; ++p) {
+      for (int64_t e = 0; e < 2; ++e) {
+        float* block_sums = sums + e * kProductRows * amx::kCols;
+        const int64_t s = 2 * p + e;
+        if (s == k_src) {  // an odd K_src's last pair: its partner is zero
+          std::fill(block_sums, block_sums + kProductRows * amx::kCols, 0.0f);
+          continue;
+        }
+        amx::product(rows > kGateRows ? kProductRows : kGateRows, right + (s * dst_rows + d0) * r,
+                     r, by_rank + 2 * s * half_rank * kTokenColumns, 2 * kTokenColumns, r,
+                     block_sums);
+      }
+      for (int64_t d = 0; d < rows; ++d) {
+        for (int64_t half = 0; half < kTokenColumns; half += kLanes) {
+          const float* even = sums + d * amx::kCols + half;
+          _mm512_storeu_si512(dots + 2 * (((d0 + d) * src_pairs + p) * kTokenColumns + half),
+                              round_in_pairs(even, even + kProductRows * amx::kCols));
+        }
+      }
+    }
+  }
+  for (int64_t d = 0; d < k_dst; ++d) {
+    for (int64_t a0 = 0; a0 < rank_rows; a0 += kProductRows) {
+      amx::product(rank_rows - a0 > kGateRows ? kProductRows : kGateRows,
+                   left + (d * rank_rows + a0) * k_src, k_src,
+                   dots + 2 * d * src_pairs * kTokenColumns, 2 * kTokenColumns, k_src,
+                   rank_one + (d * rank_rows + a0) * kTokenColumns);
+    }
+  }
+}
+
+template <bool kOuter>
 NANOMOE_AVX512 void mix_diagonal(const GateRows<float>& g, const uint16_t* src, uint16_t* dst,
                                  int64_t tokens) {
-  constexpr int64_t kTokenColumns = amx::kCols;  // tokens per product: its columns
   const int64_t r = g.rank, k_src = g.src_blocks, k_dst = g.dst_blocks;
-  const int64_t pairs = (k_src + 1) / 2, dst_rows = padded_rows(g);
+  const int64_t pairs = (k_src + 1) / 2, dst_rows = padded_rows(g), rank_rows = padded_rank(g);
   // by_token: (token, pair, rank) 32-bit pairs; by_rank: (rank of the 16, pair, token), as each
-  // product's second operand; sums: (rank of the 16, destination block, token).
+  // product's second operand; sums: (rank of the 16, destination block, token); rank_one:
+  // diagonal_outer's rank-one part, (destination block, rank, token).
   thread_local std::vector<uint32_t> by_token_buffer, by_rank_buffer;
-  thread_local std::vector<float> sums_buffer;
+  thread_local std::vector<float> sums_buffer, rank_one_buffer;
   uint16_t* by_token =
       reinterpret_cast<uint16_t*>(thread_buffer(by_token_buffer, kTokenColumns * pairs * r));
   uint16_t* by_rank =
       reinterpret_cast<uint16_t*>(thread_buffer(by_rank_buffer, kLanes * pairs * kTokenColumns));
   float* sums = thread_buffer(sums_buffer, kLanes * dst_rows * kTokenColumns);
+  float* rank_one =
+      kOuter ? thread_buffer(rank_one_buffer, k_dst * rank_rows * kTokenColumns) : nullptr;
   const amx::Tiles tiles;
   for (int64_t t0 = 0; t0 < tokens; t0 += kTokenColumns) {
     const int64_t count = std::min(kTokenColumns, tokens - t0);
+    if constexpr (kOuter) rank_one_sums(g, src + t0 * k_src * r, count, rank_one);
     for (int64_t t = 0; t < count; ++t) {
       projection::pair_steps(k_src, r, src + (t0 + t) * k_src * r, r, by_token + 2 * t * pairs * r,
                              2 * r);
@@ -147,7 +275,13 @@ NANOMOE_AVX512 void mix_diagonal(const GateRows<float>& g, const uint16_t* src, 
         for (int64_t half = 0; half < count; half += kLanes) {
           __m512i v[kLanes];
           for (int64_t c = 0; c < kLanes; ++c) {
-            v[c] = _mm512_loadu_si512(sums + (c * dst_rows + d) * kTokenColumns + half);
+            __m512 sum = _mm512_loadu_ps(sums + (c * dst_rows + d) * kTokenColumns + half);
+            if constexpr (kOuter) {
+              // rank_one's rows past the rank (to rank_rows) are zero sums of zero rows.
+              sum = _mm512_add_ps(
+                  sum, _mm512_loadu_ps(rank_one + (d * rank_rows + c0 + c) * kTokenColumns + half));
+            }
+            v[c] = _mm512_castps_si512(sum);
           }
           transpose16(v);
           for (int64_t t = 0; t < std::min(kLanes, count - half); ++t) {
@@ -212,12 +346,19 @@ NANOMOE_AVX512 void accumulate_scalar_grads(const GateRows<float>& g, const uint
 }  // namespace
 
 bool chosen(const GateRows<float>& g) {
-  return g.variant <= 1 && g.dst_blocks >= kMinBlocks && g.src_blocks >= kMinBlocks &&
-         amx::available();
+  return g.dst_blocks >= kMinBlocks && g.src_blocks >= kMinBlocks && amx::available();
 }
 
 int64_t gate_size(const GateRows<float>& g) {
-  return (g.variant == 0 ? 1 : g.rank) * padded_rows(g) * g.src_blocks;
+  if (g.variant != 2) return diagonal_size(g);
+  return left_offset(g) + g.dst_blocks * padded_rank(g) * g.src_blocks;
+}
+
+// bfloat16 bits of a float32 copy of a bfloat16 value: its high half, exactly.
+uint16_t bfloat16_bits(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  return uint16_t(bits >> 16);
 }
 
 void lay_out(const GateRows<float>& g, const uint16_t* mix, uint16_t* gate) {
@@ -228,6 +369,19 @@ void lay_out(const GateRows<float>& g, const uint16_t* mix, uint16_t* gate) {
     for (int64_t d = 0; d < g.dst_blocks; ++d) {
       for (int64_t s = 0; s < g.src_blocks; ++s) {
         gate[(c * rows + d) * g.src_blocks + s] = mix[d * g.dst_stride + s * g.src_stride + c];
+      }
+    }
+  }
+  if (g.variant != 2) return;
+  // left and right are float32 copies of bfloat16 weights, at mix's strides.
+  const int64_t r = g.rank, rank_rows = padded_rank(g);
+  for (int64_t d = 0; d < g.dst_blocks; ++d) {
+    for (int64_t s = 0; s < g.src_blocks; ++s) {
+      const int64_t at = d * g.dst_stride + s * g.src_stride;
+      for (int64_t c = 0; c < r; ++c) {
+        gate[right_offset(g) + (s * rows + d) * r + c] = bfloat16_bits(g.right[at + c]);
+        gate[left_offset(g) + (d * rank_rows + c) * g.src_blocks + s] =
+            bfloat16_bits(g.left[at + c]);
       }
     }
   }
@@ -245,8 +399,10 @@ void accumulate_grads(const GateRows<float>& g, const uint16_t* src, const uint1
 void mix(const GateRows<float>& g, const uint16_t* src, uint16_t* dst, int64_t tokens) {
   if (g.variant == 0) {
     mix_scalar(g, src, dst, tokens);
+  } else if (g.variant == 1) {
+    mix_diagonal<false>(g, src, dst, tokens);
   } else {
-    mix_diagonal(g, src, dst, tokens);
+    mix_diagonal<true>(g, src, dst, tokens);
   }
 }
 

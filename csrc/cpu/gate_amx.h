@@ -1,8 +1,10 @@
-// The scalar and diagonal gates in bfloat16 on AMX, for gate_tile.h's mix where Gate::make chose
-// it. Scalar: per token, dst (K_dst x r) = G (K_dst x K_src) src (K_src x r), so over a tile of
-// tokens one product of G with the (K_src, tokens * r) activations. Diagonal: per rank position,
-// one product of that position's (K_dst x K_src) gate with the (K_src, tokens) activations. The
-// tile unit's 16 x 32 steps in place of float32 FMAs. Raw pointers only, like projection.h.
+// The elementwise gates in bfloat16 on AMX, for gate_tile.h's mix where Gate::make chose it.
+// Scalar: per token, dst (K_dst x r) = G (K_dst x K_src) src (K_src x r), so over a tile of tokens
+// one product of G with the (K_src, tokens * r) activations. Diagonal: per rank position, one
+// product of that position's (K_dst x K_src) gate with the (K_src, tokens) activations.
+// diagonal_outer: that, and its rank-one part as a product per source block (the dot products with
+// right) and one per destination block (their sums weighted by left). The tile unit's 16 x 32 steps
+// in place of float32 FMAs. Raw pointers only, like projection.h.
 #pragma once
 
 #include <cstdint>
@@ -11,14 +13,15 @@
 
 namespace nanomoe::cpu::gate_amx {
 
-// Whether a bfloat16 call's gate g (its counts and strides set) mixes here: scalar or diagonal, the
-// CPU runs AMX (amx::available) and the blocks fill enough of the 16 x 32 steps (measured in
-// benchmarks/NOTES.md, versions 31 and 33).
+// Whether a bfloat16 call's gate g (its counts and strides set) mixes here: the CPU runs AMX
+// (amx::available) and the blocks fill enough of the 16 x 32 steps (measured in
+// benchmarks/NOTES.md, versions 31, 33 and 38).
 bool chosen(const GateRows<float>& g);
 
 // The gate's (dst, src) entries as the tile unit's first operand, from mix (bfloat16 bits, at g's
 // strides): per rank position c of diagonal (once for scalar), row d (src_blocks long) of G_ds at
-// c, the rows padded with zeros to a multiple of 16. gate_size(g) elements.
+// c, the rows padded with zeros to a multiple of 16; for diagonal_outer, then g.left and g.right
+// (float32 copies of bfloat16 weights) in gate_amx.cpp's layouts. gate_size(g) elements.
 int64_t gate_size(const GateRows<float>& g);
 void lay_out(const GateRows<float>& g, const uint16_t* mix, uint16_t* gate);
 

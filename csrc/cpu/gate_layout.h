@@ -24,8 +24,7 @@ struct GateRows {
   const acc_t* left_by_block;
   const acc_t* right_by_block;
   int64_t dst_lanes;
-  // The scalar or diagonal gate in bfloat16 for gate_amx.h, set where gate_amx::chosen says (else
-  // null).
+  // The gate in bfloat16 for gate_amx.h, set where gate_amx::chosen says (else null).
   const uint16_t* amx_gate;
 };
 

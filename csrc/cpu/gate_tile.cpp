@@ -1,7 +1,7 @@
 // AVX-512 mixing (see gate_tile.h): eight tokens at a time, each destination block 16 lanes at a
 // time in registers, summed over the source blocks; each load of the gate serves the eight tokens.
 // Where the gate is laid out by block (gate_layout.h, mixes_by_block), gate_by_block.cpp mixes, and
-// where bfloat16's scalar and diagonal gates are laid out for AMX (gate_amx::chosen), gate_amx.cpp.
+// where bfloat16's gates are laid out for AMX (gate_amx::chosen), gate_amx.cpp.
 // Their source rows (converted to float32 once when they are bfloat16) and the gate stay in L1.
 #include "gate_tile.h"
 

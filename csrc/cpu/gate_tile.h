@@ -1,7 +1,7 @@
 // The elementwise gates applied to a token tile with AVX-512, for the forward and backward of
 // projected_forward.h and projected_backward.h (raw pointers only, like projection.h, for the same
 // reason). A gate laid out by block (GateRows::mix_by_block set) is handed to gate_by_block.h, and
-// bfloat16's scalar and diagonal gates laid out for AMX (GateRows::amx_gate set) to gate_amx.h.
+// bfloat16's gates laid out for AMX (GateRows::amx_gate set) to gate_amx.h.
 #pragma once
 
 #include <cstdint>
