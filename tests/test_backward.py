@@ -188,26 +188,39 @@ def test_many_blocks_small_ranks(tokens: int, mixing: str, dtype: torch.dtype) -
 def test_gate_tiles(tokens: int, mixing: str, dtype: torch.dtype) -> None:
     """Ranks that fill the lanes: the gate's gradients are summed for 4 x 4 (output, input) blocks
     at once, so block counts that leave partial ones, and ranks over 16 with a partial last 16;
-    at 16 blocks or more each way, bfloat16's scalar and diagonal gates and their transposes run
-    on AMX (odd counts: the last pair's partner is zero), and so does the scalar gate's gradient
-    at an even rank of 16 or more (32 tokens a product; an odd rank keeps the float32 sums)."""
+    at 16 blocks or more each way, bfloat16's gates and their transposes run on AMX (odd counts:
+    the last pair's partner is zero), and so do the scalar gate's gradient at an even rank of 16
+    or more (32 tokens a product; an odd rank keeps the float32 sums) and the diagonal and
+    diagonal_outer gates' gradients (32 tokens a product, an odd count's last partner zero)."""
     shapes = [(6, 7, 17), (5, 18, 33), (17, 33, 24), (33, 16, 16), (16, 17, 17)]
     assert_grads_match_reference(tokens, mixing, dtype, shapes)
 
 
-@pytest.mark.parametrize("mixing", ["scalar", "diagonal_outer"])
-def test_gate_gradients_by_block_add_up_over_tiles(mixing: str) -> None:
-    """One thread, 450 tokens: three 192-token tiles each add into the same gate-gradient sums."""
+@pytest.mark.parametrize(
+    "mixing, dtype",
+    [
+        ("scalar", torch.float32),
+        ("diagonal_outer", torch.float32),
+        ("diagonal", torch.bfloat16),
+        ("diagonal_outer", torch.bfloat16),
+    ],
+    ids=str,
+)
+def test_gate_gradients_add_up_over_tiles(mixing: str, dtype: torch.dtype) -> None:
+    """One thread, 451 tokens: three 192-token tiles each add into the same gate-gradient sums
+    (float32: summed by block; bfloat16: in gate_amx's tiles of sums on AMX, whose last product
+    has 3 tokens, an odd count)."""
     generator = torch.Generator().manual_seed(7)
-    case = make_case((450,), 20, 36, 2, 2, 3, mixing, torch.float32, True, generator)
-    grad_out = torch.randn(450, 40, generator=generator, dtype=torch.float64)
+    case = make_case((451,), 20, 36, 2, 2, 3, mixing, dtype, True, generator)
+    grad_out = torch.randn(451, 40, generator=generator, dtype=torch.float64)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        got = grads_of(torch.ops.nanomoe.linear, case, grad_out.float())
+        got = grads_of(torch.ops.nanomoe.linear, case, grad_out.to(dtype))
     finally:
         torch.set_num_threads(threads)
     expected = grads_of(nanomoe_linear_reference, case.map(torch.Tensor.double), grad_out)
+    scale = grads_of(nanomoe_linear_reference, magnitude(case), grad_out.abs())
     for name in ("mix", "mix_left", "mix_right"):
         if name in got:
-            assert_close_to(got[name], expected[name], torch.float32, f"grad of {name}")
+            assert_close_to(got[name], expected[name], dtype, f"grad of {name}", scale[name])

@@ -61,18 +61,32 @@ inline void tiles_read(const void* p) {
   asm volatile("" : : "r"(p) : "memory");
 }
 
-// kRowTiles rows of 16 tokens. The depth's last partial stretch of 32 (and an odd depth's lone
-// element) is copied into zero-padded tiles, so nothing past the operands' ends is read.
-template <int kRowTiles>
+// kRowTiles rows of 16 tokens, the sums' rows sums_stride apart, added to (kAdd) or fresh. The
+// depth's last partial stretch of 32 (and an odd depth's lone element) is copied into zero-padded
+// tiles, so nothing past the operands' ends is read.
+template <int kRowTiles, bool kAdd>
 NANOMOE_AMX void product_rows(const uint16_t* in, int64_t in_stride, const uint16_t* weights,
-                              int64_t pair_stride, int64_t depth, float* sums) {
+                              int64_t pair_stride, int64_t depth, float* sums,
+                              int64_t sums_stride) {
   const int64_t in_bytes = in_stride * 2, weight_bytes = pair_stride * 2;
+  const int64_t sums_bytes = sums_stride * int64_t(sizeof(float));
   const uint16_t* second_row = in + kTileRows * in_stride;
-  _tile_zero(0);
-  _tile_zero(1);
-  if constexpr (kRowTiles == 2) {
-    _tile_zero(2);
-    _tile_zero(3);
+  float* second_sums = sums + kTileRows * sums_stride;
+  if constexpr (kAdd) {
+    tiles_read(sums);
+    _tile_loadd(0, sums, sums_bytes);
+    _tile_loadd(1, sums + kTileRows, sums_bytes);
+    if constexpr (kRowTiles == 2) {
+      _tile_loadd(2, second_sums, sums_bytes);
+      _tile_loadd(3, second_sums + kTileRows, sums_bytes);
+    }
+  } else {
+    _tile_zero(0);
+    _tile_zero(1);
+    if constexpr (kRowTiles == 2) {
+      _tile_zero(2);
+      _tile_zero(3);
+    }
   }
   const int64_t whole = depth / kDepth * kDepth;
   for (int64_t k = 0; k < whole; k += kDepth) {
@@ -121,12 +135,11 @@ NANOMOE_AMX void product_rows(const uint16_t* in, int64_t in_stride, const uint1
       _tile_dpbf16ps(3, 5, 7);
     }
   }
-  constexpr int64_t sums_bytes = kCols * sizeof(float);
   _tile_stored(0, sums, sums_bytes);
   _tile_stored(1, sums + kTileRows, sums_bytes);
   if constexpr (kRowTiles == 2) {
-    _tile_stored(2, sums + kTileRows * kCols, sums_bytes);
-    _tile_stored(3, sums + kTileRows * kCols + kTileRows, sums_bytes);
+    _tile_stored(2, second_sums, sums_bytes);
+    _tile_stored(3, second_sums + kTileRows, sums_bytes);
   }
 }
 
@@ -174,9 +187,18 @@ Tiles::~Tiles() {
 void product(int64_t tokens, const uint16_t* in, int64_t in_stride, const uint16_t* weights,
              int64_t pair_stride, int64_t depth, float* sums) {
   if (tokens == kTokens) {
-    product_rows<2>(in, in_stride, weights, pair_stride, depth, sums);
+    product_rows<2, false>(in, in_stride, weights, pair_stride, depth, sums, kCols);
   } else {
-    product_rows<1>(in, in_stride, weights, pair_stride, depth, sums);
+    product_rows<1, false>(in, in_stride, weights, pair_stride, depth, sums, kCols);
+  }
+}
+
+void add_product(int64_t tokens, const uint16_t* in, int64_t in_stride, const uint16_t* weights,
+                 int64_t pair_stride, int64_t depth, float* sums, int64_t sums_stride) {
+  if (tokens == kTokens) {
+    product_rows<2, true>(in, in_stride, weights, pair_stride, depth, sums, sums_stride);
+  } else {
+    product_rows<1, true>(in, in_stride, weights, pair_stride, depth, sums, sums_stride);
   }
 }
 
@@ -195,6 +217,10 @@ Tiles::Tiles() {
 }
 Tiles::~Tiles() {}
 void product(int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, float*) {
+  std::abort();
+}
+void add_product(int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, float*,
+                 int64_t) {
   std::abort();
 }
 }  // namespace nanomoe::cpu::amx

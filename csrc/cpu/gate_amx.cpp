@@ -58,9 +58,16 @@ int64_t padded_rank(const GateRows<float>& g) {
   return (g.rank + kGateRows - 1) / kGateRows * kGateRows;
 }
 
+// The depth of diagonal_outer's products over the rank: whole 32-deep steps, the padding zeros in
+// both operands. A partial step's tail, copied per product, cost more than the padding; and zeros
+// multiplying another block's values would turn an Inf there into a NaN here.
+int64_t rank_depth(int64_t r) {
+  return (r + amx::kCols - 1) / amx::kCols * amx::kCols;
+}
+
 // diagonal_outer's tensors in amx_gate, after the diagonal part: right's (s, d, b) entry at
-// right_offset(g) + (s * padded_rows(g) + d) * r + b; left's (d, a, s) entry at left_offset(g) +
-// (d * padded_rank(g) + a) * K_src + s. Padded rows are zeros.
+// right_offset(g) + (s * padded_rows(g) + d) * rank_depth(r) + b; left's (d, a, s) entry at
+// left_offset(g) + (d * padded_rank(g) + a) * K_src + s. Padded rows and columns are zeros.
 int64_t diagonal_size(const GateRows<float>& g) {
   return (g.variant == 0 ? 1 : g.rank) * padded_rows(g) * g.src_blocks;
 }
@@ -68,7 +75,7 @@ int64_t right_offset(const GateRows<float>& g) {
   return diagonal_size(g);
 }
 int64_t left_offset(const GateRows<float>& g) {
-  return right_offset(g) + g.src_blocks * padded_rows(g) * g.rank;
+  return right_offset(g) + g.src_blocks * padded_rows(g) * rank_depth(g.rank);
 }
 
 // Columns [first, first + count) of the (K_src, tokens * r) activations, paired: row p holds
@@ -147,9 +154,8 @@ struct RankPairs {
   int64_t row_pairs;
 };
 
-NANOMOE_AVX512 RankPairs pair_rank_positions(const GateRows<float>& g, const uint16_t* src,
+NANOMOE_AVX512 RankPairs pair_rank_positions(int64_t k_src, int64_t r, const uint16_t* src,
                                              int64_t count, uint16_t* padded) {
-  const int64_t r = g.rank, k_src = g.src_blocks;
   if (r % 2 == 0) return {src, k_src * r / 2};
   for (int64_t t = 0; t < count; ++t) {
     for (int64_t s = 0; s < k_src; ++s) {
@@ -162,6 +168,54 @@ NANOMOE_AVX512 RankPairs pair_rank_positions(const GateRows<float>& g, const uin
     }
   }
   return {padded, k_src * (r + 1) / 2};
+}
+
+// The (tokens, blocks, r) rows of up to 32 tokens with their rank positions paired and transposed,
+// each block's the second operand of a product over the rank: block k's (rank pair, token) pairs
+// at block(k), rank_depth(r) / 2 pair rows, those past the rank zero (set once per call: fill never
+// writes them), the columns past the tokens filled stale.
+class RankPairsByBlock {
+ public:
+  RankPairsByBlock(int64_t blocks, int64_t r, std::vector<uint16_t>& storage,
+                   std::vector<uint16_t>& padded)
+      : blocks_(blocks),
+        r_(r),
+        data_(thread_buffer(storage, blocks * block_size())),
+        padded_(padded) {
+    const int64_t written = (r + 1) / 2 * 2 * kTokenColumns;
+    for (int64_t k = 0; k < blocks; ++k) {
+      std::fill(data_ + k * block_size() + written, data_ + (k + 1) * block_size(), uint16_t(0));
+    }
+  }
+
+  NANOMOE_AVX512 void fill(const uint16_t* rows, int64_t count) {
+    const int64_t half_rank = (r_ + 1) / 2;
+    uint16_t* scratch = r_ % 2 == 0 ? nullptr : thread_buffer(padded_, count * blocks_ * (r_ + 1));
+    const RankPairs pairs = pair_rank_positions(blocks_, r_, rows, count, scratch);
+    for (int64_t k = 0; k < blocks_; ++k) {
+      projection::transpose_pairs(count, half_rank, pairs.rows + 2 * k * half_rank,
+                                  2 * pairs.row_pairs, data_ + k * block_size(), 2 * kTokenColumns);
+    }
+  }
+
+  const uint16_t* block(int64_t k) const { return data_ + k * block_size(); }
+
+ private:
+  int64_t block_size() const { return rank_depth(r_) * kTokenColumns; }
+  int64_t blocks_, r_;
+  uint16_t* data_;
+  std::vector<uint16_t>& padded_;
+};
+
+// sums[d - d0][t] = <right_ds, src[t, s]> for destination blocks [d0, d0 + 32) (those past K_dst
+// zero rows or another block's) and the 32 tokens of src_by_rank: one product of block s's right
+// rows over the rank.
+void right_dots(const GateRows<float>& g, const RankPairsByBlock& src_by_rank, int64_t s,
+                int64_t d0, float* sums) {
+  const int64_t depth = rank_depth(g.rank), dst_rows = padded_rows(g);
+  amx::product(g.dst_blocks - d0 > kGateRows ? kProductRows : kGateRows,
+               g.amx_gate + right_offset(g) + (s * dst_rows + d0) * depth, depth,
+               src_by_rank.block(s), 2 * kTokenColumns, depth, sums);
 }
 
 // bfloat16 pairs (even[i], odd[i]) of two rows of 16 float32 sums, rounded to nearest even.
@@ -178,24 +232,18 @@ NANOMOE_AVX512 __m512i round_in_pairs(const float* even, const float* odd) {
 // s] = <right[d, s], src[t, s]> rounded to bfloat16. Columns t >= count hold whatever stale
 // pairs give; no other column reads them.
 NANOMOE_AVX512 void rank_one_sums(const GateRows<float>& g, const uint16_t* src, int64_t count,
-                                  float* rank_one) {
-  const int64_t r = g.rank, k_src = g.src_blocks, k_dst = g.dst_blocks;
+                                  RankPairsByBlock& src_by_rank, float* rank_one) {
+  const int64_t k_src = g.src_blocks, k_dst = g.dst_blocks;
   const int64_t dst_rows = padded_rows(g), rank_rows = padded_rank(g);
-  const int64_t half_rank = (r + 1) / 2, src_pairs = (k_src + 1) / 2;
-  const uint16_t* right = g.amx_gate + right_offset(g);
+  const int64_t src_pairs = (k_src + 1) / 2;
   const uint16_t* left = g.amx_gate + left_offset(g);
-  // padded: an odd rank's rows (pair_rank_positions); by_rank: (s, rank pair, token) pairs, each
-  // block's second operand; dots: (d, source pair, token) pairs, each left product's second
-  // operand; sums: one product's (d, token) float32 sums per source block of a pair.
-  thread_local std::vector<uint16_t> padded_buffer, by_rank_buffer, dots_buffer;
+  // dots: (d, source pair, token) pairs, each left product's second operand; sums: one product's
+  // (d, token) float32 sums per source block of a pair.
+  thread_local std::vector<uint16_t> dots_buffer;
   thread_local std::vector<float> sums_buffer;
-  uint16_t* padded = r % 2 == 0 ? nullptr : thread_buffer(padded_buffer, count * k_src * (r + 1));
-  uint16_t* by_rank = thread_buffer(by_rank_buffer, 2 * k_src * half_rank * kTokenColumns);
   uint16_t* dots = thread_buffer(dots_buffer, 2 * dst_rows * src_pairs * kTokenColumns);
   float* sums = thread_buffer(sums_buffer, 2 * kProductRows * amx::kCols);
-  const RankPairs pairs = pair_rank_positions(g, src, count, padded);
-  projection::transpose_pairs(count, k_src * half_rank, pairs.rows, 2 * pairs.row_pairs, by_rank,
-                              2 * kTokenColumns);
+  src_by_rank.fill(src, count);
   for (int64_t d0 = 0; d0 < k_dst; d0 += kProductRows) {
     const int64_t rows = std::min(kProductRows, k_dst - d0);
     for (int64_t p = 0; p < src_pairs; ++p) {
@@ -206,9 +254,7 @@ NANOMOE_AVX512 void rank_one_sums(const GateRows<float>& g, const uint16_t* src,
           std::fill(block_sums, block_sums + kProductRows * amx::kCols, 0.0f);
           continue;
         }
-        amx::product(rows > kGateRows ? kProductRows : kGateRows, right + (s * dst_rows + d0) * r,
-                     r, by_rank + 2 * s * half_rank * kTokenColumns, 2 * kTokenColumns, r,
-                     block_sums);
+        right_dots(g, src_by_rank, s, d0, block_sums);
       }
       for (int64_t d = 0; d < rows; ++d) {
         for (int64_t half = 0; half < kTokenColumns; half += kLanes) {
@@ -246,10 +292,12 @@ NANOMOE_AVX512 void mix_diagonal(const GateRows<float>& g, const uint16_t* src, 
   float* sums = thread_buffer(sums_buffer, kLanes * dst_rows * kTokenColumns);
   float* rank_one =
       kOuter ? thread_buffer(rank_one_buffer, k_dst * rank_rows * kTokenColumns) : nullptr;
+  thread_local std::vector<uint16_t> by_rank_storage, padded;
+  RankPairsByBlock src_by_rank(kOuter ? k_src : 0, r, by_rank_storage, padded);
   const amx::Tiles tiles;
   for (int64_t t0 = 0; t0 < tokens; t0 += kTokenColumns) {
     const int64_t count = std::min(kTokenColumns, tokens - t0);
-    if constexpr (kOuter) rank_one_sums(g, src + t0 * k_src * r, count, rank_one);
+    if constexpr (kOuter) rank_one_sums(g, src + t0 * k_src * r, count, src_by_rank, rank_one);
     for (int64_t t = 0; t < count; ++t) {
       projection::pair_steps(k_src, r, src + (t0 + t) * k_src * r, r, by_token + 2 * t * pairs * r,
                              2 * r);
@@ -343,6 +391,193 @@ NANOMOE_AVX512 void accumulate_scalar_grads(const GateRows<float>& g, const uint
   }
 }
 
+// The weight gradients of the diagonal and diagonal_outer gates, per 32 tokens, summed over the
+// tokens on the tile unit into float32 tiles of their own (grad_tiles), added to across calls and
+// put in mix's layout once at the end (tile_grads_to_mix):
+// - grad_mix[d, s, a] = sum_t grad_dst[t, d, a] src[t, s, a]: per rank position a, the product of
+//   grad_dst's (K_dst x tokens) rows with src's (tokens x K_src) columns at a;
+// - diagonal_outer, with dots[t, d, s] = <right_ds, src[t, s]> and u[t, d, s] = <left_ds,
+//   grad_dst[t, d]> (each rounded to bfloat16, as the forward rounds dots):
+//   grad_left[d, s, :] = sum_t dots[t, d, s] grad_dst[t, d, :], per d a product of dots' (K_src x
+//   tokens) rows with grad_dst's (tokens x r) block d; grad_right[d, s, :] = sum_t u[t, d, s]
+//   src[t, s, :], per s a product of u's (K_dst x tokens) rows with src's (tokens x r) block s.
+// The tokens are each product's depth, paired: rows 2p and 2p + 1 of a tile side by side.
+struct GradTiles {
+  int64_t src_cols;   // K_src rounded up to a product's 32 columns
+  int64_t src_rows;   // K_src rounded up to 16-row tiles
+  int64_t rank_cols;  // r rounded up to a product's 32 columns
+  // grad_mix's (a, d, s) sum at (a * padded_rows + d) * src_cols + s; grad_left's (d, s, a) at
+  // left_at + (d * src_rows + s) * rank_cols + a; grad_right's (s, d, b) at right_at + (s *
+  // padded_rows + d) * rank_cols + b.
+  int64_t left_at, right_at, size;
+};
+
+GradTiles grad_tiles(const GateRows<float>& g) {
+  GradTiles at{};
+  at.src_cols = (g.src_blocks + amx::kCols - 1) / amx::kCols * amx::kCols;
+  at.src_rows = (g.src_blocks + kGateRows - 1) / kGateRows * kGateRows;
+  at.rank_cols = (g.rank + amx::kCols - 1) / amx::kCols * amx::kCols;
+  at.left_at = g.rank * padded_rows(g) * at.src_cols;
+  at.right_at = at.left_at + (g.variant == 2 ? g.dst_blocks * at.src_rows * at.rank_cols : 0);
+  at.size = at.right_at + (g.variant == 2 ? g.src_blocks * padded_rows(g) * at.rank_cols : 0);
+  return at;
+}
+
+// diagonal_outer's left as grad_right's dot products read it: (d, s, a) at left_by_src_offset(g) +
+// (d * src_rows + s) * rank_depth(r) + a, in amx_gate after the forward's layouts (padded rows and
+// columns zeros).
+int64_t left_by_src_offset(const GateRows<float>& g) {
+  return left_offset(g) + g.dst_blocks * padded_rank(g) * g.src_blocks;
+}
+
+// The 32 float32 sums at row as one bfloat16 row, rounded to nearest even.
+NANOMOE_AVX512 void store_rounded_row(const float* row, uint16_t* out) {
+  const __m512bh both = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(row + kLanes), _mm512_loadu_ps(row));
+  _mm512_storeu_si512(out, (__m512i)both);
+}
+
+// A chunk of up to 32 tokens of the gradients' inputs, with their rows paired over tokens (rows 2p
+// and 2p + 1 side by side, an odd count's last partner zero) as the second operand of products
+// that sum over the tokens; a product's columns of slack after the last pair row, as the columns
+// past a block (never summed) read on.
+struct TokenChunk {
+  const uint16_t* src;       // (count, K_src, r) rows
+  const uint16_t* grad_dst;  // (count, K_dst, r) rows
+  int64_t count;
+  uint16_t* src_pairs;   // (token pair, s, r), pair rows 2 K_src r apart
+  uint16_t* grad_pairs;  // (token pair, d, r), pair rows 2 K_dst r apart
+};
+
+// grad_mix's tiles += the chunk's sums: per rank position a, grad_dst's (K_dst x tokens) rows at a
+// (grad_by_row: row (d, a), the tokens in pairs) by src's (tokens x K_src) columns at a
+// (src_by_position: (token pair, a, s)).
+void add_mix_grads(const GateRows<float>& g, const TokenChunk& chunk, uint16_t* grad_by_row,
+                   uint16_t* src_by_position, float* sums) {
+  const int64_t r = g.rank, k_src = g.src_blocks, k_dst = g.dst_blocks;
+  const int64_t dst_rows = padded_rows(g), src_cols = grad_tiles(g).src_cols;
+  const int64_t token_pairs = (chunk.count + 1) / 2;
+  projection::transpose_pairs(token_pairs, k_dst * r, chunk.grad_pairs, 2 * k_dst * r, grad_by_row,
+                              kTokenColumns);
+  for (int64_t p = 0; p < token_pairs; ++p) {
+    projection::transpose_pairs(k_src, r, chunk.src_pairs + 2 * p * k_src * r, 2 * r,
+                                src_by_position + 2 * p * r * src_cols, 2 * src_cols);
+  }
+  for (int64_t a = 0; a < r; ++a) {
+    for (int64_t d0 = 0; d0 < k_dst; d0 += kProductRows) {
+      const int64_t rows = k_dst - d0 > kGateRows ? kProductRows : kGateRows;
+      for (int64_t s0 = 0; s0 < k_src; s0 += amx::kCols) {
+        amx::add_product(rows, grad_by_row + (d0 * r + a) * kTokenColumns, r * kTokenColumns,
+                         src_by_position + 2 * (a * src_cols + s0), 2 * r * src_cols, chunk.count,
+                         sums + (a * dst_rows + d0) * src_cols + s0, src_cols);
+      }
+    }
+  }
+}
+
+// grad_left's tiles += the chunk's sums: dots[t, d, s] = <right_ds, src[t, s]> (as the forward
+// makes them, into dots' rows (d, s) of the tokens), then per d dots' (K_src x tokens) rows by
+// grad_dst's (tokens x r) block d.
+NANOMOE_AVX512 void add_left_grads(const GateRows<float>& g, const TokenChunk& chunk,
+                                   RankPairsByBlock& src_by_rank, uint16_t* dots, float* sums) {
+  const int64_t r = g.rank, k_src = g.src_blocks, k_dst = g.dst_blocks;
+  const GradTiles at = grad_tiles(g);
+  alignas(64) float block[kProductRows * amx::kCols];
+  src_by_rank.fill(chunk.src, chunk.count);
+  for (int64_t s = 0; s < k_src; ++s) {
+    for (int64_t d0 = 0; d0 < k_dst; d0 += kProductRows) {
+      right_dots(g, src_by_rank, s, d0, block);
+      for (int64_t d = d0; d < std::min(k_dst, d0 + kProductRows); ++d) {
+        store_rounded_row(block + (d - d0) * amx::kCols,
+                          dots + (d * at.src_rows + s) * kTokenColumns);
+      }
+    }
+  }
+  for (int64_t d = 0; d < k_dst; ++d) {
+    for (int64_t s0 = 0; s0 < k_src; s0 += kProductRows) {
+      const int64_t rows = k_src - s0 > kGateRows ? kProductRows : kGateRows;
+      for (int64_t a0 = 0; a0 < r; a0 += amx::kCols) {
+        amx::add_product(rows, dots + (d * at.src_rows + s0) * kTokenColumns, kTokenColumns,
+                         chunk.grad_pairs + 2 * (d * r + a0), 2 * k_dst * r, chunk.count,
+                         sums + at.left_at + (d * at.src_rows + s0) * at.rank_cols + a0,
+                         at.rank_cols);
+      }
+    }
+  }
+}
+
+// grad_right's tiles += the chunk's sums: u[t, d, s] = <left_ds, grad_dst[t, d]> (per d a product
+// of left's (K_src x r) rows with grad_dst's block d, into u's rows (s, d) of the tokens), then
+// per s u's (K_dst x tokens) rows by src's (tokens x r) block s.
+NANOMOE_AVX512 void add_right_grads(const GateRows<float>& g, const TokenChunk& chunk,
+                                    RankPairsByBlock& grad_by_rank, uint16_t* u, float* sums) {
+  const int64_t r = g.rank, k_src = g.src_blocks, k_dst = g.dst_blocks;
+  const int64_t dst_rows = padded_rows(g), depth = rank_depth(r);
+  const GradTiles at = grad_tiles(g);
+  const uint16_t* left = g.amx_gate + left_by_src_offset(g);
+  alignas(64) float block[kProductRows * amx::kCols];
+  grad_by_rank.fill(chunk.grad_dst, chunk.count);
+  for (int64_t d = 0; d < k_dst; ++d) {
+    for (int64_t s0 = 0; s0 < k_src; s0 += kProductRows) {
+      amx::product(k_src - s0 > kGateRows ? kProductRows : kGateRows,
+                   left + (d * at.src_rows + s0) * depth, depth, grad_by_rank.block(d),
+                   2 * kTokenColumns, depth, block);
+      for (int64_t s = s0; s < std::min(k_src, s0 + kProductRows); ++s) {
+        store_rounded_row(block + (s - s0) * amx::kCols, u + (s * dst_rows + d) * kTokenColumns);
+      }
+    }
+  }
+  for (int64_t s = 0; s < k_src; ++s) {
+    for (int64_t d0 = 0; d0 < k_dst; d0 += kProductRows) {
+      const int64_t rows = k_dst - d0 > kGateRows ? kProductRows : kGateRows;
+      for (int64_t b0 = 0; b0 < r; b0 += amx::kCols) {
+        amx::add_product(rows, u + (s * dst_rows + d0) * kTokenColumns, kTokenColumns,
+                         chunk.src_pairs + 2 * (s * r + b0), 2 * k_src * r, chunk.count,
+                         sums + at.right_at + (s * dst_rows + d0) * at.rank_cols + b0,
+                         at.rank_cols);
+      }
+    }
+  }
+}
+
+template <bool kOuter>
+NANOMOE_AVX512 void accumulate_diagonal_grads(const GateRows<float>& g, const uint16_t* src,
+                                              const uint16_t* grad_dst, int64_t tokens,
+                                              float* sums) {
+  constexpr int64_t kChunkPairs = kTokenColumns / 2;
+  const int64_t r = g.rank, k_src = g.src_blocks, k_dst = g.dst_blocks;
+  const int64_t src_row = k_src * r, dst_row = k_dst * r;
+  const GradTiles at = grad_tiles(g);
+  // The chunk's pairs; add_mix_grads' grad_by_row and src_by_position; diagonal_outer's src and
+  // grad_dst by rank pairs, dots' and u's rows.
+  thread_local std::vector<uint16_t> src_pairs, grad_pairs, grad_by_row, src_by_position, padded,
+      src_by_rank_storage, grad_by_rank_storage, dots, u;
+  TokenChunk chunk{src, grad_dst, 0,
+                   thread_buffer(src_pairs, 2 * (kChunkPairs * src_row + amx::kCols)),
+                   thread_buffer(grad_pairs, 2 * (kChunkPairs * dst_row + amx::kCols))};
+  thread_buffer(grad_by_row, padded_rows(g) * r * kTokenColumns);
+  thread_buffer(src_by_position, 2 * kChunkPairs * r * at.src_cols);
+  RankPairsByBlock src_by_rank(kOuter ? k_src : 0, r, src_by_rank_storage, padded);
+  RankPairsByBlock grad_by_rank(kOuter ? k_dst : 0, r, grad_by_rank_storage, padded);
+  if constexpr (kOuter) {
+    thread_buffer(dots, k_dst * at.src_rows * kTokenColumns);
+    thread_buffer(u, k_src * padded_rows(g) * kTokenColumns);
+  }
+  const amx::Tiles tiles;
+  for (int64_t t0 = 0; t0 < tokens; t0 += kTokenColumns) {
+    chunk.src = src + t0 * src_row;
+    chunk.grad_dst = grad_dst + t0 * dst_row;
+    chunk.count = std::min(kTokenColumns, tokens - t0);
+    projection::pair_steps(chunk.count, src_row, chunk.src, src_row, chunk.src_pairs, 2 * src_row);
+    projection::pair_steps(chunk.count, dst_row, chunk.grad_dst, dst_row, chunk.grad_pairs,
+                           2 * dst_row);
+    add_mix_grads(g, chunk, grad_by_row.data(), src_by_position.data(), sums);
+    if constexpr (kOuter) {
+      add_left_grads(g, chunk, src_by_rank, dots.data(), sums);
+      add_right_grads(g, chunk, grad_by_rank, u.data(), sums);
+    }
+  }
+}
+
 }  // namespace
 
 bool chosen(const GateRows<float>& g) {
@@ -351,7 +586,7 @@ bool chosen(const GateRows<float>& g) {
 
 int64_t gate_size(const GateRows<float>& g) {
   if (g.variant != 2) return diagonal_size(g);
-  return left_offset(g) + g.dst_blocks * padded_rank(g) * g.src_blocks;
+  return left_by_src_offset(g) + g.dst_blocks * grad_tiles(g).src_rows * rank_depth(g.rank);
 }
 
 // bfloat16 bits of a float32 copy of a bfloat16 value: its high half, exactly.
@@ -374,14 +609,16 @@ void lay_out(const GateRows<float>& g, const uint16_t* mix, uint16_t* gate) {
   }
   if (g.variant != 2) return;
   // left and right are float32 copies of bfloat16 weights, at mix's strides.
-  const int64_t r = g.rank, rank_rows = padded_rank(g);
+  const int64_t r = g.rank, rank_rows = padded_rank(g), src_rows = grad_tiles(g).src_rows;
+  const int64_t depth = rank_depth(r);
   for (int64_t d = 0; d < g.dst_blocks; ++d) {
     for (int64_t s = 0; s < g.src_blocks; ++s) {
       const int64_t at = d * g.dst_stride + s * g.src_stride;
       for (int64_t c = 0; c < r; ++c) {
-        gate[right_offset(g) + (s * rows + d) * r + c] = bfloat16_bits(g.right[at + c]);
-        gate[left_offset(g) + (d * rank_rows + c) * g.src_blocks + s] =
-            bfloat16_bits(g.left[at + c]);
+        const uint16_t left = bfloat16_bits(g.left[at + c]);
+        gate[right_offset(g) + (s * rows + d) * depth + c] = bfloat16_bits(g.right[at + c]);
+        gate[left_offset(g) + (d * rank_rows + c) * g.src_blocks + s] = left;
+        gate[left_by_src_offset(g) + (d * src_rows + s) * depth + c] = left;
       }
     }
   }
@@ -394,6 +631,40 @@ bool grads_chosen(const GateRows<float>& g) {
 void accumulate_grads(const GateRows<float>& g, const uint16_t* src, const uint16_t* grad_dst,
                       int64_t tokens, float* grad_mix) {
   accumulate_scalar_grads(g, src, grad_dst, tokens, grad_mix);
+}
+
+bool tile_grads_chosen(const GateRows<float>& g) {
+  return g.amx_gate && g.variant >= 1;
+}
+
+int64_t tile_grads_size(const GateRows<float>& g) {
+  return grad_tiles(g).size;
+}
+
+void accumulate_tile_grads(const GateRows<float>& g, const uint16_t* src, const uint16_t* grad_dst,
+                           int64_t tokens, float* sums) {
+  if (g.variant == 1) {
+    accumulate_diagonal_grads<false>(g, src, grad_dst, tokens, sums);
+  } else {
+    accumulate_diagonal_grads<true>(g, src, grad_dst, tokens, sums);
+  }
+}
+
+void tile_grads_to_mix(const GateRows<float>& g, const float* sums, float* grad_mix,
+                       float* grad_left, float* grad_right) {
+  const GradTiles at = grad_tiles(g);
+  const int64_t dst_rows = padded_rows(g);
+  for (int64_t d = 0; d < g.dst_blocks; ++d) {
+    for (int64_t s = 0; s < g.src_blocks; ++s) {
+      const int64_t to = d * g.dst_stride + s * g.src_stride;
+      for (int64_t a = 0; a < g.rank; ++a) {
+        grad_mix[to + a] = sums[(a * dst_rows + d) * at.src_cols + s];
+        if (g.variant != 2) continue;
+        grad_left[to + a] = sums[at.left_at + (d * at.src_rows + s) * at.rank_cols + a];
+        grad_right[to + a] = sums[at.right_at + (s * dst_rows + d) * at.rank_cols + a];
+      }
+    }
+  }
 }
 
 void mix(const GateRows<float>& g, const uint16_t* src, uint16_t* dst, int64_t tokens) {
@@ -429,6 +700,19 @@ bool grads_chosen(const GateRows<float>&) {
   return false;
 }
 void accumulate_grads(const GateRows<float>&, const uint16_t*, const uint16_t*, int64_t, float*) {
+  std::abort();
+}
+bool tile_grads_chosen(const GateRows<float>&) {
+  return false;
+}
+int64_t tile_grads_size(const GateRows<float>&) {
+  return 0;
+}
+void accumulate_tile_grads(const GateRows<float>&, const uint16_t*, const uint16_t*, int64_t,
+                           float*) {
+  std::abort();
+}
+void tile_grads_to_mix(const GateRows<float>&, const float*, float*, float*, float*) {
   std::abort();
 }
 }  // namespace nanomoe::cpu::gate_amx

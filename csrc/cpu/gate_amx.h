@@ -39,4 +39,16 @@ bool grads_chosen(const GateRows<float>& g);
 void accumulate_grads(const GateRows<float>& g, const uint16_t* src, const uint16_t* grad_dst,
                       int64_t tokens, float* grad_mix);
 
+// Whether the forward gate g (laid out here) sums its weight gradients here in float32 tiles of its
+// own: diagonal and diagonal_outer. tile_grads_size(g) floats, zeroed by the caller;
+// accumulate_tile_grads adds the sums over a tile of tokens (src = hidden, grad_dst = grad_mixed)
+// to them, and tile_grads_to_mix writes their total in mix's layout (grad_left and grad_right
+// only for diagonal_outer).
+bool tile_grads_chosen(const GateRows<float>& g);
+int64_t tile_grads_size(const GateRows<float>& g);
+void accumulate_tile_grads(const GateRows<float>& g, const uint16_t* src, const uint16_t* grad_dst,
+                           int64_t tokens, float* sums);
+void tile_grads_to_mix(const GateRows<float>& g, const float* sums, float* grad_mix,
+                       float* grad_left, float* grad_right);
+
 }  // namespace nanomoe::cpu::gate_amx

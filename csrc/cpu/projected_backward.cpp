@@ -12,6 +12,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 
+#include <algorithm>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -70,16 +71,17 @@ struct Carve {
   }
 };
 
-// Where each gradient's float32 sums sit in a thread's row of sums.
+// Where each gradient's float32 sums sit in a thread's row of sums. gate_tiles: the size of the
+// gate's sums where gate_amx sums them in tiles of its own (from mix on), else 0.
 struct SumsLayout {
   int64_t down, up, mix, left, right, bias, size;
-  SumsLayout(const LinearDims& d, int64_t mix_numel) {
+  SumsLayout(const LinearDims& d, int64_t mix_numel, int64_t gate_tiles) {
     down = 0;
     up = down + d.in_blocks * d.rank * d.in_block;
     mix = up + d.out_blocks * d.out_block * d.rank;
     left = mix + mix_numel;
     right = left + (d.mixing == Mixing::kDiagonalOuter ? mix_numel : 0);
-    bias = right + (d.mixing == Mixing::kDiagonalOuter ? mix_numel : 0);
+    bias = std::max(right + (d.mixing == Mixing::kDiagonalOuter ? mix_numel : 0), mix + gate_tiles);
     size = bias + d.out_features;
   }
 };
@@ -139,7 +141,11 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
       Carve::bytes<T>(steps_size<T>(tile, d.out_features)) +
       2 * Carve::bytes<T>(steps_size<T>(tile, std::max(hidden_row, mixed_row)));
   const Tensor scratch = at::empty({threads, scratch_bytes}, at::TensorOptions().dtype(at::kByte));
-  const SumsLayout at_sums(d, w.mix.numel());
+  // bfloat16's diagonal and diagonal_outer gates on AMX sum their gradients in tiles of their own.
+  const bool gate_on_tiles = elementwise_gate && std::is_same_v<T, uint16_t> &&
+                             gate_amx::tile_grads_chosen(mix.gate->rows);
+  const SumsLayout at_sums(d, w.mix.numel(),
+                           gate_on_tiles ? gate_amx::tile_grads_size(mix.gate->rows) : 0);
   const Tensor sums = at::zeros({threads, at_sums.size}, at::TensorOptions().dtype(at::kFloat));
 
   const T* x = Layer<scalar_t>::data(x_rows);
@@ -218,7 +224,11 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
       projection::accumulate_products(rows, grad_mixed, mixed_row, hidden_tile, hidden_row,
                                       own_sums + at_sums.mix, hidden_row);
     }
-    if (elementwise_gate) {
+    if constexpr (std::is_same_v<T, uint16_t>) {
+      if (gate_on_tiles)
+        gate_amx::accumulate_tile_grads(mix.gate->rows, h, gm, rows, own_sums + at_sums.mix);
+    }
+    if (elementwise_gate && !gate_on_tiles) {
       const bool outer = d.mixing == Mixing::kDiagonalOuter;
       gate_tile::accumulate_grads(mix.gate->rows, h, gm, rows, own_sums + at_sums.mix,
                                   outer ? own_sums + at_sums.left : nullptr,
@@ -232,9 +242,26 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
 
   // Every thread's sums, added in thread order, rounded once to the weights' dtype.
   const Tensor total = threads > 1 ? sums.sum(0) : sums[0];
-  const auto gradient = [&](bool needed, int64_t at, const Tensor& like) {
-    return needed ? total.narrow(0, at, like.numel()).view(like.sizes()).to(dtype) : Tensor();
+  const auto gradient_from = [&](const Tensor& from, bool needed, int64_t at, const Tensor& like) {
+    return needed ? from.narrow(0, at, like.numel()).view(like.sizes()).to(dtype) : Tensor();
   };
+  const auto gradient = [&](bool needed, int64_t at, const Tensor& like) {
+    return gradient_from(total, needed, at, like);
+  };
+  // The gate's sums in mix's layout: where they were summed in gate_amx's tiles, put there in a
+  // copy (mix, then diagonal_outer's left and right).
+  Tensor gate_sums = total;
+  int64_t mix_at = at_sums.mix, left_at = at_sums.left, right_at = at_sums.right;
+  if (gate_on_tiles) {
+    const int64_t mix_numel = w.mix.numel();
+    const bool outer = d.mixing == Mixing::kDiagonalOuter;
+    gate_sums = at::empty({(outer ? 3 : 1) * mix_numel}, total.options());
+    float* to = gate_sums.mutable_data_ptr<float>();
+    gate_amx::tile_grads_to_mix(mix.gate->rows, total.const_data_ptr<float>() + at_sums.mix, to,
+                                outer ? to + mix_numel : nullptr,
+                                outer ? to + 2 * mix_numel : nullptr);
+    mix_at = 0, left_at = mix_numel, right_at = 2 * mix_numel;
+  }
   Tensor grad_up;
   if (needs[kUp]) {
     grad_up = total.narrow(0, at_sums.up, w.up.numel())
@@ -251,15 +278,15 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
                    .to(dtype)
                    .contiguous();
   } else {
-    grad_mix = gradient(needs[kMix], at_sums.mix, w.mix);
+    grad_mix = gradient_from(gate_sums, needs[kMix], mix_at, w.mix);
   }
   return {grad_x,
           gradient(needs[kDown], at_sums.down, w.down),
           grad_mix,
           grad_up,
           needs[kBias] ? total.narrow(0, at_sums.bias, d.out_features).to(dtype) : Tensor(),
-          gradient(needs[kMixLeft], at_sums.left, w.mix),
-          gradient(needs[kMixRight], at_sums.right, w.mix)};
+          gradient_from(gate_sums, needs[kMixLeft], left_at, w.mix),
+          gradient_from(gate_sums, needs[kMixRight], right_at, w.mix)};
 }
 
 }  // namespace

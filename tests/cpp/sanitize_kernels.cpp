@@ -35,12 +35,14 @@ struct Shape {
 // Empty batch, one token, odd sizes, one block, many blocks, two leading dimensions, sizes that
 // reach the AMX bfloat16 tiles (32 columns) and span several 48-token tiles with a tail, and a few
 // tokens against 16 weight rows and more (AMX with the weights in place); 16 blocks and more, odd
-// counts, a rank straddling 32 columns (the bfloat16 scalar gate on AMX).
+// counts, a rank straddling 32 columns (the bfloat16 scalar gate on AMX), an odd rank and an odd
+// last product of tokens (the bfloat16 diagonal_outer gate's products over the rank and its
+// gradients' over the tokens).
 const std::vector<Shape> kShapes = {
     {{0}, 2, 3, 5, 4, 3, true},      {{1}, 1, 1, 7, 5, 2, false},    {{17}, 3, 2, 9, 11, 5, true},
     {{3, 5}, 2, 2, 6, 4, 4, true},   {{33}, 16, 16, 4, 4, 4, true},  {{97}, 4, 4, 16, 16, 8, false},
     {{130}, 2, 2, 64, 48, 32, true}, {{50}, 1, 3, 40, 70, 36, true}, {{9}, 2, 2, 40, 36, 18, true},
-    {{40}, 17, 33, 3, 2, 24, true},
+    {{40}, 17, 33, 3, 2, 24, true},  {{37}, 18, 16, 2, 3, 5, false},
 };
 const char* const kMixings[] = {"scalar", "diagonal", "diagonal_outer", "full"};
 // x as given (contiguous), transposed, every other column of a wider tensor, or one row expanded.
