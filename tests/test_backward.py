@@ -192,7 +192,7 @@ def test_gate_tiles(tokens: int, mixing: str, dtype: torch.dtype) -> None:
     the last pair's partner is zero), and so do the scalar gate's gradient at an even rank of 16
     or more (32 tokens a product; an odd rank keeps the float32 sums) and the diagonal and
     diagonal_outer gates' gradients (32 tokens a product, an odd count's last partner zero)."""
-    shapes = [(6, 7, 17), (5, 18, 33), (17, 33, 24), (33, 16, 16), (16, 17, 17)]
+    shapes = [(6, 7, 17), (5, 18, 33), (17, 33, 24), (33, 16, 16), (16, 17, 17), (17, 33, 40)]
     assert_grads_match_reference(tokens, mixing, dtype, shapes)
 
 

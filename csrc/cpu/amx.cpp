@@ -115,9 +115,12 @@ NANOMOE_AMX void product_rows(const uint16_t* in, int64_t in_stride, const uint1
     for (int64_t p = 0; p < kTileRows; ++p) {
       __m512i first_half = _mm512_setzero_si512(), second_half = _mm512_setzero_si512();
       if (p < rest_pairs) {
+        // An odd depth's last pair row: its partners (the odd halves) lie past the depth, so they
+        // are read as zeros (the input's zeros against an Inf there would make a NaN).
+        const __mmask32 lanes = rest % 2 == 1 && p == rest_pairs - 1 ? 0x55555555u : ~0u;
         const uint16_t* pair_row = weights + (whole / 2 + p) * pair_stride;
-        first_half = _mm512_loadu_si512(pair_row);
-        second_half = _mm512_loadu_si512(pair_row + kCols);
+        first_half = _mm512_maskz_loadu_epi16(lanes, pair_row);
+        second_half = _mm512_maskz_loadu_epi16(lanes, pair_row + kCols);
       }
       _mm512_store_si512(weight_tail[p], first_half);
       _mm512_store_si512(&weight_tail[p][kCols], second_half);

@@ -84,8 +84,8 @@ struct Gate {
         g.lay_out_by_block(transposed);
       }
     }
-    // On AMX, mix takes bfloat16's gates from there; the gradients keep the layouts above (the
-    // scalar gate's on AMX reads it too).
+    // On AMX, mix takes bfloat16's gates from there, and so do the gradients that gate_amx sums
+    // (the rest keep the layouts above).
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
       if (for_kernels && gate_amx::chosen(g.rows)) g.lay_out_for_amx(w.mix);
     }

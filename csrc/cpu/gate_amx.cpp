@@ -13,12 +13,12 @@
 // rows, rounded once.
 //
 // diagonal_outer: the diagonal part as above, plus the rank-one part dst[t, d] += left_ds
-// <right_ds, src[t, s]> summed over s, in two products per 32 tokens. First the dot products
-// dots[t, d, s] = <right_ds, src[t, s]>, per source block s a product of its (K_dst x r) right rows
-// with the (r, tokens) activations (consecutive rank positions are a 32-bit pair of a token's row,
-// transposed 16 x 16); rounded to bfloat16 and paired over s. Then per destination block d a
-// product of its (r x K_src) left rows with the (K_src, tokens) dots, added to the diagonal part's
-// float32 sums before their one rounding.
+// <right_ds, src[t, s]> summed over s, in two kinds of product per 32 tokens. First the dot
+// products dots[t, d, s] = <right_ds, src[t, s]>, per source block s a product of its (K_dst x r)
+// right rows with the (r, tokens) activations (consecutive rank positions are a 32-bit pair of a
+// token's row, transposed 16 x 16); rounded to bfloat16 and paired over s. Then per destination
+// block d a product of its (r x K_src) left rows with the (K_src, tokens) dots, added to the
+// diagonal part's float32 sums before their one rounding.
 #include "gate_amx.h"
 
 #include "amx.h"
@@ -48,26 +48,44 @@ constexpr int64_t kProductRows = amx::kTokens;
 constexpr int64_t kChunkColumns = 128;
 constexpr int64_t kPairRow = 2 * kChunkColumns;
 
+// n rounded up to a multiple of m.
+int64_t round_up(int64_t n, int64_t m) {
+  return (n + m - 1) / m * m;
+}
+
+// The rows of a product whose first operand has `remaining` rows left from here: 32, or 16 for
+// the last 16 or fewer (padded rows filling a partial tile).
+int64_t rows_of_product(int64_t remaining) {
+  return remaining > kGateRows ? kProductRows : kGateRows;
+}
+
 // The gate's destination blocks rounded up to whole 16-row tiles.
 int64_t padded_rows(const GateRows<float>& g) {
-  return (g.dst_blocks + kGateRows - 1) / kGateRows * kGateRows;
+  return round_up(g.dst_blocks, kGateRows);
+}
+
+// Its source blocks likewise, where they are a product's rows (diagonal_outer's gradients).
+int64_t padded_src(const GateRows<float>& g) {
+  return round_up(g.src_blocks, kGateRows);
 }
 
 // diagonal_outer's rank positions rounded up to whole 16-row tiles: the rows of its left products.
 int64_t padded_rank(const GateRows<float>& g) {
-  return (g.rank + kGateRows - 1) / kGateRows * kGateRows;
+  return round_up(g.rank, kGateRows);
 }
 
 // The depth of diagonal_outer's products over the rank: whole 32-deep steps, the padding zeros in
 // both operands. A partial step's tail, copied per product, cost more than the padding; and zeros
 // multiplying another block's values would turn an Inf there into a NaN here.
 int64_t rank_depth(int64_t r) {
-  return (r + amx::kCols - 1) / amx::kCols * amx::kCols;
+  return round_up(r, amx::kCols);
 }
 
 // diagonal_outer's tensors in amx_gate, after the diagonal part: right's (s, d, b) entry at
 // right_offset(g) + (s * padded_rows(g) + d) * rank_depth(r) + b; left's (d, a, s) entry at
-// left_offset(g) + (d * padded_rank(g) + a) * K_src + s. Padded rows and columns are zeros.
+// left_offset(g) + (d * padded_rank(g) + a) * K_src + s; left again, as the backward's products
+// over the rank read it, its (d, s, a) entry at left_by_src_offset(g) + (d * padded_src(g) + s) *
+// rank_depth(r) + a. Padded rows and columns are zeros.
 int64_t diagonal_size(const GateRows<float>& g) {
   return (g.variant == 0 ? 1 : g.rank) * padded_rows(g) * g.src_blocks;
 }
@@ -76,6 +94,9 @@ int64_t right_offset(const GateRows<float>& g) {
 }
 int64_t left_offset(const GateRows<float>& g) {
   return right_offset(g) + g.src_blocks * padded_rows(g) * rank_depth(g.rank);
+}
+int64_t left_by_src_offset(const GateRows<float>& g) {
+  return left_offset(g) + g.dst_blocks * padded_rank(g) * g.src_blocks;
 }
 
 // Columns [first, first + count) of the (K_src, tokens * r) activations, paired: row p holds
@@ -127,8 +148,8 @@ NANOMOE_AVX512 void mix_scalar(const GateRows<float>& g, const uint16_t* src, ui
         // 16 or 32 gate rows: the padded rows (zeros) fill a partial tile. Past count, the slice's
         // columns hold pairs of an earlier chunk or call: their sums are never stored, and no
         // column's sum reads another's.
-        amx::product(rows > kGateRows ? kProductRows : kGateRows, g.amx_gate + d0 * g.src_blocks,
-                     g.src_blocks, buffer + 2 * c, kPairRow, g.src_blocks, sums);
+        amx::product(rows_of_product(rows), g.amx_gate + d0 * g.src_blocks, g.src_blocks,
+                     buffer + 2 * c, kPairRow, g.src_blocks, sums);
         store_sums(sums, rows, d0, first + c, std::min(amx::kCols, count - c), r, g.dst_blocks * r,
                    dst);
       }
@@ -173,18 +194,16 @@ NANOMOE_AVX512 RankPairs pair_rank_positions(int64_t k_src, int64_t r, const uin
 // The (tokens, blocks, r) rows of up to 32 tokens with their rank positions paired and transposed,
 // each block's the second operand of a product over the rank: block k's (rank pair, token) pairs
 // at block(k), rank_depth(r) / 2 pair rows, those past the rank zero (set once per call: fill never
-// writes them), the columns past the tokens filled stale.
+// writes them), the columns past the tokens left stale.
 class RankPairsByBlock {
  public:
   RankPairsByBlock(int64_t blocks, int64_t r, std::vector<uint16_t>& storage,
                    std::vector<uint16_t>& padded)
-      : blocks_(blocks),
-        r_(r),
-        data_(thread_buffer(storage, blocks * block_size())),
-        padded_(padded) {
-    const int64_t written = (r + 1) / 2 * 2 * kTokenColumns;
+      : blocks_(blocks), r_(r), padded_(padded) {
+    const int64_t size = block_size(), written = (r + 1) / 2 * 2 * kTokenColumns;
+    data_ = thread_buffer(storage, blocks * size);
     for (int64_t k = 0; k < blocks; ++k) {
-      std::fill(data_ + k * block_size() + written, data_ + (k + 1) * block_size(), uint16_t(0));
+      std::fill(data_ + k * size + written, data_ + (k + 1) * size, uint16_t(0));
     }
   }
 
@@ -203,17 +222,17 @@ class RankPairsByBlock {
  private:
   int64_t block_size() const { return rank_depth(r_) * kTokenColumns; }
   int64_t blocks_, r_;
-  uint16_t* data_;
   std::vector<uint16_t>& padded_;
+  uint16_t* data_;
 };
 
 // sums[d - d0][t] = <right_ds, src[t, s]> for destination blocks [d0, d0 + 32) (those past K_dst
-// zero rows or another block's) and the 32 tokens of src_by_rank: one product of block s's right
+// zero rows) and the 32 tokens of src_by_rank: one product of block s's right
 // rows over the rank.
 void right_dots(const GateRows<float>& g, const RankPairsByBlock& src_by_rank, int64_t s,
                 int64_t d0, float* sums) {
   const int64_t depth = rank_depth(g.rank), dst_rows = padded_rows(g);
-  amx::product(g.dst_blocks - d0 > kGateRows ? kProductRows : kGateRows,
+  amx::product(rows_of_product(g.dst_blocks - d0),
                g.amx_gate + right_offset(g) + (s * dst_rows + d0) * depth, depth,
                src_by_rank.block(s), 2 * kTokenColumns, depth, sums);
 }
@@ -235,18 +254,18 @@ NANOMOE_AVX512 void rank_one_sums(const GateRows<float>& g, const uint16_t* src,
                                   RankPairsByBlock& src_by_rank, float* rank_one) {
   const int64_t k_src = g.src_blocks, k_dst = g.dst_blocks;
   const int64_t dst_rows = padded_rows(g), rank_rows = padded_rank(g);
-  const int64_t src_pairs = (k_src + 1) / 2;
+  const int64_t source_pairs = (k_src + 1) / 2;
   const uint16_t* left = g.amx_gate + left_offset(g);
   // dots: (d, source pair, token) pairs, each left product's second operand; sums: one product's
   // (d, token) float32 sums per source block of a pair.
   thread_local std::vector<uint16_t> dots_buffer;
   thread_local std::vector<float> sums_buffer;
-  uint16_t* dots = thread_buffer(dots_buffer, 2 * dst_rows * src_pairs * kTokenColumns);
+  uint16_t* dots = thread_buffer(dots_buffer, 2 * dst_rows * source_pairs * kTokenColumns);
   float* sums = thread_buffer(sums_buffer, 2 * kProductRows * amx::kCols);
   src_by_rank.fill(src, count);
   for (int64_t d0 = 0; d0 < k_dst; d0 += kProductRows) {
     const int64_t rows = std::min(kProductRows, k_dst - d0);
-    for (int64_t p = 0; p < src_pairs; ++p) {
+    for (int64_t p = 0; p < source_pairs; ++p) {
       for (int64_t e = 0; e < 2; ++e) {
         float* block_sums = sums + e * kProductRows * amx::kCols;
         const int64_t s = 2 * p + e;
@@ -259,7 +278,7 @@ NANOMOE_AVX512 void rank_one_sums(const GateRows<float>& g, const uint16_t* src,
       for (int64_t d = 0; d < rows; ++d) {
         for (int64_t half = 0; half < kTokenColumns; half += kLanes) {
           const float* even = sums + d * amx::kCols + half;
-          _mm512_storeu_si512(dots + 2 * (((d0 + d) * src_pairs + p) * kTokenColumns + half),
+          _mm512_storeu_si512(dots + 2 * (((d0 + d) * source_pairs + p) * kTokenColumns + half),
                               round_in_pairs(even, even + kProductRows * amx::kCols));
         }
       }
@@ -267,9 +286,8 @@ NANOMOE_AVX512 void rank_one_sums(const GateRows<float>& g, const uint16_t* src,
   }
   for (int64_t d = 0; d < k_dst; ++d) {
     for (int64_t a0 = 0; a0 < rank_rows; a0 += kProductRows) {
-      amx::product(rank_rows - a0 > kGateRows ? kProductRows : kGateRows,
-                   left + (d * rank_rows + a0) * k_src, k_src,
-                   dots + 2 * d * src_pairs * kTokenColumns, 2 * kTokenColumns, k_src,
+      amx::product(rows_of_product(rank_rows - a0), left + (d * rank_rows + a0) * k_src, k_src,
+                   dots + 2 * d * source_pairs * kTokenColumns, 2 * kTokenColumns, k_src,
                    rank_one + (d * rank_rows + a0) * kTokenColumns);
     }
   }
@@ -313,7 +331,7 @@ NANOMOE_AVX512 void mix_diagonal(const GateRows<float>& g, const uint16_t* src, 
         const uint16_t* gate = g.amx_gate + (c0 + c) * dst_rows * k_src;
         const uint16_t* pairs_at = by_rank + 2 * c * pairs * kTokenColumns;
         for (int64_t d0 = 0; d0 < k_dst; d0 += kProductRows) {
-          const int64_t rows = k_dst - d0 > kGateRows ? kProductRows : kGateRows;
+          const int64_t rows = rows_of_product(k_dst - d0);
           amx::product(rows, gate + d0 * k_src, k_src, pairs_at, 2 * kTokenColumns, k_src,
                        sums + (c * dst_rows + d0) * kTokenColumns);
         }
@@ -325,7 +343,7 @@ NANOMOE_AVX512 void mix_diagonal(const GateRows<float>& g, const uint16_t* src, 
           for (int64_t c = 0; c < kLanes; ++c) {
             __m512 sum = _mm512_loadu_ps(sums + (c * dst_rows + d) * kTokenColumns + half);
             if constexpr (kOuter) {
-              // rank_one's rows past the rank (to rank_rows) are zero sums of zero rows.
+              // rank_one's rows past the rank (to rank_rows) only reach lanes the store masks.
               sum = _mm512_add_ps(
                   sum, _mm512_loadu_ps(rank_one + (d * rank_rows + c0 + c) * kTokenColumns + half));
             }
@@ -354,7 +372,7 @@ NANOMOE_AVX512 void accumulate_scalar_grads(const GateRows<float>& g, const uint
   const int64_t r = g.rank, half_rank = r / 2, k_src = g.src_blocks, k_dst = g.dst_blocks;
   const int64_t depth_max = kChunkTokens * r, dst_rows = padded_rows(g);
   // Columns of the second operand: the source blocks rounded up to whole products of 32.
-  const int64_t src_columns = (k_src + amx::kCols - 1) / amx::kCols * amx::kCols;
+  const int64_t src_columns = round_up(k_src, amx::kCols);
   thread_local std::vector<uint16_t> by_block_buffer;
   thread_local std::vector<uint16_t> pairs_buffer;
   uint16_t* by_block = thread_buffer(by_block_buffer, dst_rows * depth_max);
@@ -379,8 +397,8 @@ NANOMOE_AVX512 void accumulate_scalar_grads(const GateRows<float>& g, const uint
     for (int64_t d0 = 0; d0 < k_dst; d0 += kProductRows) {
       const int64_t rows = std::min(kProductRows, k_dst - d0);
       for (int64_t s0 = 0; s0 < k_src; s0 += amx::kCols) {
-        amx::product(rows > kGateRows ? kProductRows : kGateRows, by_block + d0 * depth_max,
-                     depth_max, pairs + 2 * s0, 2 * src_columns, depth, sums);
+        amx::product(rows_of_product(rows), by_block + d0 * depth_max, depth_max, pairs + 2 * s0,
+                     2 * src_columns, depth, sums);
         for (int64_t d = 0; d < rows; ++d) {
           for (int64_t s = s0; s < std::min(k_src, s0 + amx::kCols); ++s) {
             grad_mix[(d0 + d) * g.dst_stride + s * g.src_stride] += sums[d * amx::kCols + s - s0];
@@ -397,7 +415,8 @@ NANOMOE_AVX512 void accumulate_scalar_grads(const GateRows<float>& g, const uint
 // - grad_mix[d, s, a] = sum_t grad_dst[t, d, a] src[t, s, a]: per rank position a, the product of
 //   grad_dst's (K_dst x tokens) rows with src's (tokens x K_src) columns at a;
 // - diagonal_outer, with dots[t, d, s] = <right_ds, src[t, s]> and u[t, d, s] = <left_ds,
-//   grad_dst[t, d]> (each rounded to bfloat16, as the forward rounds dots):
+//   grad_dst[t, d]> (each rounded to bfloat16 for the tile unit: dots as the forward rounds them,
+//   u at the same cost in precision):
 //   grad_left[d, s, :] = sum_t dots[t, d, s] grad_dst[t, d, :], per d a product of dots' (K_src x
 //   tokens) rows with grad_dst's (tokens x r) block d; grad_right[d, s, :] = sum_t u[t, d, s]
 //   src[t, s, :], per s a product of u's (K_dst x tokens) rows with src's (tokens x r) block s.
@@ -414,20 +433,13 @@ struct GradTiles {
 
 GradTiles grad_tiles(const GateRows<float>& g) {
   GradTiles at{};
-  at.src_cols = (g.src_blocks + amx::kCols - 1) / amx::kCols * amx::kCols;
-  at.src_rows = (g.src_blocks + kGateRows - 1) / kGateRows * kGateRows;
-  at.rank_cols = (g.rank + amx::kCols - 1) / amx::kCols * amx::kCols;
+  at.src_cols = round_up(g.src_blocks, amx::kCols);
+  at.src_rows = padded_src(g);
+  at.rank_cols = rank_depth(g.rank);
   at.left_at = g.rank * padded_rows(g) * at.src_cols;
   at.right_at = at.left_at + (g.variant == 2 ? g.dst_blocks * at.src_rows * at.rank_cols : 0);
   at.size = at.right_at + (g.variant == 2 ? g.src_blocks * padded_rows(g) * at.rank_cols : 0);
   return at;
-}
-
-// diagonal_outer's left as grad_right's dot products read it: (d, s, a) at left_by_src_offset(g) +
-// (d * src_rows + s) * rank_depth(r) + a, in amx_gate after the forward's layouts (padded rows and
-// columns zeros).
-int64_t left_by_src_offset(const GateRows<float>& g) {
-  return left_offset(g) + g.dst_blocks * padded_rank(g) * g.src_blocks;
 }
 
 // The 32 float32 sums at row as one bfloat16 row, rounded to nearest even.
@@ -464,7 +476,7 @@ void add_mix_grads(const GateRows<float>& g, const TokenChunk& chunk, uint16_t* 
   }
   for (int64_t a = 0; a < r; ++a) {
     for (int64_t d0 = 0; d0 < k_dst; d0 += kProductRows) {
-      const int64_t rows = k_dst - d0 > kGateRows ? kProductRows : kGateRows;
+      const int64_t rows = rows_of_product(k_dst - d0);
       for (int64_t s0 = 0; s0 < k_src; s0 += amx::kCols) {
         amx::add_product(rows, grad_by_row + (d0 * r + a) * kTokenColumns, r * kTokenColumns,
                          src_by_position + 2 * (a * src_cols + s0), 2 * r * src_cols, chunk.count,
@@ -494,7 +506,7 @@ NANOMOE_AVX512 void add_left_grads(const GateRows<float>& g, const TokenChunk& c
   }
   for (int64_t d = 0; d < k_dst; ++d) {
     for (int64_t s0 = 0; s0 < k_src; s0 += kProductRows) {
-      const int64_t rows = k_src - s0 > kGateRows ? kProductRows : kGateRows;
+      const int64_t rows = rows_of_product(k_src - s0);
       for (int64_t a0 = 0; a0 < r; a0 += amx::kCols) {
         amx::add_product(rows, dots + (d * at.src_rows + s0) * kTokenColumns, kTokenColumns,
                          chunk.grad_pairs + 2 * (d * r + a0), 2 * k_dst * r, chunk.count,
@@ -518,9 +530,8 @@ NANOMOE_AVX512 void add_right_grads(const GateRows<float>& g, const TokenChunk& 
   grad_by_rank.fill(chunk.grad_dst, chunk.count);
   for (int64_t d = 0; d < k_dst; ++d) {
     for (int64_t s0 = 0; s0 < k_src; s0 += kProductRows) {
-      amx::product(k_src - s0 > kGateRows ? kProductRows : kGateRows,
-                   left + (d * at.src_rows + s0) * depth, depth, grad_by_rank.block(d),
-                   2 * kTokenColumns, depth, block);
+      amx::product(rows_of_product(k_src - s0), left + (d * at.src_rows + s0) * depth, depth,
+                   grad_by_rank.block(d), 2 * kTokenColumns, depth, block);
       for (int64_t s = s0; s < std::min(k_src, s0 + kProductRows); ++s) {
         store_rounded_row(block + (s - s0) * amx::kCols, u + (s * dst_rows + d) * kTokenColumns);
       }
@@ -528,7 +539,7 @@ NANOMOE_AVX512 void add_right_grads(const GateRows<float>& g, const TokenChunk& 
   }
   for (int64_t s = 0; s < k_src; ++s) {
     for (int64_t d0 = 0; d0 < k_dst; d0 += kProductRows) {
-      const int64_t rows = k_dst - d0 > kGateRows ? kProductRows : kGateRows;
+      const int64_t rows = rows_of_product(k_dst - d0);
       for (int64_t b0 = 0; b0 < r; b0 += amx::kCols) {
         amx::add_product(rows, u + (s * dst_rows + d0) * kTokenColumns, kTokenColumns,
                          chunk.src_pairs + 2 * (s * r + b0), 2 * k_src * r, chunk.count,
@@ -548,20 +559,21 @@ NANOMOE_AVX512 void accumulate_diagonal_grads(const GateRows<float>& g, const ui
   const int64_t src_row = k_src * r, dst_row = k_dst * r;
   const GradTiles at = grad_tiles(g);
   // The chunk's pairs; add_mix_grads' grad_by_row and src_by_position; diagonal_outer's src and
-  // grad_dst by rank pairs, dots' and u's rows.
-  thread_local std::vector<uint16_t> src_pairs, grad_pairs, grad_by_row, src_by_position, padded,
-      src_by_rank_storage, grad_by_rank_storage, dots, u;
+  // grad_dst by rank pairs (padded: their scratch for an odd rank), dots' and u's rows.
+  thread_local std::vector<uint16_t> src_pairs, grad_pairs, grad_by_row_buffer,
+      src_by_position_buffer, padded, src_by_rank_storage, grad_by_rank_storage, dots_buffer,
+      u_buffer;
   TokenChunk chunk{src, grad_dst, 0,
                    thread_buffer(src_pairs, 2 * (kChunkPairs * src_row + amx::kCols)),
                    thread_buffer(grad_pairs, 2 * (kChunkPairs * dst_row + amx::kCols))};
-  thread_buffer(grad_by_row, padded_rows(g) * r * kTokenColumns);
-  thread_buffer(src_by_position, 2 * kChunkPairs * r * at.src_cols);
+  uint16_t* grad_by_row = thread_buffer(grad_by_row_buffer, padded_rows(g) * r * kTokenColumns);
+  uint16_t* src_by_position =
+      thread_buffer(src_by_position_buffer, 2 * kChunkPairs * r * at.src_cols);
   RankPairsByBlock src_by_rank(kOuter ? k_src : 0, r, src_by_rank_storage, padded);
   RankPairsByBlock grad_by_rank(kOuter ? k_dst : 0, r, grad_by_rank_storage, padded);
-  if constexpr (kOuter) {
-    thread_buffer(dots, k_dst * at.src_rows * kTokenColumns);
-    thread_buffer(u, k_src * padded_rows(g) * kTokenColumns);
-  }
+  uint16_t* dots =
+      kOuter ? thread_buffer(dots_buffer, k_dst * at.src_rows * kTokenColumns) : nullptr;
+  uint16_t* u = kOuter ? thread_buffer(u_buffer, k_src * padded_rows(g) * kTokenColumns) : nullptr;
   const amx::Tiles tiles;
   for (int64_t t0 = 0; t0 < tokens; t0 += kTokenColumns) {
     chunk.src = src + t0 * src_row;
@@ -570,10 +582,10 @@ NANOMOE_AVX512 void accumulate_diagonal_grads(const GateRows<float>& g, const ui
     projection::pair_steps(chunk.count, src_row, chunk.src, src_row, chunk.src_pairs, 2 * src_row);
     projection::pair_steps(chunk.count, dst_row, chunk.grad_dst, dst_row, chunk.grad_pairs,
                            2 * dst_row);
-    add_mix_grads(g, chunk, grad_by_row.data(), src_by_position.data(), sums);
+    add_mix_grads(g, chunk, grad_by_row, src_by_position, sums);
     if constexpr (kOuter) {
-      add_left_grads(g, chunk, src_by_rank, dots.data(), sums);
-      add_right_grads(g, chunk, grad_by_rank, u.data(), sums);
+      add_left_grads(g, chunk, src_by_rank, dots, sums);
+      add_right_grads(g, chunk, grad_by_rank, u, sums);
     }
   }
 }
@@ -586,7 +598,7 @@ bool chosen(const GateRows<float>& g) {
 
 int64_t gate_size(const GateRows<float>& g) {
   if (g.variant != 2) return diagonal_size(g);
-  return left_by_src_offset(g) + g.dst_blocks * grad_tiles(g).src_rows * rank_depth(g.rank);
+  return left_by_src_offset(g) + g.dst_blocks * padded_src(g) * rank_depth(g.rank);
 }
 
 // bfloat16 bits of a float32 copy of a bfloat16 value: its high half, exactly.
@@ -609,7 +621,7 @@ void lay_out(const GateRows<float>& g, const uint16_t* mix, uint16_t* gate) {
   }
   if (g.variant != 2) return;
   // left and right are float32 copies of bfloat16 weights, at mix's strides.
-  const int64_t r = g.rank, rank_rows = padded_rank(g), src_rows = grad_tiles(g).src_rows;
+  const int64_t r = g.rank, rank_rows = padded_rank(g), src_rows = padded_src(g);
   const int64_t depth = rank_depth(r);
   for (int64_t d = 0; d < g.dst_blocks; ++d) {
     for (int64_t s = 0; s < g.src_blocks; ++s) {

@@ -72,7 +72,8 @@ struct Carve {
 };
 
 // Where each gradient's float32 sums sit in a thread's row of sums. gate_tiles: the size of the
-// gate's sums where gate_amx sums them in tiles of its own (from mix on), else 0.
+// gate's sums where gate_amx sums them in tiles of its own (from mix on, over left and right),
+// else 0.
 struct SumsLayout {
   int64_t down, up, mix, left, right, bias, size;
   SumsLayout(const LinearDims& d, int64_t mix_numel, int64_t gate_tiles) {
@@ -260,7 +261,9 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
     gate_amx::tile_grads_to_mix(mix.gate->rows, total.const_data_ptr<float>() + at_sums.mix, to,
                                 outer ? to + mix_numel : nullptr,
                                 outer ? to + 2 * mix_numel : nullptr);
-    mix_at = 0, left_at = mix_numel, right_at = 2 * mix_numel;
+    mix_at = 0;
+    left_at = mix_numel;
+    right_at = 2 * mix_numel;
   }
   Tensor grad_up;
   if (needs[kUp]) {
