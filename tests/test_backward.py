@@ -196,6 +196,26 @@ def test_gate_tiles(tokens: int, mixing: str, dtype: torch.dtype) -> None:
     assert_grads_match_reference(tokens, mixing, dtype, shapes)
 
 
+@pytest.mark.parametrize("tokens", [40, 131])
+@pytest.mark.parametrize("mixing", ["scalar", "diagonal_outer"])
+def test_sixteen_column_products(tokens: int, mixing: str) -> None:
+    """bfloat16 products whose weight panel is exactly 16 columns wide (blocks of 16 features, a
+    rank of 16) take AMX's 16-column steps from a depth of 16 (rank 20: a partial second step;
+    rank 8: the register tile), in the forward, grad_x, grad_mixed and the weight gradients."""
+    generator = torch.Generator().manual_seed(tokens)
+    for k_out, k_in, rank in [(3, 2, 16), (2, 3, 20), (2, 2, 8)]:
+        case = make_case(
+            (tokens,), k_out, k_in, 16, 16, rank, mixing, torch.bfloat16, True, generator
+        )
+        grad_out = torch.randn(tokens, k_out * 16, generator=generator, dtype=torch.float64)
+        got = grads_of(torch.ops.nanomoe.linear, case, grad_out.bfloat16())
+        expected = grads_of(nanomoe_linear_reference, case.map(torch.Tensor.double), grad_out)
+        scale = grads_of(nanomoe_linear_reference, magnitude(case), grad_out.abs())
+        for name, grad in got.items():
+            label = f"grad of {name}, K=({k_out}, {k_in}) rank={rank}"
+            assert_close_to(grad, expected[name], torch.bfloat16, label, scale[name])
+
+
 @pytest.mark.parametrize(
     "mixing, dtype",
     [

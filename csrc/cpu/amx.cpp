@@ -61,13 +61,31 @@ inline void tiles_read(const void* p) {
   asm volatile("" : : "r"(p) : "memory");
 }
 
-// kRowTiles rows of 16 tokens, the sums' rows sums_stride apart, added to (kAdd) or fresh. The
-// depth's last partial stretch of 32 (and an odd depth's lone element) is copied into zero-padded
-// tiles, so nothing past the operands' ends is read.
-template <int kRowTiles, bool kAdd>
+// One 32-deep step: the input tiles 4 (and 5, the second 16 rows) by the weight tiles 6 (and 7, the
+// second 16 columns), into the sums in tiles 0 to 3.
+template <int kRowTiles, int kColTiles>
+NANOMOE_AMX inline void step(const uint16_t* first_in, const uint16_t* second_in,
+                             int64_t in_row_bytes, const uint16_t* pairs, int64_t pair_row_bytes) {
+  _tile_loadd(6, pairs, pair_row_bytes);
+  if constexpr (kColTiles == 2) _tile_loadd(7, pairs + kCols, pair_row_bytes);
+  _tile_loadd(4, first_in, in_row_bytes);
+  _tile_dpbf16ps(0, 4, 6);
+  if constexpr (kColTiles == 2) _tile_dpbf16ps(1, 4, 7);
+  if constexpr (kRowTiles == 2) {
+    _tile_loadd(5, second_in, in_row_bytes);
+    _tile_dpbf16ps(2, 5, 6);
+    if constexpr (kColTiles == 2) _tile_dpbf16ps(3, 5, 7);
+  }
+}
+
+// kRowTiles rows of 16 tokens by kColTiles columns of 16, the sums' rows sums_stride apart, added
+// to (kAdd) or fresh. The depth's last partial stretch of 32 (and an odd depth's lone element) is
+// copied into zero-padded tiles, so nothing past the operands' ends is read.
+template <int kRowTiles, int kColTiles, bool kAdd>
 NANOMOE_AMX void product_rows(const uint16_t* in, int64_t in_stride, const uint16_t* weights,
                               int64_t pair_stride, int64_t depth, float* sums,
                               int64_t sums_stride) {
+  constexpr bool kTwoRows = kRowTiles == 2, kTwoCols = kColTiles == 2;
   const int64_t in_bytes = in_stride * 2, weight_bytes = pair_stride * 2;
   const int64_t sums_bytes = sums_stride * int64_t(sizeof(float));
   const uint16_t* second_row = in + kTileRows * in_stride;
@@ -75,32 +93,19 @@ NANOMOE_AMX void product_rows(const uint16_t* in, int64_t in_stride, const uint1
   if constexpr (kAdd) {
     tiles_read(sums);
     _tile_loadd(0, sums, sums_bytes);
-    _tile_loadd(1, sums + kTileRows, sums_bytes);
-    if constexpr (kRowTiles == 2) {
-      _tile_loadd(2, second_sums, sums_bytes);
-      _tile_loadd(3, second_sums + kTileRows, sums_bytes);
-    }
+    if constexpr (kTwoCols) _tile_loadd(1, sums + kTileRows, sums_bytes);
+    if constexpr (kTwoRows) _tile_loadd(2, second_sums, sums_bytes);
+    if constexpr (kTwoRows && kTwoCols) _tile_loadd(3, second_sums + kTileRows, sums_bytes);
   } else {
     _tile_zero(0);
-    _tile_zero(1);
-    if constexpr (kRowTiles == 2) {
-      _tile_zero(2);
-      _tile_zero(3);
-    }
+    if constexpr (kTwoCols) _tile_zero(1);
+    if constexpr (kTwoRows) _tile_zero(2);
+    if constexpr (kTwoRows && kTwoCols) _tile_zero(3);
   }
   const int64_t whole = depth / kDepth * kDepth;
   for (int64_t k = 0; k < whole; k += kDepth) {
-    const uint16_t* pairs = weights + k / 2 * pair_stride;
-    _tile_loadd(6, pairs, weight_bytes);
-    _tile_loadd(7, pairs + kCols, weight_bytes);
-    _tile_loadd(4, in + k, in_bytes);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 4, 7);
-    if constexpr (kRowTiles == 2) {
-      _tile_loadd(5, second_row + k, in_bytes);
-      _tile_dpbf16ps(2, 5, 6);
-      _tile_dpbf16ps(3, 5, 7);
-    }
+    step<kRowTiles, kColTiles>(in + k, second_row + k, in_bytes, weights + k / 2 * pair_stride,
+                               weight_bytes);
   }
   if (whole < depth) {
     // Masked vector copies: zeros past the depth in every row, and in every pair row past it.
@@ -120,30 +125,20 @@ NANOMOE_AMX void product_rows(const uint16_t* in, int64_t in_stride, const uint1
         const __mmask32 lanes = rest % 2 == 1 && p == rest_pairs - 1 ? 0x55555555u : ~0u;
         const uint16_t* pair_row = weights + (whole / 2 + p) * pair_stride;
         first_half = _mm512_maskz_loadu_epi16(lanes, pair_row);
-        second_half = _mm512_maskz_loadu_epi16(lanes, pair_row + kCols);
+        if constexpr (kTwoCols) second_half = _mm512_maskz_loadu_epi16(lanes, pair_row + kCols);
       }
       _mm512_store_si512(weight_tail[p], first_half);
       _mm512_store_si512(&weight_tail[p][kCols], second_half);
     }
     tiles_read(in_tail);
     tiles_read(weight_tail);
-    _tile_loadd(6, weight_tail, kTileBytes * 2);
-    _tile_loadd(7, &weight_tail[0][kCols], kTileBytes * 2);
-    _tile_loadd(4, in_tail, kTileBytes);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 4, 7);
-    if constexpr (kRowTiles == 2) {
-      _tile_loadd(5, in_tail[kTileRows], kTileBytes);
-      _tile_dpbf16ps(2, 5, 6);
-      _tile_dpbf16ps(3, 5, 7);
-    }
+    step<kRowTiles, kColTiles>(in_tail[0], in_tail[kTwoRows ? kTileRows : 0], kTileBytes,
+                               weight_tail[0], kTileBytes * 2);
   }
   _tile_stored(0, sums, sums_bytes);
-  _tile_stored(1, sums + kTileRows, sums_bytes);
-  if constexpr (kRowTiles == 2) {
-    _tile_stored(2, second_sums, sums_bytes);
-    _tile_stored(3, second_sums + kTileRows, sums_bytes);
-  }
+  if constexpr (kTwoCols) _tile_stored(1, sums + kTileRows, sums_bytes);
+  if constexpr (kTwoRows) _tile_stored(2, second_sums, sums_bytes);
+  if constexpr (kTwoRows && kTwoCols) _tile_stored(3, second_sums + kTileRows, sums_bytes);
 }
 
 constexpr Config every_tile_16_by_64() {
@@ -188,20 +183,26 @@ Tiles::~Tiles() {
 }
 
 void product(int64_t tokens, const uint16_t* in, int64_t in_stride, const uint16_t* weights,
-             int64_t pair_stride, int64_t depth, float* sums) {
-  if (tokens == kTokens) {
-    product_rows<2, false>(in, in_stride, weights, pair_stride, depth, sums, kCols);
+             int64_t pair_stride, int64_t depth, float* sums, int64_t cols) {
+  if (cols == kCols) {
+    if (tokens == kTokens) {
+      product_rows<2, 2, false>(in, in_stride, weights, pair_stride, depth, sums, kCols);
+    } else {
+      product_rows<1, 2, false>(in, in_stride, weights, pair_stride, depth, sums, kCols);
+    }
+  } else if (tokens == kTokens) {
+    product_rows<2, 1, false>(in, in_stride, weights, pair_stride, depth, sums, kCols);
   } else {
-    product_rows<1, false>(in, in_stride, weights, pair_stride, depth, sums, kCols);
+    product_rows<1, 1, false>(in, in_stride, weights, pair_stride, depth, sums, kCols);
   }
 }
 
 void add_product(int64_t tokens, const uint16_t* in, int64_t in_stride, const uint16_t* weights,
                  int64_t pair_stride, int64_t depth, float* sums, int64_t sums_stride) {
   if (tokens == kTokens) {
-    product_rows<2, true>(in, in_stride, weights, pair_stride, depth, sums, sums_stride);
+    product_rows<2, 2, true>(in, in_stride, weights, pair_stride, depth, sums, sums_stride);
   } else {
-    product_rows<1, true>(in, in_stride, weights, pair_stride, depth, sums, sums_stride);
+    product_rows<1, 2, true>(in, in_stride, weights, pair_stride, depth, sums, sums_stride);
   }
 }
 
@@ -219,7 +220,8 @@ Tiles::Tiles() {
   std::abort();
 }
 Tiles::~Tiles() {}
-void product(int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, float*) {
+void product(int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, float*,
+             int64_t) {
   std::abort();
 }
 void add_product(int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, float*,

@@ -37,9 +37,10 @@ class Tiles {
 // 32) and c < kCols. W is laid out by pairs of steps, as projection.h's packed panels and Steps
 // are: the pair (W(2p, c), W(2p + 1, c)) at weights + p * pair_stride + 2 * c, for every
 // p < ceil(depth / 2) and c < kCols, and an odd depth's missing partner reads as zero. The input
-// is read only for k < depth. Needs a live Tiles on this thread.
+// is read only for k < depth. cols = 16 computes (and reads W for) the first 16 columns only, at
+// the same rate per column. Needs a live Tiles on this thread.
 void product(int64_t tokens, const uint16_t* in, int64_t in_stride, const uint16_t* weights,
-             int64_t pair_stride, int64_t depth, float* sums);
+             int64_t pair_stride, int64_t depth, float* sums, int64_t cols = kCols);
 
 // sums[t * sums_stride + c] += the same sum, for t < tokens (16 or 32) and c < kCols: sums kept in
 // memory across calls (a weight gradient's, over many chunks of tokens), loaded into the tiles

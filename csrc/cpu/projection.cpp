@@ -336,15 +336,17 @@ NANOMOE_AVX512 int64_t amx_panel(int64_t tokens, int64_t depth, AmxRows in, cons
                                  int64_t panel_stride, __mmask16 lo, __mmask16 hi, const Out& out) {
   alignas(64) float sums[amx::kTokens * amx::kCols];
   const int64_t covered = tokens / 16 * 16;
+  // A panel of 16 columns or fewer: half the product (its second 16 columns are never read).
+  const bool narrow = hi == 0;
   for (int64_t t = 0; t < covered; t += amx::kTokens) {
     const int64_t rows = std::min(amx::kTokens, covered - t);
     // A step is a pair, so pair p lies kStep steps of panel_stride after pair p - 1.
     amx::product(rows, in.data + t * in.stride, in.stride, panel, BFloat16Ops::kStep * panel_stride,
-                 depth, sums);
+                 depth, sums, narrow ? 16 : amx::kCols);
     const Out block = out.at(t, 0);
     for (int64_t row = 0; row < rows; ++row) {
       block.put(row, 0, lo, _mm512_load_ps(sums + row * amx::kCols));
-      block.put(row, 1, hi, _mm512_load_ps(sums + row * amx::kCols + 16));
+      if (!narrow) block.put(row, 1, hi, _mm512_load_ps(sums + row * amx::kCols + 16));
     }
   }
   return covered;
@@ -352,22 +354,25 @@ NANOMOE_AVX512 int64_t amx_panel(int64_t tokens, int64_t depth, AmxRows in, cons
 
 // Panel by panel (the panel stays in L1 while every row passes), rows a register tile at a time.
 // Panel p starts at w + p * panel_offset, its step k panel_stride further per k. Given amx rows,
-// the leading rows go to AMX on every panel whose 32 columns may all be read: all when padded
-// (packed panels are), else the whole ones.
+// the leading rows go to AMX on every panel whose columns may all be read, 32 or 16 of them: all
+// when padded (packed panels are), else those of 32 or exactly 16 columns.
 template <bool kUnitK, typename T, typename Out>
 void project_panels(int64_t tokens, int64_t depth, int64_t cols, Input<T> in, const T* w,
                     int64_t panel_offset, int64_t panel_stride, bool padded, const Out& out,
                     AmxRows amx_rows = {}) {
   using Ops = typename OpsOf<T>::type;
   std::optional<amx::Tiles> tiles;  // configured only where some panel takes AMX
-  if (amx_rows.data && tokens >= 16 && (padded || cols >= kPanelRows)) tiles.emplace();
+  if (amx_rows.data && tokens >= 16 && (padded || cols >= 16)) tiles.emplace();
   for (int64_t p = 0; p < panels_of(cols); ++p) {
     const int64_t first = p * kPanelRows, width = std::min(kPanelRows, cols - first);
     const __mmask16 lo = first_lanes(width), hi = first_lanes(width - 16);
     const T* panel = w + p * panel_offset;
     int64_t t = 0;
     if constexpr (std::is_same_v<T, uint16_t>) {
-      if (tiles && (padded || width == kPanelRows)) {
+      // A panel of exactly 16 columns is read as 16, from a depth of 16 (shallower, the copied
+      // tail step costs more than the register tile).
+      const bool readable = width == kPanelRows || (width == 16 && depth >= 16);
+      if (tiles && (padded || readable)) {
         t = amx_panel(tokens, depth, amx_rows, panel, panel_stride, lo, hi, out.at(0, first));
       }
     }
@@ -416,7 +421,8 @@ NANOMOE_AVX512 void transpose_pair_tiles(int64_t pairs, int64_t cols, const uint
 // a's columns as AMX rows, transposed into this thread's buffer (kept between calls), when AMX
 // runs and there are rows and columns enough for it.
 AmxRows amx_rows_of(int64_t depth, Steps<uint16_t> a, int64_t a_cols, int64_t b_cols) {
-  if (a_cols < 16 || b_cols < kPanelRows || !amx::available()) return {};
+  const bool panels_fit = b_cols >= kPanelRows || b_cols == 16;  // some panel takes AMX
+  if (a_cols < 16 || !panels_fit || !amx::available()) return {};
   thread_local std::vector<uint16_t> buffer;
   const int64_t pairs = (depth + 1) / 2, stride = (pairs + 15) / 16 * 32;
   if (static_cast<int64_t>(buffer.size()) < a_cols * stride) buffer.resize(a_cols * stride);
