@@ -25,6 +25,11 @@ inline __mmask16 first_lanes(int64_t n) {
   return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
 }
 
+// Lanes [0, n) of 32 (16-bit lanes), n >= 0.
+inline __mmask32 first_lanes32(int64_t n) {
+  return n >= 32 ? ~__mmask32(0) : (__mmask32(1) << n) - 1;
+}
+
 // Lane j of the result: the sum of v[j]'s 16 lanes. Pairs, then quads, of vectors are folded
 // together: 45 instructions for 16 sums, against about 8 dependent ones per sum for a lane
 // reduction of each.

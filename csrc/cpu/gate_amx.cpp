@@ -161,11 +161,6 @@ NANOMOE_AVX512 void mix_scalar(const GateRows<float>& g, const uint16_t* src, ui
 constexpr int64_t kLanes = 16;
 constexpr int64_t kTokenColumns = amx::kCols;  // tokens per product: its columns
 
-// The first min(n, 32) of 32 lanes.
-inline __mmask32 lanes32(int64_t n) {
-  return n >= 32 ? ~__mmask32(0) : (__mmask32(1) << n) - 1;
-}
-
 // Pairs of (tokens, K_src, r) rows with their rank positions paired: an even rank's pairs are the
 // rows' own 32-bit elements; an odd rank's rows are copied with a zero after each block's last
 // position, so no pair reaches into the next block. Row t of the result at rows + 2 * t *
@@ -183,7 +178,7 @@ NANOMOE_AVX512 RankPairs pair_rank_positions(int64_t k_src, int64_t r, const uin
       const uint16_t* in = src + (t * k_src + s) * r;
       uint16_t* out = padded + (t * k_src + s) * (r + 1);
       for (int64_t c = 0; c <= r; c += 32) {
-        const __mmask32 written = lanes32(r + 1 - c), read = lanes32(r - c);
+        const __mmask32 written = first_lanes32(r + 1 - c), read = first_lanes32(r - c);
         _mm512_mask_storeu_epi16(out + c, written, _mm512_maskz_loadu_epi16(read, in + c));
       }
     }
@@ -385,7 +380,7 @@ NANOMOE_AVX512 void accumulate_scalar_grads(const GateRows<float>& g, const uint
       const uint16_t* row = grad_dst + (t0 + t) * k_dst * r;
       for (int64_t d = 0; d < k_dst; ++d) {
         for (int64_t c = 0; c < r; c += 32) {
-          const __mmask32 lanes = c + 32 <= r ? ~__mmask32(0) : (__mmask32(1) << (r - c)) - 1;
+          const __mmask32 lanes = first_lanes32(r - c);
           _mm512_mask_storeu_epi16(by_block + d * depth_max + t * r + c, lanes,
                                    _mm512_maskz_loadu_epi16(lanes, row + d * r + c));
         }

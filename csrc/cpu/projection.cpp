@@ -679,7 +679,7 @@ void project_rows(int64_t tokens, const uint16_t* packed, const uint16_t* in, in
 NANOMOE_AVX512 bool all_finite(int64_t count, const uint16_t* data) {
   const __m512i exponent = _mm512_set1_epi16(0x7F80);  // all ones: Inf or NaN
   for (int64_t c = 0; c < count; c += 32) {
-    const __mmask32 lanes = count - c >= 32 ? ~__mmask32(0) : (__mmask32(1) << (count - c)) - 1;
+    const __mmask32 lanes = first_lanes32(count - c);
     const __m512i value = _mm512_maskz_loadu_epi16(lanes, data + c);
     if (_mm512_cmpeq_epi16_mask(_mm512_and_si512(value, exponent), exponent)) return false;
   }
