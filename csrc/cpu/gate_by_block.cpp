@@ -1,14 +1,53 @@
 // Mixing with destination blocks as the vector lanes (see gate_by_block.h). At each rank position
 // c, 16 destination blocks of 12 tokens are the product of the gate's (16 x K_src) slice at c with
 // the tokens' (K_src x 12) activations at c: one GEMM-shaped step, each load of the gate serving
-// 12 broadcast activations, every lane doing useful work however small the rank. The sums land in
-// a staging area (rank position major) and are gathered from there into dst's (block, rank) order.
+// 12 broadcast activations (the group's activations transposed once, so that the 12 lie side by
+// side), every lane doing useful work however small the rank. The sums land in a staging area
+// (rank position major) and are gathered from there into dst's (block, rank) order. The weight
+// gradients are summed in the gate's own layout by block, whole vectors at a time.
 #include "gate_by_block.h"
+
+namespace nanomoe::cpu::gate_by_block {
+namespace {
+
+// Rank steps per source block in the layout by block: the scalar gate has one.
+int64_t steps_of(const GateRows<float>& g) {
+  return g.variant == 0 ? 1 : g.rank;
+}
+
+// Floats of one weight gradient's sums, laid out by block.
+int64_t sums_per_grad(const GateRows<float>& g) {
+  return g.src_blocks * steps_of(g) * g.dst_lanes;
+}
+
+}  // namespace
+
+int64_t grads_size(const GateRows<float>& g) {
+  return (g.variant == 2 ? 3 : 1) * sums_per_grad(g);
+}
+
+void grads_to_mix(const GateRows<float>& g, const float* sums, float* grad_mix, float* grad_left,
+                  float* grad_right) {
+  const int64_t steps = steps_of(g), per_grad = sums_per_grad(g);
+  for (int64_t s = 0; s < g.src_blocks; ++s) {
+    for (int64_t c = 0; c < steps; ++c) {
+      const float* row = sums + (s * steps + c) * g.dst_lanes;
+      for (int64_t d = 0; d < g.dst_blocks; ++d) {
+        const int64_t to = d * g.dst_stride + s * g.src_stride + c;
+        grad_mix[to] = row[d];
+        if (g.variant != 2) continue;
+        grad_left[to] = row[per_grad + d];
+        grad_right[to] = row[2 * per_grad + d];
+      }
+    }
+  }
+}
+
+}  // namespace nanomoe::cpu::gate_by_block
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 
 #include <algorithm>
-#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -21,10 +60,30 @@ namespace {
 // Sums per load of the gate: enough to cover the FMA latency on both pipes.
 constexpr int kTokens = static_cast<int>(kByBlockTokens);
 constexpr int64_t kLanes = kGateLanes;
+static_assert(kTokens <= 16, "to_columns transposes 16 tokens at a time");
+
+// The group's activations with its tokens innermost: element (t, e) of its (kTokens, row) rows at
+// columns[e * kTokens + t], rows past count zeros. A broadcast of each token at one column then
+// reads the next kTokens floats, where reading the rows in place touched a cache line per token
+// and kept twelve row offsets in registers (or spilled them).
+NANOMOE_AVX512 void to_columns(const float* x, int64_t row, int64_t count, float* columns) {
+  for (int64_t e0 = 0; e0 < row; e0 += 16) {
+    const __mmask16 lanes = first_lanes(row - e0);
+    __m512i block[16];
+    for (int t = 0; t < 16; ++t) {
+      block[t] =
+          t < count ? _mm512_maskz_loadu_epi32(lanes, x + t * row + e0) : _mm512_setzero_si512();
+    }
+    transpose16(block);  // block[e]: column e0 + e, tokens in the lanes
+    for (int64_t e = 0; e < std::min<int64_t>(16, row - e0); ++e) {
+      _mm512_mask_storeu_epi32(columns + (e0 + e) * kTokens, first_lanes(kTokens), block[e]);
+    }
+  }
+}
 
 // diagonal_outer's rank-one part needs <right_ds, src_ts> for the 16 blocks from d0:
 // dots[(s * kTokens + t) * 16 + l] for every source block s.
-NANOMOE_AVX512 void outer_dots(const GateRows<float>& g, const float* x, int64_t x_row, int64_t d0,
+NANOMOE_AVX512 void outer_dots(const GateRows<float>& g, const float* columns, int64_t d0,
                                float* dots) {
   const int64_t r = g.rank;
   for (int64_t s = 0; s < g.src_blocks; ++s) {
@@ -34,10 +93,10 @@ NANOMOE_AVX512 void outer_dots(const GateRows<float>& g, const float* x, int64_t
     for (int t = 0; t < kTokens; ++t) acc[t] = _mm512_setzero_ps();
     for (int64_t c = 0; c < r; ++c) {
       const __m512 weight = _mm512_loadu_ps(right + c * g.dst_lanes);
-      const float* at = x + s * r + c;
+      const float* at = columns + (s * r + c) * kTokens;
 #pragma GCC unroll 12
       for (int t = 0; t < kTokens; ++t) {
-        acc[t] = _mm512_fmadd_ps(weight, _mm512_set1_ps(at[t * x_row]), acc[t]);
+        acc[t] = _mm512_fmadd_ps(weight, _mm512_set1_ps(at[t]), acc[t]);
       }
     }
 #pragma GCC unroll 12
@@ -48,8 +107,8 @@ NANOMOE_AVX512 void outer_dots(const GateRows<float>& g, const float* x, int64_t
 // The 16 blocks from d0 at rank position c, for every token of the group, into
 // stage[(t * rank + c) * 16 + l].
 template <int kVariant>
-NANOMOE_AVX512 void sums_at(const GateRows<float>& g, const float* x, int64_t x_row, int64_t d0,
-                            int64_t c, const float* dots, float* stage) {
+NANOMOE_AVX512 void sums_at(const GateRows<float>& g, const float* columns, int64_t d0, int64_t c,
+                            const float* dots, float* stage) {
   const int64_t r = g.rank, steps = kVariant == 0 ? 1 : r;
   const float* gate = g.mix_by_block + (kVariant == 0 ? 0 : c) * g.dst_lanes + d0;
   const float* left = kVariant == 2 ? g.left_by_block + c * g.dst_lanes + d0 : nullptr;
@@ -58,10 +117,10 @@ NANOMOE_AVX512 void sums_at(const GateRows<float>& g, const float* x, int64_t x_
   for (int t = 0; t < kTokens; ++t) acc[t] = _mm512_setzero_ps();
   for (int64_t s = 0; s < g.src_blocks; ++s) {
     const __m512 weight = _mm512_loadu_ps(gate + s * steps * g.dst_lanes);
-    const float* at = x + s * r + c;
+    const float* at = columns + (s * r + c) * kTokens;
 #pragma GCC unroll 12
     for (int t = 0; t < kTokens; ++t) {
-      acc[t] = _mm512_fmadd_ps(weight, _mm512_set1_ps(at[t * x_row]), acc[t]);
+      acc[t] = _mm512_fmadd_ps(weight, _mm512_set1_ps(at[t]), acc[t]);
     }
     if constexpr (kVariant == 2) {
       const __m512 scale = _mm512_loadu_ps(left + s * r * g.dst_lanes);
@@ -91,31 +150,21 @@ NANOMOE_AVX512 void gather_run(const float* stage, int64_t run, const int32_t* o
 template <int kVariant, typename T>
 NANOMOE_AVX512 void mix_tokens(const GateRows<float>& g, const T* src, T* dst, int64_t tokens) {
   const int64_t r = g.rank, src_row = g.src_blocks * r, dst_row = g.dst_blocks * r;
-  // A group's source rows as float32. The rows past the end of a last group hold whatever the
-  // buffer held (earlier rows, or zeros when it was grown): their sums are never gathered.
-  thread_local std::vector<float> rows_buffer, stage_buffer, dots_buffer;
+  // A group's source rows as float32 (bfloat16's widened into rows), then as columns.
+  thread_local std::vector<float> rows_buffer, columns_buffer, stage_buffer, dots_buffer;
   thread_local std::vector<int32_t> order_buffer;
-  float* rows = thread_buffer(rows_buffer, kTokens * src_row);
+  float* rows = thread_buffer(rows_buffer, std::is_same_v<T, float> ? 0 : kTokens * src_row);
+  float* columns = thread_buffer(columns_buffer, src_row * kTokens);
   float* stage = thread_buffer(stage_buffer, kTokens * r * kLanes);
   float* dots = thread_buffer(dots_buffer, kVariant == 2 ? g.src_blocks * kTokens * kLanes : 0);
   int32_t* order = thread_buffer(order_buffer, kLanes * r);
   for (int64_t e = 0; e < kLanes * r; ++e) order[e] = static_cast<int32_t>(e % r * kLanes + e / r);
   for (int64_t t0 = 0; t0 < tokens; t0 += kTokens) {
     const int64_t group = std::min<int64_t>(kTokens, tokens - t0);
-    const T* from = src + t0 * src_row;
-    const float* x = rows;
-    if constexpr (std::is_same_v<T, float>) {
-      if (group == kTokens) {
-        x = from;  // whole groups are read in place
-      } else {
-        std::memcpy(rows, from, group * src_row * sizeof(float));
-      }
-    } else {
-      as_float(from, group * src_row, rows);
-    }
+    to_columns(as_float(src + t0 * src_row, group * src_row, rows), src_row, group, columns);
     for (int64_t d0 = 0; d0 < g.dst_blocks; d0 += kLanes) {
-      if constexpr (kVariant == 2) outer_dots(g, x, src_row, d0, dots);
-      for (int64_t c = 0; c < r; ++c) sums_at<kVariant>(g, x, src_row, d0, c, dots, stage);
+      if constexpr (kVariant == 2) outer_dots(g, columns, d0, dots);
+      for (int64_t c = 0; c < r; ++c) sums_at<kVariant>(g, columns, d0, c, dots, stage);
       const int64_t run = std::min(kLanes, g.dst_blocks - d0) * r;
       for (int64_t t = 0; t < group; ++t) {
         gather_run(stage + t * r * kLanes, run, order, dst + (t0 + t) * dst_row + d0 * r);
@@ -128,6 +177,7 @@ NANOMOE_AVX512 void mix_tokens(const GateRows<float>& g, const T* src, T* dst, i
 
 constexpr int64_t kGradTokens = 64;  // tokens whose activations are gathered per pass
 constexpr int kGradSources = 8;      // source blocks whose sums sit in registers at once
+constexpr int kDotTokens = 4;        // tokens per pass over a rank-one factor: 8 sums in flight
 
 // One pass's operands: the source rows as float32, grad_dst with the block innermost
 // (grad_t[(t * rank + c) * dst_lanes + d], padding zero), and for diagonal_outer, per 16 blocks
@@ -141,43 +191,57 @@ struct GradPass {
   int64_t tokens;
 };
 
-// sums[j] (16 lanes: blocks d0..) added into out at block stride dst_stride, for width blocks.
-NANOMOE_AVX512 inline void add_lanes(__m512 sum, int64_t width, int64_t dst_stride, float* out) {
-  alignas(64) float lanes[kLanes];
-  _mm512_store_ps(lanes, sum);
-  for (int64_t l = 0; l < width; ++l) out[l * dst_stride] += lanes[l];
+NANOMOE_AVX512 inline void add_into(float* at, __m512 sum) {
+  _mm512_storeu_ps(at, _mm512_add_ps(_mm512_loadu_ps(at), sum));
+}
+
+// The dots of source block s for kCount tokens from t, each summed over the rank in order.
+template <int kCount>
+NANOMOE_AVX512 void outer_grad_dots_of(const GateRows<float>& g, const GradPass& pass, int64_t d0,
+                                       int64_t s, int64_t t) {
+  const int64_t r = g.rank, src_row = g.src_blocks * r;
+  const float* right = g.right_by_block + s * r * g.dst_lanes + d0;
+  const float* left = g.left_by_block + s * r * g.dst_lanes + d0;
+  const float* x = pass.x + t * src_row + s * r;
+  const float* gy = pass.grad_t + t * r * g.dst_lanes + d0;
+  __m512 by_right[kCount], by_left[kCount];
+  for (int u = 0; u < kCount; ++u) by_right[u] = by_left[u] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < r; ++c) {
+    const __m512 right_c = _mm512_loadu_ps(right + c * g.dst_lanes);
+    const __m512 left_c = _mm512_loadu_ps(left + c * g.dst_lanes);
+#pragma GCC unroll 4
+    for (int u = 0; u < kCount; ++u) {
+      by_right[u] = _mm512_fmadd_ps(right_c, _mm512_set1_ps(x[u * src_row + c]), by_right[u]);
+      by_left[u] =
+          _mm512_fmadd_ps(left_c, _mm512_loadu_ps(gy + (u * r + c) * g.dst_lanes), by_left[u]);
+    }
+  }
+  for (int u = 0; u < kCount; ++u) {
+    _mm512_storeu_ps(pass.dots_right + (s * kGradTokens + t + u) * kLanes, by_right[u]);
+    _mm512_storeu_ps(pass.dots_left + (s * kGradTokens + t + u) * kLanes, by_left[u]);
+  }
 }
 
 NANOMOE_AVX512 void outer_grad_dots(const GateRows<float>& g, const GradPass& pass, int64_t d0) {
-  const int64_t r = g.rank, src_row = g.src_blocks * r;
   for (int64_t s = 0; s < g.src_blocks; ++s) {
-    const float* right = g.right_by_block + s * r * g.dst_lanes + d0;
-    const float* left = g.left_by_block + s * r * g.dst_lanes + d0;
-    for (int64_t t = 0; t < pass.tokens; ++t) {
-      __m512 by_right = _mm512_setzero_ps(), by_left = _mm512_setzero_ps();
-      for (int64_t c = 0; c < r; ++c) {
-        by_right = _mm512_fmadd_ps(_mm512_loadu_ps(right + c * g.dst_lanes),
-                                   _mm512_set1_ps(pass.x[t * src_row + s * r + c]), by_right);
-        by_left =
-            _mm512_fmadd_ps(_mm512_loadu_ps(left + c * g.dst_lanes),
-                            _mm512_loadu_ps(pass.grad_t + (t * r + c) * g.dst_lanes + d0), by_left);
-      }
-      _mm512_storeu_ps(pass.dots_right + (s * kGradTokens + t) * kLanes, by_right);
-      _mm512_storeu_ps(pass.dots_left + (s * kGradTokens + t) * kLanes, by_left);
+    int64_t t = 0;
+    for (; t + kDotTokens <= pass.tokens; t += kDotTokens) {
+      outer_grad_dots_of<kDotTokens>(g, pass, d0, s, t);
     }
+    for (; t < pass.tokens; ++t) outer_grad_dots_of<1>(g, pass, d0, s, t);
   }
 }
 
 // Source blocks [s0, s0 + kCount) x the 16 blocks from d0: grad_mix[d, s(, c)] += sum_t
 // grad_dst[t, d, c] x[t, s, c] (scalar: over c too) and, for diagonal_outer, grad_left[d, s, c] +=
 // sum_t dots_right[t, d, s] grad_dst[t, d, c], grad_right[d, s, c] += sum_t dots_left[t, d, s]
-// x[t, s, c]. Sums laid out like mix (g's strides).
+// x[t, s, c]; into sums laid out by block (see gate_by_block.h).
 template <int kVariant, int kCount>
 NANOMOE_AVX512 void grads_from(const GateRows<float>& g, const GradPass& pass, int64_t d0,
-                               int64_t s0, float* grad_mix, float* grad_left, float* grad_right) {
-  const int64_t r = g.rank, src_row = g.src_blocks * r;
-  const int64_t width = std::min(kLanes, g.dst_blocks - d0);
-  const int64_t at = d0 * g.dst_stride + s0 * g.src_stride;
+                               int64_t s0, float* sums) {
+  const int64_t r = g.rank, src_row = g.src_blocks * r, steps = steps_of(g);
+  const int64_t per_grad = sums_per_grad(g);
+  float* const first = sums + s0 * steps * g.dst_lanes + d0;  // entry (s0, 0, d0)
   __m512 mix[kCount];
   for (int j = 0; j < kCount; ++j) mix[j] = _mm512_setzero_ps();
   for (int64_t c = 0; c < r; ++c) {
@@ -202,30 +266,25 @@ NANOMOE_AVX512 void grads_from(const GateRows<float>& g, const GradPass& pass, i
     }
     if constexpr (kVariant != 0) {
       for (int j = 0; j < kCount; ++j) {
-        const int64_t pair = at + j * g.src_stride + c;
-        add_lanes(mix[j], width, g.dst_stride, grad_mix + pair);
+        float* at = first + (j * steps + c) * g.dst_lanes;
+        add_into(at, mix[j]);
         if constexpr (kVariant == 2) {
-          add_lanes(left[j], width, g.dst_stride, grad_left + pair);
-          add_lanes(right[j], width, g.dst_stride, grad_right + pair);
+          add_into(at + per_grad, left[j]);
+          add_into(at + 2 * per_grad, right[j]);
         }
       }
     }
   }
   if constexpr (kVariant == 0) {
-    for (int j = 0; j < kCount; ++j) {
-      add_lanes(mix[j], width, g.dst_stride, grad_mix + at + j * g.src_stride);
-    }
+    for (int j = 0; j < kCount; ++j) add_into(first + j * g.dst_lanes, mix[j]);
   }
 }
 
 template <int kVariant, typename T>
 NANOMOE_AVX512 void grads_tokens(const GateRows<float>& g, const T* src, const T* grad_dst,
-                                 int64_t tokens, float* grad_mix, float* grad_left,
-                                 float* grad_right) {
+                                 int64_t tokens, float* sums) {
   const int64_t r = g.rank, src_row = g.src_blocks * r, dst_row = g.dst_blocks * r;
   constexpr bool kConvert = !std::is_same_v<T, float>;
-  // grad_t's padding lanes (blocks past dst_blocks) are never written: whatever they hold only
-  // reaches the padding lanes of the sums, which are never stored.
   thread_local std::vector<float> x_buffer, grad_buffer, grad_t_buffer, right_buffer, left_buffer;
   float* x_rows = thread_buffer(x_buffer, kConvert ? kGradTokens * src_row : 0);
   float* grad_rows = thread_buffer(grad_buffer, kConvert ? kGradTokens * dst_row : 0);
@@ -237,10 +296,10 @@ NANOMOE_AVX512 void grads_tokens(const GateRows<float>& g, const T* src, const T
     const int64_t n = std::min(kGradTokens, tokens - t0);
     const float* gy = as_float(grad_dst + t0 * dst_row, n * dst_row, grad_rows);
     for (int64_t t = 0; t < n; ++t) {  // (d, c) -> (c, d): the blocks become the lanes
-      for (int64_t d = 0; d < g.dst_blocks; ++d) {
-        for (int64_t c = 0; c < r; ++c) {
-          grad_t[(t * r + c) * g.dst_lanes + d] = gy[t * dst_row + d * r + c];
-        }
+      for (int64_t c = 0; c < r; ++c) {
+        float* row = grad_t + (t * r + c) * g.dst_lanes;
+        for (int64_t d = 0; d < g.dst_blocks; ++d) row[d] = gy[t * dst_row + d * r + c];
+        std::fill(row + g.dst_blocks, row + g.dst_lanes, 0.0f);  // so the padding sums are zeros
       }
     }
     const GradPass pass{as_float(src + t0 * src_row, n * src_row, x_rows), grad_t, dots_right,
@@ -249,11 +308,9 @@ NANOMOE_AVX512 void grads_tokens(const GateRows<float>& g, const T* src, const T
       if constexpr (kVariant == 2) outer_grad_dots(g, pass, d0);
       int64_t s = 0;
       for (; s + kGradSources <= g.src_blocks; s += kGradSources) {
-        grads_from<kVariant, kGradSources>(g, pass, d0, s, grad_mix, grad_left, grad_right);
+        grads_from<kVariant, kGradSources>(g, pass, d0, s, sums);
       }
-      for (; s < g.src_blocks; ++s) {
-        grads_from<kVariant, 1>(g, pass, d0, s, grad_mix, grad_left, grad_right);
-      }
+      for (; s < g.src_blocks; ++s) grads_from<kVariant, 1>(g, pass, d0, s, sums);
     }
   }
 }
@@ -269,17 +326,15 @@ void mix(const GateRows<float>& g, const uint16_t* src, uint16_t* dst, int64_t t
 }
 
 void accumulate_grads(const GateRows<float>& g, const float* src, const float* grad_dst,
-                      int64_t tokens, float* grad_mix, float* grad_left, float* grad_right) {
-  with_variant(g.variant, [&](auto v) {
-    grads_tokens<decltype(v)::value>(g, src, grad_dst, tokens, grad_mix, grad_left, grad_right);
-  });
+                      int64_t tokens, float* sums) {
+  with_variant(g.variant,
+               [&](auto v) { grads_tokens<decltype(v)::value>(g, src, grad_dst, tokens, sums); });
 }
 
 void accumulate_grads(const GateRows<float>& g, const uint16_t* src, const uint16_t* grad_dst,
-                      int64_t tokens, float* grad_mix, float* grad_left, float* grad_right) {
-  with_variant(g.variant, [&](auto v) {
-    grads_tokens<decltype(v)::value>(g, src, grad_dst, tokens, grad_mix, grad_left, grad_right);
-  });
+                      int64_t tokens, float* sums) {
+  with_variant(g.variant,
+               [&](auto v) { grads_tokens<decltype(v)::value>(g, src, grad_dst, tokens, sums); });
 }
 
 }  // namespace nanomoe::cpu::gate_by_block
@@ -295,12 +350,10 @@ void mix(const GateRows<float>&, const float*, float*, int64_t) {
 void mix(const GateRows<float>&, const uint16_t*, uint16_t*, int64_t) {
   std::abort();
 }
-void accumulate_grads(const GateRows<float>&, const float*, const float*, int64_t, float*, float*,
-                      float*) {
+void accumulate_grads(const GateRows<float>&, const float*, const float*, int64_t, float*) {
   std::abort();
 }
-void accumulate_grads(const GateRows<float>&, const uint16_t*, const uint16_t*, int64_t, float*,
-                      float*, float*) {
+void accumulate_grads(const GateRows<float>&, const uint16_t*, const uint16_t*, int64_t, float*) {
   std::abort();
 }
 }  // namespace nanomoe::cpu::gate_by_block

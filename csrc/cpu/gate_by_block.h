@@ -14,10 +14,17 @@ void mix(const GateRows<float>& g, const float* src, float* dst, int64_t tokens)
 void mix(const GateRows<float>& g, const uint16_t* src, uint16_t* dst, int64_t tokens);
 
 // The forward gate's weight gradients as gate_tile::accumulate_grads, with the output blocks as the
-// lanes: g is the forward gate, laid out by block.
+// lanes, summed in float32 in this file's own layout, the gate's by block: grad_mix's sums, then
+// for diagonal_outer grad_left's and grad_right's, each entry (s, c, d) at (s * steps + c) *
+// dst_lanes + d (see GateRows), so that every sum is added as a whole vector. grads_size(g)
+// floats, zeroed by the caller; grads_to_mix writes a total in mix's layout (grad_left and
+// grad_right for diagonal_outer only, else null).
+int64_t grads_size(const GateRows<float>& g);
 void accumulate_grads(const GateRows<float>& g, const float* src, const float* grad_dst,
-                      int64_t tokens, float* grad_mix, float* grad_left, float* grad_right);
+                      int64_t tokens, float* sums);
 void accumulate_grads(const GateRows<float>& g, const uint16_t* src, const uint16_t* grad_dst,
-                      int64_t tokens, float* grad_mix, float* grad_left, float* grad_right);
+                      int64_t tokens, float* sums);
+void grads_to_mix(const GateRows<float>& g, const float* sums, float* grad_mix, float* grad_left,
+                  float* grad_right);
 
 }  // namespace nanomoe::cpu::gate_by_block

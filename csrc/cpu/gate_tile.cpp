@@ -3,17 +3,70 @@
 // Where the gate is laid out by block (gate_layout.h, mixes_by_block), gate_by_block.cpp mixes, and
 // where bfloat16's gates are laid out for AMX (gate_amx::chosen), gate_amx.cpp.
 // Their source rows (converted to float32 once when they are bfloat16) and the gate stay in L1.
+// The weight gradients are summed in the layout of whichever of these kernels sums them.
 #include "gate_tile.h"
+
+#include <algorithm>
+
+#include "gate_amx.h"
+#include "gate_by_block.h"
+
+namespace nanomoe::cpu::gate_tile {
+namespace {
+
+// Where a thread sums the gate's weight gradients (see gate_tile.h): bfloat16's diagonal and
+// diagonal_outer on AMX in tiles of their own, a gate laid out by block in that layout (unless
+// the scalar gate's sums are on AMX: those are in mix's layout), else mix's layout.
+enum class GradsLayout { kMix, kAmxTiles, kByBlock };
+
+GradsLayout grads_layout(const GateRows<float>& g) {
+  if (gate_amx::tile_grads_chosen(g)) return GradsLayout::kAmxTiles;
+  if (g.mix_by_block && !gate_amx::grads_chosen(g)) return GradsLayout::kByBlock;
+  return GradsLayout::kMix;
+}
+
+int64_t mix_numel(const GateRows<float>& g) {
+  return g.dst_blocks * g.src_blocks * (g.variant == 0 ? 1 : g.rank);
+}
+
+}  // namespace
+
+int64_t grads_size(const GateRows<float>& g) {
+  switch (grads_layout(g)) {
+    case GradsLayout::kAmxTiles:
+      return gate_amx::tile_grads_size(g);
+    case GradsLayout::kByBlock:
+      return gate_by_block::grads_size(g);
+    default:
+      return (g.variant == 2 ? 3 : 1) * mix_numel(g);
+  }
+}
+
+void grads_to_mix(const GateRows<float>& g, const float* sums, float* grad_mix, float* grad_left,
+                  float* grad_right) {
+  switch (grads_layout(g)) {
+    case GradsLayout::kAmxTiles:
+      return gate_amx::tile_grads_to_mix(g, sums, grad_mix, grad_left, grad_right);
+    case GradsLayout::kByBlock:
+      return gate_by_block::grads_to_mix(g, sums, grad_mix, grad_left, grad_right);
+    default: {
+      const int64_t numel = mix_numel(g);
+      std::copy_n(sums, numel, grad_mix);
+      if (g.variant != 2) return;
+      std::copy_n(sums + numel, numel, grad_left);
+      std::copy_n(sums + 2 * numel, numel, grad_right);
+    }
+  }
+}
+
+}  // namespace nanomoe::cpu::gate_tile
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 
-#include <algorithm>
 #include <type_traits>
 #include <vector>
 
 #include "avx512.h"
-#include "gate_amx.h"
-#include "gate_by_block.h"
 
 namespace nanomoe::cpu::gate_tile {
 namespace {
@@ -294,32 +347,40 @@ void accumulate_grads_as(const GateRows<float>& g, const T* src, const T* grad_d
   }
 }
 
-}  // namespace
-
-void accumulate_grads(const GateRows<float>& g, const float* src, const float* grad_dst,
-                      int64_t tokens, float* grad_mix, float* grad_left, float* grad_right) {
-  if (g.mix_by_block) {
-    return gate_by_block::accumulate_grads(g, src, grad_dst, tokens, grad_mix, grad_left,
-                                           grad_right);
-  }
+// Sums in mix's layout: grad_mix's, then for diagonal_outer grad_left's and grad_right's.
+template <typename T>
+void accumulate_in_mix_layout(const GateRows<float>& g, const T* src, const T* grad_dst,
+                              int64_t tokens, float* sums) {
+  const int64_t numel = mix_numel(g);
+  float* grad_left = g.variant == 2 ? sums + numel : nullptr;
+  float* grad_right = g.variant == 2 ? sums + 2 * numel : nullptr;
   with_variant(g.variant, [&](auto v) {
-    accumulate_grads_as<decltype(v)::value>(g, src, grad_dst, tokens, grad_mix, grad_left,
-                                            grad_right);
+    accumulate_grads_as<decltype(v)::value>(g, src, grad_dst, tokens, sums, grad_left, grad_right);
   });
 }
 
-void accumulate_grads(const GateRows<float>& g, const uint16_t* src, const uint16_t* grad_dst,
-                      int64_t tokens, float* grad_mix, float* grad_left, float* grad_right) {
-  if (gate_amx::grads_chosen(g))
-    return gate_amx::accumulate_grads(g, src, grad_dst, tokens, grad_mix);
-  if (g.mix_by_block) {
-    return gate_by_block::accumulate_grads(g, src, grad_dst, tokens, grad_mix, grad_left,
-                                           grad_right);
+}  // namespace
+
+void accumulate_grads(const GateRows<float>& g, const float* src, const float* grad_dst,
+                      int64_t tokens, float* sums) {
+  if (grads_layout(g) == GradsLayout::kByBlock) {
+    return gate_by_block::accumulate_grads(g, src, grad_dst, tokens, sums);
   }
-  with_variant(g.variant, [&](auto v) {
-    accumulate_grads_as<decltype(v)::value>(g, src, grad_dst, tokens, grad_mix, grad_left,
-                                            grad_right);
-  });
+  accumulate_in_mix_layout(g, src, grad_dst, tokens, sums);
+}
+
+void accumulate_grads(const GateRows<float>& g, const uint16_t* src, const uint16_t* grad_dst,
+                      int64_t tokens, float* sums) {
+  switch (grads_layout(g)) {
+    case GradsLayout::kAmxTiles:
+      return gate_amx::accumulate_tile_grads(g, src, grad_dst, tokens, sums);
+    case GradsLayout::kByBlock:
+      return gate_by_block::accumulate_grads(g, src, grad_dst, tokens, sums);
+    default:
+      if (gate_amx::grads_chosen(g))
+        return gate_amx::accumulate_grads(g, src, grad_dst, tokens, sums);
+      accumulate_in_mix_layout(g, src, grad_dst, tokens, sums);
+  }
 }
 
 void mix(const GateRows<float>& g, const float* src, float* dst, int64_t tokens) {
@@ -343,12 +404,10 @@ namespace nanomoe::cpu::gate_tile {
 void mix(const GateRows<float>&, const float*, float*, int64_t) {
   std::abort();
 }
-void accumulate_grads(const GateRows<float>&, const float*, const float*, int64_t, float*, float*,
-                      float*) {
+void accumulate_grads(const GateRows<float>&, const float*, const float*, int64_t, float*) {
   std::abort();
 }
-void accumulate_grads(const GateRows<float>&, const uint16_t*, const uint16_t*, int64_t, float*,
-                      float*, float*) {
+void accumulate_grads(const GateRows<float>&, const uint16_t*, const uint16_t*, int64_t, float*) {
   std::abort();
 }
 void mix(const GateRows<float>&, const uint16_t*, uint16_t*, int64_t) {

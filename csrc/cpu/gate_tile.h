@@ -16,13 +16,19 @@ namespace nanomoe::cpu::gate_tile {
 void mix(const GateRows<float>& g, const float* src, float* dst, int64_t tokens);
 void mix(const GateRows<float>& g, const uint16_t* src, uint16_t* dst, int64_t tokens);
 
-// The forward gate's weight gradients summed over tokens and added into float32 sums laid out like
-// mix (grad_left / grad_right: like mix_left / mix_right, diagonal_outer only, else null), given
-// src = hidden (tokens, K_in, r) and grad_dst = grad_mixed (tokens, K_out, r); g is the forward
-// gate (dst = output blocks).
+// The forward gate's weight gradients (g is the forward gate: dst = output blocks), summed over
+// tokens into a thread's float32 sums laid out as the kernel chosen for g sums them: mix's layout
+// (grad_mix, then for diagonal_outer grad_left and grad_right), or gate_amx's or gate_by_block's
+// own. grads_size(g) floats, zeroed by the caller; accumulate_grads adds the sums over a tile
+// (src = hidden (tokens, K_in, r), grad_dst = grad_mixed (tokens, K_out, r)), and grads_to_mix
+// writes a total in mix's layout (grad_left and grad_right like mix_left and mix_right,
+// diagonal_outer only, else null).
+int64_t grads_size(const GateRows<float>& g);
 void accumulate_grads(const GateRows<float>& g, const float* src, const float* grad_dst,
-                      int64_t tokens, float* grad_mix, float* grad_left, float* grad_right);
+                      int64_t tokens, float* sums);
 void accumulate_grads(const GateRows<float>& g, const uint16_t* src, const uint16_t* grad_dst,
-                      int64_t tokens, float* grad_mix, float* grad_left, float* grad_right);
+                      int64_t tokens, float* sums);
+void grads_to_mix(const GateRows<float>& g, const float* sums, float* grad_mix, float* grad_left,
+                  float* grad_right);
 
 }  // namespace nanomoe::cpu::gate_tile

@@ -71,18 +71,16 @@ struct Carve {
   }
 };
 
-// Where each gradient's float32 sums sit in a thread's row of sums. gate_tiles: the size of the
-// gate's sums where gate_amx sums them in tiles of its own (from mix on, over left and right),
-// else 0.
+// Where each gradient's float32 sums sit in a thread's row of sums. gate: the size of the gate's
+// sums (the full gate's in (i, a) x (j, b) order, the elementwise gates' as gate_tile lays them
+// out).
 struct SumsLayout {
-  int64_t down, up, mix, left, right, bias, size;
-  SumsLayout(const LinearDims& d, int64_t mix_numel, int64_t gate_tiles) {
+  int64_t down, up, mix, bias, size;
+  SumsLayout(const LinearDims& d, int64_t gate) {
     down = 0;
     up = down + d.in_blocks * d.rank * d.in_block;
     mix = up + d.out_blocks * d.out_block * d.rank;
-    left = mix + mix_numel;
-    right = left + (d.mixing == Mixing::kDiagonalOuter ? mix_numel : 0);
-    bias = std::max(right + (d.mixing == Mixing::kDiagonalOuter ? mix_numel : 0), mix + gate_tiles);
+    bias = mix + gate;
     size = bias + d.out_features;
   }
 };
@@ -142,11 +140,10 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
       Carve::bytes<T>(steps_size<T>(tile, d.out_features)) +
       2 * Carve::bytes<T>(steps_size<T>(tile, std::max(hidden_row, mixed_row)));
   const Tensor scratch = at::empty({threads, scratch_bytes}, at::TensorOptions().dtype(at::kByte));
-  // bfloat16's diagonal and diagonal_outer gates on AMX sum their gradients in tiles of their own.
-  const bool gate_on_tiles = elementwise_gate && std::is_same_v<T, uint16_t> &&
-                             gate_amx::tile_grads_chosen(mix.gate->rows);
-  const SumsLayout at_sums(d, w.mix.numel(),
-                           gate_on_tiles ? gate_amx::tile_grads_size(mix.gate->rows) : 0);
+  const int64_t gate_sums_size = !need_gate     ? 0
+                                 : layer.full() ? w.mix.numel()
+                                                : gate_tile::grads_size(mix.gate->rows);
+  const SumsLayout at_sums(d, gate_sums_size);
   const Tensor sums = at::zeros({threads, at_sums.size}, at::TensorOptions().dtype(at::kFloat));
 
   const T* x = Layer<scalar_t>::data(x_rows);
@@ -225,15 +222,8 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
       projection::accumulate_products(rows, grad_mixed, mixed_row, hidden_tile, hidden_row,
                                       own_sums + at_sums.mix, hidden_row);
     }
-    if constexpr (std::is_same_v<T, uint16_t>) {
-      if (gate_on_tiles)
-        gate_amx::accumulate_tile_grads(mix.gate->rows, h, gm, rows, own_sums + at_sums.mix);
-    }
-    if (elementwise_gate && !gate_on_tiles) {
-      const bool outer = d.mixing == Mixing::kDiagonalOuter;
-      gate_tile::accumulate_grads(mix.gate->rows, h, gm, rows, own_sums + at_sums.mix,
-                                  outer ? own_sums + at_sums.left : nullptr,
-                                  outer ? own_sums + at_sums.right : nullptr);
+    if (elementwise_gate) {
+      gate_tile::accumulate_grads(mix.gate->rows, h, gm, rows, own_sums + at_sums.mix);
     }
     if (needs[kBias]) {
       projection::accumulate_columns(rows, d.out_features, go, grad_stride,
@@ -249,22 +239,19 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
   const auto gradient = [&](bool needed, int64_t at, const Tensor& like) {
     return gradient_from(total, needed, at, like);
   };
-  // The gate's sums in mix's layout: where they were summed in gate_amx's tiles, put there in a
-  // copy (mix, then diagonal_outer's left and right).
-  Tensor gate_sums = total;
-  int64_t mix_at = at_sums.mix, left_at = at_sums.left, right_at = at_sums.right;
-  if (gate_on_tiles) {
+  // The elementwise gate's sums in mix's layout (mix, then diagonal_outer's left and right).
+  Tensor gate_sums;
+  if (elementwise_gate) {
     const int64_t mix_numel = w.mix.numel();
     const bool outer = d.mixing == Mixing::kDiagonalOuter;
     gate_sums = at::empty({(outer ? 3 : 1) * mix_numel}, total.options());
     float* to = gate_sums.mutable_data_ptr<float>();
-    gate_amx::tile_grads_to_mix(mix.gate->rows, total.const_data_ptr<float>() + at_sums.mix, to,
-                                outer ? to + mix_numel : nullptr,
-                                outer ? to + 2 * mix_numel : nullptr);
-    mix_at = 0;
-    left_at = mix_numel;
-    right_at = 2 * mix_numel;
+    gate_tile::grads_to_mix(mix.gate->rows, total.const_data_ptr<float>() + at_sums.mix, to,
+                            outer ? to + mix_numel : nullptr, outer ? to + 2 * mix_numel : nullptr);
   }
+  const auto gate_gradient = [&](bool needed, int64_t which) {
+    return gradient_from(gate_sums, needed, which * w.mix.numel(), w.mix);
+  };
   Tensor grad_up;
   if (needs[kUp]) {
     grad_up = total.narrow(0, at_sums.up, w.up.numel())
@@ -281,15 +268,15 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
                    .to(dtype)
                    .contiguous();
   } else {
-    grad_mix = gradient_from(gate_sums, needs[kMix], mix_at, w.mix);
+    grad_mix = gate_gradient(needs[kMix], 0);
   }
   return {grad_x,
           gradient(needs[kDown], at_sums.down, w.down),
           grad_mix,
           grad_up,
           needs[kBias] ? total.narrow(0, at_sums.bias, d.out_features).to(dtype) : Tensor(),
-          gradient_from(gate_sums, needs[kMixLeft], left_at, w.mix),
-          gradient_from(gate_sums, needs[kMixRight], right_at, w.mix)};
+          gate_gradient(needs[kMixLeft], 1),
+          gate_gradient(needs[kMixRight], 2)};
 }
 
 }  // namespace

@@ -556,16 +556,29 @@ NANOMOE_AVX512 void pair_rows(int64_t steps, int64_t cols, const uint16_t* src, 
   }
 }
 
+// Each column summed over the tokens in order; kColumnVectors vectors of columns at a time, so that
+// as many additions are in flight (one column's chain alone waits out the adder's latency at every
+// token).
 template <typename Ops>
 NANOMOE_AVX512 void column_sums(int64_t tokens, int64_t cols, const typename Ops::T* in,
                                 int64_t stride, float* sums) {
-  for (int64_t c = 0; c < cols; c += 16) {
-    const __mmask16 lanes = first_lanes(cols - c);
-    __m512 sum = _mm512_maskz_loadu_ps(lanes, sums + c);
-    for (int64_t t = 0; t < tokens; ++t) {
-      sum = _mm512_add_ps(sum, Ops::load_float(lanes, in + t * stride + c));
+  constexpr int kColumnVectors = 8;
+  for (int64_t c0 = 0; c0 < cols; c0 += 16 * kColumnVectors) {
+    __mmask16 lanes[kColumnVectors];
+    __m512 sum[kColumnVectors];
+    for (int v = 0; v < kColumnVectors; ++v) {
+      lanes[v] = first_lanes(cols - c0 - 16 * v);
+      sum[v] = _mm512_maskz_loadu_ps(lanes[v], sums + c0 + 16 * v);
     }
-    _mm512_mask_storeu_ps(sums + c, lanes, sum);
+    for (int64_t t = 0; t < tokens; ++t) {
+#pragma GCC unroll 8
+      for (int v = 0; v < kColumnVectors; ++v) {
+        sum[v] = _mm512_add_ps(sum[v], Ops::load_float(lanes[v], in + t * stride + c0 + 16 * v));
+      }
+    }
+    for (int v = 0; v < kColumnVectors; ++v) {
+      _mm512_mask_storeu_ps(sums + c0 + 16 * v, lanes[v], sum[v]);
+    }
   }
 }
 
