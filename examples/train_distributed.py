@@ -15,6 +15,7 @@ resumes from DIR when it holds a checkpoint and saves there at the end, with
 
 import argparse
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -146,6 +147,12 @@ def main() -> None:
     if dist.is_initialized():
         dist.barrier()  # no rank tears its connections down while another still uses them
         dist.destroy_process_group()
+        # gloo's worker threads outlive the process group, and one that drops its last tensor
+        # while the interpreter finalizes aborts the process (pytorch/pytorch#190489): leave
+        # without finalizing.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":
