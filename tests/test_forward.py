@@ -173,7 +173,8 @@ def test_bitwise_same_for_one_and_two_threads(tokens: int, mixing: str, dtype: t
 # (gate_by_block.cpp), 12 tokens a group, 16 blocks a pass: block counts under, at and over 16,
 # K_out != K_in both ways, ranks 1 to 15 (and 20, over 16 but filling lanes worse than 64 blocks);
 # the full gate is one (K_out r, K_in r) product. diagonal_outer also where blocks and rank fill the
-# lanes equally, up to rank 32: (16, 32, 16) and (32, 16, 32).
+# lanes equally, up to rank 32: (16, 32, 16) and (32, 16, 32); it sums over its source blocks in
+# passes sized to L1, two passes at (64, 64, 4), (64, 32, 15) and (32, 16, 32).
 BY_BLOCK_SHAPES = [(64, 64, 4), (20, 36, 3), (36, 20, 1), (17, 5, 2), (64, 32, 15), (8, 8, 4)]
 
 

@@ -104,18 +104,32 @@ NANOMOE_AVX512 void outer_dots(const GateRows<float>& g, const float* columns, i
   }
 }
 
-// The 16 blocks from d0 at rank position c, for every token of the group, into
-// stage[(t * rank + c) * 16 + l].
+// diagonal_outer's source blocks per pass of sums_at: as many as keep their dots (a vector per
+// token) and activations within two thirds of L1, since every rank position of the pass reads
+// them again; in passes of equal size.
+int64_t sources_per_pass(int64_t rank, int64_t sources) {
+  constexpr int64_t kPassBytes = 32 * 1024;
+  const int64_t per_source = kTokens * (rank + kLanes) * static_cast<int64_t>(sizeof(float));
+  const int64_t most = std::max<int64_t>(1, kPassBytes / per_source);
+  const int64_t passes = (sources + most - 1) / most;
+  return (sources + passes - 1) / passes;
+}
+
+// The 16 blocks from d0 at rank position c, for every token of the group, summed over source
+// blocks [s0, s1) into stage[(t * rank + c) * 16 + l]: added to what the passes before left there
+// unless s0 is 0, so every sum runs over the sources in order.
 template <int kVariant>
 NANOMOE_AVX512 void sums_at(const GateRows<float>& g, const float* columns, int64_t d0, int64_t c,
-                            const float* dots, float* stage) {
+                            int64_t s0, int64_t s1, const float* dots, float* stage) {
   const int64_t r = g.rank, steps = kVariant == 0 ? 1 : r;
   const float* gate = g.mix_by_block + (kVariant == 0 ? 0 : c) * g.dst_lanes + d0;
   const float* left = kVariant == 2 ? g.left_by_block + c * g.dst_lanes + d0 : nullptr;
   __m512 acc[kTokens];
 #pragma GCC unroll 12
-  for (int t = 0; t < kTokens; ++t) acc[t] = _mm512_setzero_ps();
-  for (int64_t s = 0; s < g.src_blocks; ++s) {
+  for (int t = 0; t < kTokens; ++t) {
+    acc[t] = s0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(stage + (t * r + c) * kLanes);
+  }
+  for (int64_t s = s0; s < s1; ++s) {
     const __m512 weight = _mm512_loadu_ps(gate + s * steps * g.dst_lanes);
     const float* at = columns + (s * r + c) * kTokens;
 #pragma GCC unroll 12
@@ -164,7 +178,11 @@ NANOMOE_AVX512 void mix_tokens(const GateRows<float>& g, const T* src, T* dst, i
     to_columns(as_float(src + t0 * src_row, group * src_row, rows), src_row, group, columns);
     for (int64_t d0 = 0; d0 < g.dst_blocks; d0 += kLanes) {
       if constexpr (kVariant == 2) outer_dots(g, columns, d0, dots);
-      for (int64_t c = 0; c < r; ++c) sums_at<kVariant>(g, columns, d0, c, dots, stage);
+      const int64_t pass = kVariant == 2 ? sources_per_pass(r, g.src_blocks) : g.src_blocks;
+      for (int64_t s0 = 0; s0 < g.src_blocks; s0 += pass) {
+        const int64_t s1 = std::min(g.src_blocks, s0 + pass);
+        for (int64_t c = 0; c < r; ++c) sums_at<kVariant>(g, columns, d0, c, s0, s1, dots, stage);
+      }
       const int64_t run = std::min(kLanes, g.dst_blocks - d0) * r;
       for (int64_t t = 0; t < group; ++t) {
         gather_run(stage + t * r * kLanes, run, order, dst + (t0 + t) * dst_row + d0 * r);
@@ -175,13 +193,20 @@ NANOMOE_AVX512 void mix_tokens(const GateRows<float>& g, const T* src, T* dst, i
 
 // ---- the gate's weight gradients ------------------------------------------------------------
 
-constexpr int64_t kGradTokens = 64;  // tokens whose activations are gathered per pass
-constexpr int kGradSources = 8;      // source blocks whose sums sit in registers at once
-constexpr int kDotTokens = 4;        // tokens per pass over a rank-one factor: 8 sums in flight
+// Tokens whose activations are gathered per pass, and source blocks whose sums sit in registers at
+// once. diagonal_outer takes fewer of both, so that what every rank position of grads_from reads
+// again (the source blocks' activations and their two dots per token) and what outer_grad_dots
+// reads again for every source block (grad_t's 16 blocks from d0) stay in L1; with 64 and 8 they
+// came from L2. The other gates read no dots, and more sums per pass cost them less.
+template <int kVariant>
+constexpr int64_t kGradTokens = kVariant == 2 ? 32 : 64;
+template <int kVariant>
+constexpr int kGradSources = kVariant == 2 ? 4 : 8;
+constexpr int kDotTokens = 4;  // tokens per pass over a rank-one factor: 8 sums in flight
 
 // One pass's operands: the source rows as float32, grad_dst with the block innermost
 // (grad_t[(t * rank + c) * dst_lanes + d], padding zero), and for diagonal_outer, per 16 blocks
-// from d0, dots_right[(s * kGradTokens + t) * 16 + l] = <right_(d0+l)s, x_ts> and dots_left
+// from d0, dots_right[(s * kGradTokens<2> + t) * 16 + l] = <right_(d0+l)s, x_ts> and dots_left
 // likewise with <left_(d0+l)s, grad_t(d0+l)>.
 struct GradPass {
   const float* x;
@@ -217,8 +242,8 @@ NANOMOE_AVX512 void outer_grad_dots_of(const GateRows<float>& g, const GradPass&
     }
   }
   for (int u = 0; u < kCount; ++u) {
-    _mm512_storeu_ps(pass.dots_right + (s * kGradTokens + t + u) * kLanes, by_right[u]);
-    _mm512_storeu_ps(pass.dots_left + (s * kGradTokens + t + u) * kLanes, by_left[u]);
+    _mm512_storeu_ps(pass.dots_right + (s * kGradTokens<2> + t + u) * kLanes, by_right[u]);
+    _mm512_storeu_ps(pass.dots_left + (s * kGradTokens<2> + t + u) * kLanes, by_left[u]);
   }
 }
 
@@ -258,7 +283,7 @@ NANOMOE_AVX512 void grads_from(const GateRows<float>& g, const GradPass& pass, i
         const __m512 xs = _mm512_set1_ps(x[j * r]);
         mix[j] = _mm512_fmadd_ps(gy, xs, mix[j]);
         if constexpr (kVariant == 2) {
-          const int64_t dot = ((s0 + j) * kGradTokens + t) * kLanes;
+          const int64_t dot = ((s0 + j) * kGradTokens<2> + t) * kLanes;
           left[j] = _mm512_fmadd_ps(_mm512_loadu_ps(pass.dots_right + dot), gy, left[j]);
           right[j] = _mm512_fmadd_ps(_mm512_loadu_ps(pass.dots_left + dot), xs, right[j]);
         }
@@ -286,14 +311,15 @@ NANOMOE_AVX512 void grads_tokens(const GateRows<float>& g, const T* src, const T
   const int64_t r = g.rank, src_row = g.src_blocks * r, dst_row = g.dst_blocks * r;
   constexpr bool kConvert = !std::is_same_v<T, float>;
   thread_local std::vector<float> x_buffer, grad_buffer, grad_t_buffer, right_buffer, left_buffer;
-  float* x_rows = thread_buffer(x_buffer, kConvert ? kGradTokens * src_row : 0);
-  float* grad_rows = thread_buffer(grad_buffer, kConvert ? kGradTokens * dst_row : 0);
-  float* grad_t = thread_buffer(grad_t_buffer, kGradTokens * r * g.dst_lanes);
-  const int64_t dots = kVariant == 2 ? g.src_blocks * kGradTokens * kLanes : 0;
+  constexpr int64_t kTokensPerPass = kGradTokens<kVariant>;
+  float* x_rows = thread_buffer(x_buffer, kConvert ? kTokensPerPass * src_row : 0);
+  float* grad_rows = thread_buffer(grad_buffer, kConvert ? kTokensPerPass * dst_row : 0);
+  float* grad_t = thread_buffer(grad_t_buffer, kTokensPerPass * r * g.dst_lanes);
+  const int64_t dots = kVariant == 2 ? g.src_blocks * kTokensPerPass * kLanes : 0;
   float* dots_right = thread_buffer(right_buffer, dots);
   float* dots_left = thread_buffer(left_buffer, dots);
-  for (int64_t t0 = 0; t0 < tokens; t0 += kGradTokens) {
-    const int64_t n = std::min(kGradTokens, tokens - t0);
+  for (int64_t t0 = 0; t0 < tokens; t0 += kTokensPerPass) {
+    const int64_t n = std::min(kTokensPerPass, tokens - t0);
     const float* gy = as_float(grad_dst + t0 * dst_row, n * dst_row, grad_rows);
     for (int64_t t = 0; t < n; ++t) {  // (d, c) -> (c, d): the blocks become the lanes
       for (int64_t c = 0; c < r; ++c) {
@@ -307,8 +333,8 @@ NANOMOE_AVX512 void grads_tokens(const GateRows<float>& g, const T* src, const T
     for (int64_t d0 = 0; d0 < g.dst_blocks; d0 += kLanes) {
       if constexpr (kVariant == 2) outer_grad_dots(g, pass, d0);
       int64_t s = 0;
-      for (; s + kGradSources <= g.src_blocks; s += kGradSources) {
-        grads_from<kVariant, kGradSources>(g, pass, d0, s, sums);
+      for (; s + kGradSources<kVariant> <= g.src_blocks; s += kGradSources<kVariant>) {
+        grads_from<kVariant, kGradSources<kVariant>>(g, pass, d0, s, sums);
       }
       for (; s < g.src_blocks; ++s) grads_from<kVariant, 1>(g, pass, d0, s, sums);
     }
