@@ -43,9 +43,11 @@ KERNEL_TESTS = [
     "tests/test_forward.py::test_many_blocks_small_ranks",
     "tests/test_forward.py::test_down_projection_by_dot_products",
     "tests/test_forward.py::test_gate_on_amx",
+    "tests/test_forward.py::test_bitwise_same_for_one_and_two_threads",
     "tests/test_backward.py::test_kernel_tile_edges",
     "tests/test_backward.py::test_many_blocks_small_ranks",
     "tests/test_backward.py::test_gate_tiles",
+    "tests/test_backward.py::test_gate_gradients_add_up_over_tiles",
     "tests/test_stress.py::test_bitwise_same_for_any_thread_count",
 ]
 

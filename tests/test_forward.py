@@ -173,8 +173,9 @@ def test_bitwise_same_for_one_and_two_threads(tokens: int, mixing: str, dtype: t
 # (gate_by_block.cpp), 12 tokens a group, 16 blocks a pass: block counts under, at and over 16,
 # K_out != K_in both ways, ranks 1 to 15 (and 20, over 16 but filling lanes worse than 64 blocks);
 # the full gate is one (K_out r, K_in r) product. diagonal_outer also where blocks and rank fill the
-# lanes equally, up to rank 32: (16, 32, 16) and (32, 16, 32); it sums over its source blocks in
-# passes sized to L1, two passes at (64, 64, 4), (64, 32, 15) and (32, 16, 32).
+# lanes equally, up to rank 32: (16, 32, 16), (32, 16, 32) and (16, 23, 16); it sums over its
+# source blocks in passes sized to L1, two at (64, 64, 4), (64, 32, 15) and (32, 16, 32) and a
+# shorter last one at (16, 23, 16): 12 then 11.
 BY_BLOCK_SHAPES = [(64, 64, 4), (20, 36, 3), (36, 20, 1), (17, 5, 2), (64, 32, 15), (8, 8, 4)]
 
 
@@ -182,7 +183,8 @@ BY_BLOCK_SHAPES = [(64, 64, 4), (20, 36, 3), (36, 20, 1), (17, 5, 2), (64, 32, 1
 @pytest.mark.parametrize("mixing", MIXINGS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_many_blocks_small_ranks(tokens: int, mixing: str, dtype: torch.dtype) -> None:
-    for k_out, k_in, rank in [*BY_BLOCK_SHAPES, (64, 64, 20), (16, 32, 16), (32, 16, 32)]:
+    more = [(64, 64, 20), (16, 32, 16), (32, 16, 32), (16, 23, 16)]
+    for k_out, k_in, rank in [*BY_BLOCK_SHAPES, *more]:
         case = make_case((tokens,), k_out, k_in, 3, 2, rank, mixing, dtype)
         scale = reference64(magnitude(case))
         label = f"{mixing} {dtype} tokens={tokens} K=({k_out}, {k_in}) rank={rank}"

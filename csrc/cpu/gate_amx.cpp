@@ -87,7 +87,7 @@ int64_t rank_depth(int64_t r) {
 // over the rank read it, its (d, s, a) entry at left_by_src_offset(g) + (d * padded_src(g) + s) *
 // rank_depth(r) + a. Padded rows and columns are zeros.
 int64_t diagonal_size(const GateRows<float>& g) {
-  return (g.variant == 0 ? 1 : g.rank) * padded_rows(g) * g.src_blocks;
+  return g.steps() * padded_rows(g) * g.src_blocks;
 }
 int64_t right_offset(const GateRows<float>& g) {
   return diagonal_size(g);
@@ -605,7 +605,7 @@ uint16_t bfloat16_bits(float value) {
 
 void lay_out(const GateRows<float>& g, const uint16_t* mix, uint16_t* gate) {
   std::fill(gate, gate + gate_size(g), uint16_t(0));
-  const int64_t steps = g.variant == 0 ? 1 : g.rank;
+  const int64_t steps = g.steps();
   const int64_t rows = padded_rows(g);
   for (int64_t c = 0; c < steps; ++c) {
     for (int64_t d = 0; d < g.dst_blocks; ++d) {

@@ -10,14 +10,9 @@
 namespace nanomoe::cpu::gate_by_block {
 namespace {
 
-// Rank steps per source block in the layout by block: the scalar gate has one.
-int64_t steps_of(const GateRows<float>& g) {
-  return g.variant == 0 ? 1 : g.rank;
-}
-
 // Floats of one weight gradient's sums, laid out by block.
 int64_t sums_per_grad(const GateRows<float>& g) {
-  return g.src_blocks * steps_of(g) * g.dst_lanes;
+  return g.src_blocks * g.steps() * g.dst_lanes;
 }
 
 }  // namespace
@@ -28,7 +23,7 @@ int64_t grads_size(const GateRows<float>& g) {
 
 void grads_to_mix(const GateRows<float>& g, const float* sums, float* grad_mix, float* grad_left,
                   float* grad_right) {
-  const int64_t steps = steps_of(g), per_grad = sums_per_grad(g);
+  const int64_t steps = g.steps(), per_grad = sums_per_grad(g);
   for (int64_t s = 0; s < g.src_blocks; ++s) {
     for (int64_t c = 0; c < steps; ++c) {
       const float* row = sums + (s * steps + c) * g.dst_lanes;
@@ -121,7 +116,7 @@ int64_t sources_per_pass(int64_t rank, int64_t sources) {
 template <int kVariant>
 NANOMOE_AVX512 void sums_at(const GateRows<float>& g, const float* columns, int64_t d0, int64_t c,
                             int64_t s0, int64_t s1, const float* dots, float* stage) {
-  const int64_t r = g.rank, steps = kVariant == 0 ? 1 : r;
+  const int64_t r = g.rank, steps = g.steps();
   const float* gate = g.mix_by_block + (kVariant == 0 ? 0 : c) * g.dst_lanes + d0;
   const float* left = kVariant == 2 ? g.left_by_block + c * g.dst_lanes + d0 : nullptr;
   __m512 acc[kTokens];
@@ -173,12 +168,12 @@ NANOMOE_AVX512 void mix_tokens(const GateRows<float>& g, const T* src, T* dst, i
   float* dots = thread_buffer(dots_buffer, kVariant == 2 ? g.src_blocks * kTokens * kLanes : 0);
   int32_t* order = thread_buffer(order_buffer, kLanes * r);
   for (int64_t e = 0; e < kLanes * r; ++e) order[e] = static_cast<int32_t>(e % r * kLanes + e / r);
+  const int64_t pass = kVariant == 2 ? sources_per_pass(r, g.src_blocks) : g.src_blocks;
   for (int64_t t0 = 0; t0 < tokens; t0 += kTokens) {
     const int64_t group = std::min<int64_t>(kTokens, tokens - t0);
     to_columns(as_float(src + t0 * src_row, group * src_row, rows), src_row, group, columns);
     for (int64_t d0 = 0; d0 < g.dst_blocks; d0 += kLanes) {
       if constexpr (kVariant == 2) outer_dots(g, columns, d0, dots);
-      const int64_t pass = kVariant == 2 ? sources_per_pass(r, g.src_blocks) : g.src_blocks;
       for (int64_t s0 = 0; s0 < g.src_blocks; s0 += pass) {
         const int64_t s1 = std::min(g.src_blocks, s0 + pass);
         for (int64_t c = 0; c < r; ++c) sums_at<kVariant>(g, columns, d0, c, s0, s1, dots, stage);
@@ -264,7 +259,7 @@ NANOMOE_AVX512 void outer_grad_dots(const GateRows<float>& g, const GradPass& pa
 template <int kVariant, int kCount>
 NANOMOE_AVX512 void grads_from(const GateRows<float>& g, const GradPass& pass, int64_t d0,
                                int64_t s0, float* sums) {
-  const int64_t r = g.rank, src_row = g.src_blocks * r, steps = steps_of(g);
+  const int64_t r = g.rank, src_row = g.src_blocks * r, steps = g.steps();
   const int64_t per_grad = sums_per_grad(g);
   float* const first = sums + s0 * steps * g.dst_lanes + d0;  // entry (s0, 0, d0)
   __m512 mix[kCount];
@@ -315,6 +310,7 @@ NANOMOE_AVX512 void grads_tokens(const GateRows<float>& g, const T* src, const T
   float* x_rows = thread_buffer(x_buffer, kConvert ? kTokensPerPass * src_row : 0);
   float* grad_rows = thread_buffer(grad_buffer, kConvert ? kTokensPerPass * dst_row : 0);
   float* grad_t = thread_buffer(grad_t_buffer, kTokensPerPass * r * g.dst_lanes);
+  static_assert(kVariant != 2 || kTokensPerPass == kGradTokens<2>, "the dots are indexed so");
   const int64_t dots = kVariant == 2 ? g.src_blocks * kTokensPerPass * kLanes : 0;
   float* dots_right = thread_buffer(right_buffer, dots);
   float* dots_left = thread_buffer(left_buffer, dots);

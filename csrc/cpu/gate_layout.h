@@ -26,6 +26,9 @@ struct GateRows {
   int64_t dst_lanes;
   // The gate in bfloat16 for gate_amx.h, set where gate_amx::chosen says (else null).
   const uint16_t* amx_gate;
+
+  // Entries per (dst, src) pair of blocks: one for the scalar gate, one per rank position else.
+  int64_t steps() const { return variant == 0 ? 1 : rank; }
 };
 
 constexpr int64_t kGateLanes = 16;      // float32 lanes of an AVX-512 vector

@@ -73,7 +73,7 @@ __attribute__((always_inline)) inline void gate_rows_backward_impl(
     int64_t tokens, int64_t d, acc_t* __restrict grad_mix, acc_t* __restrict grad_left,
     acc_t* __restrict grad_right) {
   const int64_t r = g.rank, src_row = g.src_blocks * r, dst_row = g.dst_blocks * r;
-  const int64_t per_pair = g.variant == 0 ? 1 : r;
+  const int64_t per_pair = g.steps();
   for (int64_t i = 0; i < g.src_blocks * per_pair; ++i) grad_mix[i] = 0;
   if (g.variant == 2) {
     for (int64_t i = 0; i < g.src_blocks * r; ++i) grad_left[i] = grad_right[i] = 0;

@@ -26,7 +26,7 @@ GradsLayout grads_layout(const GateRows<float>& g) {
 }
 
 int64_t mix_numel(const GateRows<float>& g) {
-  return g.dst_blocks * g.src_blocks * (g.variant == 0 ? 1 : g.rank);
+  return g.dst_blocks * g.src_blocks * g.steps();
 }
 
 }  // namespace
@@ -363,6 +363,7 @@ void accumulate_in_mix_layout(const GateRows<float>& g, const T* src, const T* g
 
 void accumulate_grads(const GateRows<float>& g, const float* src, const float* grad_dst,
                       int64_t tokens, float* sums) {
+  // A float32 gate has no AMX layout (Gate lays one out for bfloat16 only): by block or mix's.
   if (grads_layout(g) == GradsLayout::kByBlock) {
     return gate_by_block::accumulate_grads(g, src, grad_dst, tokens, sums);
   }
