@@ -50,6 +50,28 @@ Steps<T> as_steps(int64_t rows, int64_t cols, const T* data, int64_t stride, T* 
   }
 }
 
+// The token tiles of x and grad_out, a weight-gradient product's wide operand, read a row per step.
+// float32 rows a multiple of 2 KiB apart all fall in the same few L1 sets, so a panel of them left
+// L1 before the next column tile read it again (half of that product's samples waited on those
+// loads): those are copied at a padded stride (NOTES, version 43).
+constexpr int64_t kSpreadFloats = 16;
+template <typename T>
+int64_t token_tile_size(int64_t rows, int64_t cols) {
+  return projection::kElementsPerStep<T> == 1 ? rows * (cols + kSpreadFloats)
+                                              : projection::paired_size(rows, cols);
+}
+template <typename T>
+Steps<T> token_tile(int64_t rows, int64_t cols, const T* data, int64_t stride, T* buffer) {
+  if constexpr (projection::kElementsPerStep<T> == 1) {
+    if (stride * static_cast<int64_t>(sizeof(T)) % 2048 != 0) return {data, stride};
+    const int64_t spread = cols + kSpreadFloats;
+    for (int64_t t = 0; t < rows; ++t) std::copy_n(data + t * stride, cols, buffer + t * spread);
+    return {buffer, spread};
+  } else {
+    return as_steps(rows, cols, data, stride, buffer);
+  }
+}
+
 // Columns c onward.
 template <typename T>
 Steps<T> from_column(Steps<T> s, int64_t c) {
@@ -136,8 +158,8 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
   const bool elementwise_gate = need_gate && !layer.full();
   const int64_t scratch_bytes =
       2 * Carve::bytes<T>(tile * mixed_row) + Carve::bytes<T>(tile * hidden_row) +
-      Carve::bytes<T>(steps_size<T>(tile, d.in_features)) +
-      Carve::bytes<T>(steps_size<T>(tile, d.out_features)) +
+      Carve::bytes<T>(token_tile_size<T>(tile, d.in_features)) +
+      Carve::bytes<T>(token_tile_size<T>(tile, d.out_features)) +
       2 * Carve::bytes<T>(steps_size<T>(tile, std::max(hidden_row, mixed_row)));
   const Tensor scratch = at::empty({threads, scratch_bytes}, at::TensorOptions().dtype(at::kByte));
   const int64_t gate_sums_size = !need_gate     ? 0
@@ -192,13 +214,13 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
     }
 
     // The weight gradients: sums over the tile's tokens (the steps of each product).
-    T* x_buffer = carve.take<T>(steps_size<T>(tile, d.in_features));
-    T* grad_buffer = carve.take<T>(steps_size<T>(tile, d.out_features));
+    T* x_buffer = carve.take<T>(token_tile_size<T>(tile, d.in_features));
+    T* grad_buffer = carve.take<T>(token_tile_size<T>(tile, d.out_features));
     T* first_buffer = carve.take<T>(steps_size<T>(tile, std::max(hidden_row, mixed_row)));
     T* second_buffer = carve.take<T>(steps_size<T>(tile, std::max(hidden_row, mixed_row)));
     if (needs[kDown]) {
       const auto grad_hidden = as_steps(rows, hidden_row, gh, hidden_row, first_buffer);
-      const auto x_tile = as_steps(rows, d.in_features, x + begin * x_stride, x_stride, x_buffer);
+      const auto x_tile = token_tile(rows, d.in_features, x + begin * x_stride, x_stride, x_buffer);
       for (int64_t j = 0; j < d.in_blocks; ++j) {
         projection::accumulate_products(rows, from_column(grad_hidden, j * r), r,
                                         from_column(x_tile, j * n_b), n_b,
@@ -206,7 +228,7 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
       }
     }
     if (needs[kUp]) {  // summed as up[i] transposed: the narrow mixed is the side AMX transposes
-      const auto grad_tile = as_steps(rows, d.out_features, go, grad_stride, grad_buffer);
+      const auto grad_tile = token_tile(rows, d.out_features, go, grad_stride, grad_buffer);
       const auto mixed =
           as_steps(rows, mixed_row, static_cast<const T*>(mid), mixed_row, second_buffer);
       for (int64_t i = 0; i < d.out_blocks; ++i) {
