@@ -95,8 +95,18 @@ NANOMOE_AVX512 inline void store_lanes(T* out, __mmask16 lanes, __m512 value) {
   }
 }
 
-// count elements of src as float32: widened into buffer (bfloat16 bits are float32's high
-// half), or in place.
+// Lanes of 16 elements from p as float32 (bfloat16 bits are float32's high half), the rest zero.
+template <typename T>
+NANOMOE_AVX512 inline __m512 load_as_float(__mmask16 lanes, const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm512_maskz_loadu_ps(lanes, p);
+  } else {
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+  }
+}
+
+// count elements of src as float32: widened into buffer, or in place.
 template <typename T>
 NANOMOE_AVX512 inline const float* as_float(const T* src, int64_t count, float* buffer) {
   if constexpr (std::is_same_v<T, float>) {
@@ -104,8 +114,7 @@ NANOMOE_AVX512 inline const float* as_float(const T* src, int64_t count, float* 
   } else {
     for (int64_t c = 0; c < count; c += 16) {
       const __mmask16 lanes = first_lanes(count - c);
-      const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, src + c));
-      _mm512_mask_storeu_ps(buffer + c, lanes, _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16)));
+      _mm512_mask_storeu_ps(buffer + c, lanes, load_as_float(lanes, src + c));
     }
     return buffer;
   }

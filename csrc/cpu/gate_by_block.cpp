@@ -57,17 +57,18 @@ constexpr int kTokens = static_cast<int>(kByBlockTokens);
 constexpr int64_t kLanes = kGateLanes;
 static_assert(kTokens <= 16, "to_columns transposes 16 tokens at a time");
 
-// The group's activations with its tokens innermost: element (t, e) of its (kTokens, row) rows at
-// columns[e * kTokens + t], rows past count zeros. A broadcast of each token at one column then
-// reads the next kTokens floats, where reading the rows in place touched a cache line per token
-// and kept twelve row offsets in registers (or spilled them).
-NANOMOE_AVX512 void to_columns(const float* x, int64_t row, int64_t count, float* columns) {
+// The group's activations as float32 with its tokens innermost: element (t, e) of its (kTokens,
+// row) rows at columns[e * kTokens + t], rows past count zeros. A broadcast of each token at one
+// column then reads the next kTokens floats, where reading the rows in place touched a cache line
+// per token and kept twelve row offsets in registers (or spilled them).
+template <typename T>
+NANOMOE_AVX512 void to_columns(const T* x, int64_t row, int64_t count, float* columns) {
   for (int64_t e0 = 0; e0 < row; e0 += 16) {
     const __mmask16 lanes = first_lanes(row - e0);
     __m512i block[16];
     for (int t = 0; t < 16; ++t) {
-      block[t] =
-          t < count ? _mm512_maskz_loadu_epi32(lanes, x + t * row + e0) : _mm512_setzero_si512();
+      block[t] = t < count ? _mm512_castps_si512(load_as_float(lanes, x + t * row + e0))
+                           : _mm512_setzero_si512();
     }
     transpose16(block);  // block[e]: column e0 + e, tokens in the lanes
     for (int64_t e = 0; e < std::min<int64_t>(16, row - e0); ++e) {
@@ -159,10 +160,8 @@ NANOMOE_AVX512 void gather_run(const float* stage, int64_t run, const int32_t* o
 template <int kVariant, typename T>
 NANOMOE_AVX512 void mix_tokens(const GateRows<float>& g, const T* src, T* dst, int64_t tokens) {
   const int64_t r = g.rank, src_row = g.src_blocks * r, dst_row = g.dst_blocks * r;
-  // A group's source rows as float32 (bfloat16's widened into rows), then as columns.
-  thread_local std::vector<float> rows_buffer, columns_buffer, stage_buffer, dots_buffer;
+  thread_local std::vector<float> columns_buffer, stage_buffer, dots_buffer;
   thread_local std::vector<int32_t> order_buffer;
-  float* rows = thread_buffer(rows_buffer, std::is_same_v<T, float> ? 0 : kTokens * src_row);
   float* columns = thread_buffer(columns_buffer, src_row * kTokens);
   float* stage = thread_buffer(stage_buffer, kTokens * r * kLanes);
   float* dots = thread_buffer(dots_buffer, kVariant == 2 ? g.src_blocks * kTokens * kLanes : 0);
@@ -171,7 +170,7 @@ NANOMOE_AVX512 void mix_tokens(const GateRows<float>& g, const T* src, T* dst, i
   const int64_t pass = kVariant == 2 ? sources_per_pass(r, g.src_blocks) : g.src_blocks;
   for (int64_t t0 = 0; t0 < tokens; t0 += kTokens) {
     const int64_t group = std::min<int64_t>(kTokens, tokens - t0);
-    to_columns(as_float(src + t0 * src_row, group * src_row, rows), src_row, group, columns);
+    to_columns(src + t0 * src_row, src_row, group, columns);
     for (int64_t d0 = 0; d0 < g.dst_blocks; d0 += kLanes) {
       if constexpr (kVariant == 2) outer_dots(g, columns, d0, dots);
       for (int64_t s0 = 0; s0 < g.src_blocks; s0 += pass) {

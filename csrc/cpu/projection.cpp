@@ -79,9 +79,6 @@ struct FloatOps {
     _mm512_mask_storeu_ps(out, lanes, value);
   }
   static T from_float(float value) { return value; }
-  NANOMOE_AVX512 static __m512 load_float(__mmask16 lanes, const T* p) {
-    return _mm512_maskz_loadu_ps(lanes, p);
-  }
 };
 
 struct BFloat16Ops {
@@ -110,11 +107,6 @@ struct BFloat16Ops {
     _mm256_mask_storeu_epi16(out, lanes, (__m256i)_mm512_cvtneps_pbh(value));
   }
   static T from_float(float value) { return to_bfloat16(value); }
-  // 16 elements widened to float32 (bfloat16 bits are float32's high half).
-  NANOMOE_AVX512 static __m512 load_float(__mmask16 lanes, const T* p) {
-    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-  }
 };
 
 template <typename T>
@@ -573,7 +565,7 @@ NANOMOE_AVX512 void column_sums(int64_t tokens, int64_t cols, const typename Ops
     for (int64_t t = 0; t < tokens; ++t) {
 #pragma GCC unroll 8
       for (int v = 0; v < kColumnVectors; ++v) {
-        sum[v] = _mm512_add_ps(sum[v], Ops::load_float(lanes[v], in + t * stride + c0 + 16 * v));
+        sum[v] = _mm512_add_ps(sum[v], load_as_float(lanes[v], in + t * stride + c0 + 16 * v));
       }
     }
     for (int v = 0; v < kColumnVectors; ++v) {
