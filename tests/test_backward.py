@@ -104,6 +104,35 @@ def test_kernel_tile_edges(tokens: int, mixing: str, dtype: torch.dtype) -> None
             assert_close_to(grad, expected[name], dtype, label, scale[name])
 
 
+# bfloat16 on AMX: a product shallower than the tile unit's 32-deep step runs on tiles shaped to its
+# depth (amx.cpp), a deeper one pads a copy of its last step. Depths 2 to 30 and odd ones: features
+# per block (the down-projection, grad_mixed), ranks (the up-projection, grad_x) and tokens (a
+# weight gradient sums over a thread tile's tokens: 18, 30 or 192 and 30). One block count is 16,
+# so the gates run on AMX too.
+@pytest.mark.parametrize("tokens", [18, 30, 33, 222])
+@pytest.mark.parametrize("mixing", MIXINGS)
+def test_shallow_products(tokens: int, mixing: str) -> None:
+    generator = torch.Generator().manual_seed(tokens)
+    shapes = [(2, 3, 32, 16, 16), (3, 2, 6, 30, 24), (2, 2, 2, 10, 20), (1, 4, 33, 4, 18)]
+    for k_out, k_in, n_b, m_b, rank in [*shapes, (16, 16, 2, 14, 16)]:
+        case = make_case(
+            (tokens,), k_out, k_in, n_b, m_b, rank, mixing, torch.bfloat16, True, generator
+        )
+        label = f"{mixing} tokens={tokens} K=({k_out}, {k_in}) n_b={n_b} m_b={m_b} rank={rank}"
+        scale = nanomoe_linear_reference(*magnitude(case).args())
+        expected = nanomoe_linear_reference(*case.map(torch.Tensor.double).args())
+        got = torch.ops.nanomoe.linear(*case.args())
+        assert_close_to(got, expected, torch.bfloat16, f"output, {label}", scale)
+        grad_out = torch.randn(tokens, k_out * m_b, generator=generator, dtype=torch.float64)
+        got = grads_of(torch.ops.nanomoe.linear, case, grad_out.to(torch.bfloat16))
+        expected = grads_of(nanomoe_linear_reference, case.map(torch.Tensor.double), grad_out)
+        scale = grads_of(nanomoe_linear_reference, magnitude(case), grad_out.abs())
+        for name, grad in got.items():
+            assert_close_to(
+                grad, expected[name], torch.bfloat16, f"grad of {name}, {label}", scale[name]
+            )
+
+
 @pytest.mark.parametrize("mixing", MIXINGS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("wanted", [("x",), ("down", "up"), ("mix", "mix_left"), ("bias",)])
