@@ -107,8 +107,8 @@ def test_kernel_tile_edges(tokens: int, mixing: str, dtype: torch.dtype) -> None
 # bfloat16 on AMX: a product shallower than the tile unit's 32-deep step runs on tiles shaped to its
 # depth (amx.cpp), a deeper one pads a copy of its last step. Depths 2 to 30 and odd ones: features
 # per block (the down-projection, grad_mixed), ranks (the up-projection, grad_x) and tokens (a
-# weight gradient sums over a thread tile's tokens: 18, 30 or 192 and 30). One block count is 16,
-# so the gates run on AMX too.
+# weight gradient sums over a thread tile's tokens: 18 or 30, and 30 of 222 on one thread). One
+# block count is 16, so the gates run on AMX too.
 @pytest.mark.parametrize("tokens", [18, 30, 33, 222])
 @pytest.mark.parametrize("mixing", MIXINGS)
 def test_shallow_products(tokens: int, mixing: str) -> None:

@@ -21,9 +21,17 @@ from nanomoe.budget import gate_shapes
 
 PROT_NONE = 0
 MIXINGS = ("scalar", "diagonal", "diagonal_outer", "full")
-# (K_out, K_in, n_b, m_b, rank): AMX-sized rows and depths with tails, odd sizes everywhere.
-SHAPES = [(2, 3, 40, 17, 16), (3, 2, 33, 35, 5), (1, 1, 64, 48, 32), (4, 4, 6, 3, 18)]
-TOKENS = (1, 2, 5, 16, 17, 50, 130)
+# (K_out, K_in, n_b, m_b, rank): AMX-sized rows and depths with tails, odd sizes everywhere; and
+# products shallower than one AMX step, on tiles shaped to their depth, reading x's and grad_out's
+# last rows at 48 tokens (the grouped down-projection 12 deep, grad_mixed 16).
+SHAPES = [
+    (2, 3, 40, 17, 16),
+    (3, 2, 33, 35, 5),
+    (1, 1, 64, 48, 32),
+    (4, 4, 6, 3, 18),
+    (2, 2, 6, 16, 16),
+]
+TOKENS = (1, 2, 5, 16, 17, 48, 50, 130)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 

@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include <array>
+#include <cassert>
 #include <cstdlib>
 #include <cstring>
 
@@ -95,14 +96,15 @@ constexpr std::array<Config, kShapes> every_shape() {
 }
 constexpr std::array<Config, kShapes> kShapesByDepth = every_shape();
 
-// Tiles alive on this thread (only the outermost configures and releases, so a caller may hold the
-// configuration across many products that each hold their own), and the depth they are shaped
-// for. A product reshapes them only when its depth needs another shape (LDTILECFG zeroes the
-// tiles, and no product keeps anything in them between calls).
+// Tiles alive on this thread (only the outermost releases, so a caller may hold the tile unit
+// across many products that each hold their own), and the depth they are shaped for. A product
+// shapes them only when its depth needs another shape (LDTILECFG zeroes the tiles, and no product
+// keeps anything in them between calls).
 thread_local int live_tiles = 0;
-thread_local int64_t shaped_for = 0;
+thread_local int64_t shaped_for = 0;  // 0: none loaded (no product is shaped for depth 0)
 
 NANOMOE_AMX void configure_for(int64_t depth) {
+  assert(live_tiles > 0 && "a product needs a live amx::Tiles on its thread");
   if (shaped_for == depth) return;
   _tile_loadconfig(&kShapesByDepth[depth / 2]);
   shaped_for = depth;
@@ -206,11 +208,11 @@ bool available() {
 }
 
 Tiles::Tiles() {
-  if (live_tiles++ == 0) configure_for(kDepth);
+  ++live_tiles;
 }
 
 Tiles::~Tiles() {
-  if (--live_tiles == 0) release();
+  if (--live_tiles == 0 && shaped_for != 0) release();
 }
 
 void product(int64_t tokens, const uint16_t* in, int64_t in_stride, const uint16_t* weights,

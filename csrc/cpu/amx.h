@@ -20,11 +20,11 @@ bool available();
 constexpr int64_t kTokens = 32;
 constexpr int64_t kCols = 32;
 
-// Holds the tile unit's configuration on the calling thread for its lifetime. Configure once per
-// run of blocks on one thread (the configuration zeroes the tiles, and other libraries on this
-// thread, oneDNN among them, may configure it otherwise between calls). Nested on one thread, only
-// the outermost configures and releases: a caller may hold it across many products that each hold
-// their own, provided nothing in between configures the tile unit otherwise.
+// Holds the tile unit on the calling thread for its lifetime: the products below configure it for
+// their depth when it is not already (a configuration zeroes every tile, so none is kept between
+// products), and the outermost Tiles releases it. Hold one around a run of products on one thread,
+// with nothing in between that configures the tile unit otherwise (oneDNN does); nested, the inner
+// ones do nothing, so a caller may hold it across many products that each hold their own.
 class Tiles {
  public:
   Tiles();

@@ -17,6 +17,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "amx.h"
 #include "gate.h"
 #include "gate_tile.h"
 #include "parallel.h"
@@ -181,6 +182,8 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
     float* own_sums = sums[thread].mutable_data_ptr<float>();
     const T* go = grad + begin * grad_stride;
     const T* h = hid + begin * hidden_row;
+    std::optional<amx::Tiles> tile_unit;  // nothing below configures the tile unit otherwise
+    hold_tile_unit<T>(tile_unit);
 
     T* gm = carve.take<T>(tile * mixed_row);
     if (need_grad_mixed) {

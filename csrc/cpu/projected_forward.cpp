@@ -204,12 +204,8 @@ void many_tokens(const Layer<scalar_t>& layer, const Weights& w, const Tensor& x
         own.narrow(0, hidden_size, rows * layer.mixed_row()).view({rows, d.out_blocks, r});
     T* hid = Layer<scalar_t>::data(hidden);
     T* mid = Layer<scalar_t>::data(mixed);
-    // bfloat16 on AMX: the tile unit configured once per token tile, not per block's product
-    // (nothing below configures it otherwise).
-    std::optional<amx::Tiles> tile_unit;
-    if constexpr (std::is_same_v<T, uint16_t>) {
-      if (amx::available()) tile_unit.emplace();
-    }
+    std::optional<amx::Tiles> tile_unit;  // nothing below configures the tile unit otherwise
+    hold_tile_unit<T>(tile_unit);
     // Tokens [first, first + count) of the tile, chunk by chunk, block by block.
     const auto down_by_blocks = [&](int64_t first, int64_t count) {
       for_each_chunk(first, first + count, chunk, [&](int64_t c0, int64_t n) {

@@ -37,6 +37,15 @@ int64_t chunk_tokens(int64_t tile) {
   return std::is_same_v<T, uint16_t> && amx::available() ? tile : kChunkTokens;
 }
 
+// bfloat16 on AMX: the tile unit held for a token tile, so that its products keep one configuration
+// from block to block instead of configuring and releasing it per block.
+template <typename T>
+void hold_tile_unit(std::optional<amx::Tiles>& unit) {
+  if constexpr (std::is_same_v<T, uint16_t>) {
+    if (amx::available()) unit.emplace();
+  }
+}
+
 // fn(first, count) over tokens [begin, end), chunk tokens at a time.
 template <typename F>
 void for_each_chunk(int64_t begin, int64_t end, int64_t chunk, const F& fn) {
