@@ -362,8 +362,7 @@ void project_panels(int64_t tokens, int64_t depth, int64_t cols, Input<T> in, co
     int64_t t = 0;
     if constexpr (std::is_same_v<T, uint16_t>) {
       // A panel of exactly 16 columns is read as 16, from a depth of 16 (shallower, the register
-      // tile was faster when such a product still copied a zero-padded step; not measured since
-      // shallow products run on tiles shaped to their depth).
+      // tile is as fast: NOTES, versions 40 and 49).
       const bool readable = width == kPanelRows || (width == 16 && depth >= 16);
       if (tiles && (padded || readable)) {
         t = amx_panel(tokens, depth, amx_rows, panel, panel_stride, lo, hi, out.at(0, first));
