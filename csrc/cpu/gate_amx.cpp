@@ -37,8 +37,8 @@ namespace nanomoe::cpu::gate_amx {
 namespace {
 
 // Blocks on both sides from which the gate runs here; at 8 blocks the AMX gates measured no faster
-// than the float32 ones (NOTES, "What is left"; measured when a product under 32 deep still copied
-// a zero-padded step, before the tiles were shaped to shallow depths).
+// than the float32 ones, mostly, with zero-padded steps and with tiles shaped to 8 deep (NOTES,
+// "What is left" and version 50).
 constexpr int64_t kMinBlocks = 16;
 constexpr int64_t kGateRows = 16;  // the gate's rows come in the tile unit's 16-row tiles
 // Gate rows per amx::product: its first operand's rows (amx.h's kTokens, tokens there).
