@@ -79,8 +79,8 @@ constexpr Config tiles_for(int64_t depth) {
 }
 
 // A product shallower than one step, of whole pairs, runs on tiles shaped to its depth (measured
-// against the padded copy: forward 0.87x, forward+backward 0.95x at K = 64, r = 16, where every
-// projection is 16 deep).
+// against the padded copy: forward 0.87x, forward+backward 0.95x at K = 64, r = 16, where the
+// up-projection, grad_mixed and grad_x are 16 deep; NOTES, version 44).
 constexpr bool is_shallow(int64_t depth) {
   return depth > 0 && depth < kDepth && depth % 2 == 0;
 }
