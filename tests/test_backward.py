@@ -133,6 +133,40 @@ def test_shallow_products(tokens: int, mixing: str) -> None:
             )
 
 
+# diagonal_outer at a small rank (up to 4, or 8 in bfloat16 on AMX) from 17 tokens on runs as one
+# dense (K_out r, K_in r) matrix (csrc/cpu/dense_gate.h), its gradient reduced to mix's, left's and
+# right's at the end: odd and even ranks, one block and many, 16 tokens (the elementwise kernels)
+# against 17, on one thread and two.
+@pytest.mark.parametrize("tokens", [16, 17, 100, 397])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_diagonal_outer_as_dense_matrix(tokens: int, dtype: torch.dtype, threads: int) -> None:
+    generator = torch.Generator().manual_seed(tokens)
+    shapes = [(1, 1, 4, 3, 1), (3, 5, 7, 2, 3), (4, 2, 16, 9, 4), (16, 16, 2, 3, 8)]
+    shapes.append((5, 3, 6, 4, 7))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for k_out, k_in, n_b, m_b, rank in shapes:
+            case = make_case(
+                (tokens,), k_out, k_in, n_b, m_b, rank, "diagonal_outer", dtype, True, generator
+            )
+            label = f"tokens={tokens} K=({k_out}, {k_in}) rank={rank} threads={threads}"
+            scale = nanomoe_linear_reference(*magnitude(case).args())
+            expected = nanomoe_linear_reference(*case.map(torch.Tensor.double).args())
+            got = torch.ops.nanomoe.linear(*case.args())
+            assert_close_to(got, expected, dtype, f"output, {label}", scale)
+            grad_out = torch.randn(tokens, k_out * m_b, generator=generator, dtype=torch.float64)
+            got = grads_of(torch.ops.nanomoe.linear, case, grad_out.to(dtype))
+            expected = grads_of(nanomoe_linear_reference, case.map(torch.Tensor.double), grad_out)
+            scale = grads_of(nanomoe_linear_reference, magnitude(case), grad_out.abs())
+            for name, grad in got.items():
+                what = f"grad of {name}, {label}"
+                assert_close_to(grad, expected[name], dtype, what, scale[name])
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("mixing", MIXINGS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("wanted", [("x",), ("down", "up"), ("mix", "mix_left"), ("bias",)])

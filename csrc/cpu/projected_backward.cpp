@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "amx.h"
+#include "dense_gate.h"
 #include "gate.h"
 #include "gate_tile.h"
 #include "parallel.h"
@@ -95,7 +96,7 @@ struct Carve {
 };
 
 // Where each gradient's float32 sums sit in a thread's row of sums. gate: the size of the gate's
-// sums (the full gate's in (i, a) x (j, b) order, the elementwise gates' as gate_tile lays them
+// sums (a dense gate's in (i, a) x (j, b) order, the elementwise gates' as gate_tile lays them
 // out).
 struct SumsLayout {
   int64_t down, up, mix, bias, size;
@@ -124,21 +125,21 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
   // The forward gate (for mixed and the gate's gradients) and the transposed one (grad_hidden).
   const PackedMixing<scalar_t> mix(layer, w, dtype);
   std::optional<Gate<scalar_t>> gate_t;
-  if (!layer.full() && need_grad_hidden)
+  if (!layer.dense && need_grad_hidden)
     gate_t = Gate<scalar_t>::make(d, w, /*transposed=*/true, /*for_kernels=*/true);
 
-  // The weights by steps: up[i] (m_b steps of r), down[j] (r steps of n_b), and the full gate as
+  // The weights by steps: up[i] (m_b steps of r), down[j] (r steps of n_b), and a dense gate as
   // one matrix (K_out r steps (i, a) of K_in r columns (j, b)), so grad_hidden is one product with
   // every column in the lanes, however small the rank.
-  const bool full_t_needed = layer.full() && need_grad_hidden;
-  const Tensor full_matrix = full_t_needed ? full_mix_matrix(w.mix).contiguous() : Tensor();
+  const bool dense_t_needed = layer.dense && need_grad_hidden;
+  const Tensor dense_matrix = dense_t_needed ? dense_gate_matrix(d, w).contiguous() : Tensor();
   const int64_t up_size = steps_size<T>(m_b, r), down_size = steps_size<T>(r, n_b);
-  const int64_t full_size = full_t_needed ? steps_size<T>(mixed_row, hidden_row) : 0;
+  const int64_t dense_size = dense_t_needed ? steps_size<T>(mixed_row, hidden_row) : 0;
   Tensor paired =
-      at::empty({d.out_blocks * up_size + d.in_blocks * down_size + full_size}, x_rows.options());
+      at::empty({d.out_blocks * up_size + d.in_blocks * down_size + dense_size}, x_rows.options());
   T* paired_at = Layer<scalar_t>::data(paired);
   std::vector<Steps<T>> up_steps, down_steps;
-  Steps<T> full_steps{};
+  Steps<T> dense_steps{};
   for (int64_t i = 0; i < d.out_blocks; ++i) {
     up_steps.push_back(as_steps(m_b, r, layer.up + i * m_b * r, r, paired_at + i * up_size));
   }
@@ -148,24 +149,24 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
         as_steps(r, n_b, layer.down + j * r * n_b, n_b, paired_at + j * down_size));
   }
   paired_at += d.in_blocks * down_size;
-  if (full_t_needed) {
-    full_steps =
-        as_steps(mixed_row, hidden_row, Layer<scalar_t>::data(full_matrix), hidden_row, paired_at);
+  if (dense_t_needed) {
+    dense_steps =
+        as_steps(mixed_row, hidden_row, Layer<scalar_t>::data(dense_matrix), hidden_row, paired_at);
   }
 
   // Each thread's scratch for one tile, and its float32 sums of the weight gradients.
   const int64_t tile = kBackwardTiling.max_tokens, threads = at::get_num_threads();
   const int64_t chunk = chunk_tokens<T>(tile);
-  const bool elementwise_gate = need_gate && !layer.full();
+  const bool elementwise_gate = need_gate && !layer.dense;
   const int64_t scratch_bytes =
       2 * Carve::bytes<T>(tile * mixed_row) + Carve::bytes<T>(tile * hidden_row) +
       Carve::bytes<T>(token_tile_size<T>(tile, d.in_features)) +
       Carve::bytes<T>(token_tile_size<T>(tile, d.out_features)) +
       2 * Carve::bytes<T>(steps_size<T>(tile, std::max(hidden_row, mixed_row)));
   const Tensor scratch = at::empty({threads, scratch_bytes}, at::TensorOptions().dtype(at::kByte));
-  const int64_t gate_sums_size = !need_gate     ? 0
-                                 : layer.full() ? w.mix.numel()
-                                                : gate_tile::grads_size(mix.gate->rows);
+  const int64_t gate_sums_size = !need_gate    ? 0
+                                 : layer.dense ? mixed_row * hidden_row
+                                               : gate_tile::grads_size(mix.gate->rows);
   const SumsLayout at_sums(d, gate_sums_size);
   const Tensor sums = at::zeros({threads, at_sums.size}, at::TensorOptions().dtype(at::kFloat));
 
@@ -203,7 +204,7 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
       if (gate_t) {
         gate_tile::mix(gate_t->rows, gm, gh, rows);
       } else {
-        projection::project_steps(rows, gm, mixed_row, full_steps, hidden_row, mixed_row, gh,
+        projection::project_steps(rows, gm, mixed_row, dense_steps, hidden_row, mixed_row, gh,
                                   hidden_row);
       }
     }
@@ -240,7 +241,7 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
                                         own_sums + at_sums.up + i * r * m_b, m_b);
       }
     }
-    if (need_gate && layer.full()) {  // (i, a) x (j, b) sums, permuted to mix's layout at the end
+    if (need_gate && layer.dense) {  // (i, a) x (j, b) sums, in mix's layout at the end
       const auto grad_mixed =
           as_steps(rows, mixed_row, static_cast<const T*>(gm), mixed_row, first_buffer);
       const auto hidden_tile = as_steps(rows, hidden_row, h, hidden_row, second_buffer);
@@ -258,50 +259,31 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
 
   // Every thread's sums, added in thread order, rounded once to the weights' dtype.
   const Tensor total = threads > 1 ? sums.sum(0) : sums[0];
-  const auto gradient_from = [&](const Tensor& from, bool needed, int64_t at, const Tensor& like) {
-    return needed ? from.narrow(0, at, like.numel()).view(like.sizes()).to(dtype) : Tensor();
-  };
-  const auto gradient = [&](bool needed, int64_t at, const Tensor& like) {
-    return gradient_from(total, needed, at, like);
-  };
-  // The elementwise gate's sums in mix's layout (mix, then diagonal_outer's left and right).
-  Tensor gate_sums;
-  if (elementwise_gate) {
-    const int64_t mix_numel = w.mix.numel();
+  // The gate's gradients in float32: mix's, then diagonal_outer's left's and right's.
+  GateGrads gate_grads;
+  if (need_gate && layer.dense) {
+    gate_grads = dense_gate_grads(d, w, total.narrow(0, at_sums.mix, mixed_row * hidden_row));
+  } else if (elementwise_gate) {
     const bool outer = d.mixing == Mixing::kDiagonalOuter;
-    gate_sums = at::empty({(outer ? 3 : 1) * mix_numel}, total.options());
-    float* to = gate_sums.mutable_data_ptr<float>();
-    gate_tile::grads_to_mix(mix.gate->rows, total.const_data_ptr<float>() + at_sums.mix, to,
-                            outer ? to + mix_numel : nullptr, outer ? to + 2 * mix_numel : nullptr);
+    const auto like_mix = [&] { return at::empty(w.mix.sizes(), total.options()); };
+    gate_grads = {like_mix(), outer ? like_mix() : Tensor(), outer ? like_mix() : Tensor()};
+    const auto data = [](Tensor& t) { return t.defined() ? t.mutable_data_ptr<float>() : nullptr; };
+    gate_tile::grads_to_mix(mix.gate->rows, total.const_data_ptr<float>() + at_sums.mix,
+                            data(gate_grads.mix), data(gate_grads.left), data(gate_grads.right));
   }
-  const auto gate_gradient = [&](bool needed, int64_t which) {
-    return gradient_from(gate_sums, needed, which * w.mix.numel(), w.mix);
+  const auto rounded = [&](bool needed, const Tensor& sums) {
+    return needed ? sums.to(dtype).contiguous() : Tensor();
   };
-  Tensor grad_up;
-  if (needs[kUp]) {
-    grad_up = total.narrow(0, at_sums.up, w.up.numel())
-                  .view({d.out_blocks, r, m_b})
-                  .transpose(1, 2)
-                  .to(dtype)
-                  .contiguous();
-  }
-  Tensor grad_mix;
-  if (needs[kMix] && layer.full()) {
-    grad_mix = total.narrow(0, at_sums.mix, w.mix.numel())
-                   .view({d.out_blocks, r, d.in_blocks, r})
-                   .permute({0, 2, 1, 3})
-                   .to(dtype)
-                   .contiguous();
-  } else {
-    grad_mix = gate_gradient(needs[kMix], 0);
-  }
+  // up's sums are up[i] transposed.
+  const Tensor up_sums =
+      total.narrow(0, at_sums.up, w.up.numel()).view({d.out_blocks, r, m_b}).transpose(1, 2);
   return {grad_x,
-          gradient(needs[kDown], at_sums.down, w.down),
-          grad_mix,
-          grad_up,
-          needs[kBias] ? total.narrow(0, at_sums.bias, d.out_features).to(dtype) : Tensor(),
-          gate_gradient(needs[kMixLeft], 1),
-          gate_gradient(needs[kMixRight], 2)};
+          rounded(needs[kDown], total.narrow(0, at_sums.down, w.down.numel()).view(w.down.sizes())),
+          rounded(needs[kMix], gate_grads.mix),
+          rounded(needs[kUp], up_sums),
+          rounded(needs[kBias], total.narrow(0, at_sums.bias, d.out_features)),
+          rounded(needs[kMixLeft], gate_grads.left),
+          rounded(needs[kMixRight], gate_grads.right)};
 }
 
 }  // namespace

@@ -259,7 +259,7 @@ void forward_as(const LinearDims& dims, const Tensor& x_rows, const Weights& w, 
     return;
   }
   std::optional<Gate<scalar_t>> gate;
-  if (!layer.full())
+  if (!layer.dense)
     gate = Gate<scalar_t>::make(dims, w, /*transposed=*/false, /*for_kernels=*/true);
   Tensor hidden = hidden_all.defined()
                       ? hidden_all

@@ -13,6 +13,7 @@
 
 #include "../checks.h"
 #include "amx.h"
+#include "dense_gate.h"
 #include "gate.h"
 #include "gate_tile.h"
 #include "operands.h"
@@ -70,9 +71,14 @@ struct Layer {
   const T* down;
   const T* mix;
   const T* up;
+  bool dense;  // the gate runs as one dense matrix (dense_gate.h)
 
   Layer(const LinearDims& dims, const Weights& w)
-      : d(dims), down(data(w.down)), mix(data(w.mix)), up(data(w.up)) {}
+      : d(dims),
+        down(data(w.down)),
+        mix(data(w.mix)),
+        up(data(w.up)),
+        dense(mixes_densely(dims, w.mix.scalar_type())) {}
 
   static const T* data(const at::Tensor& t) {
     return reinterpret_cast<const T*>(t.const_data_ptr<scalar_t>());
@@ -81,7 +87,6 @@ struct Layer {
 
   int64_t hidden_row() const { return d.in_blocks * d.rank; }
   int64_t mixed_row() const { return d.out_blocks * d.rank; }
-  bool full() const { return d.mixing == Mixing::kFull; }
 
   // down[j]: r rows of n_b.
   projection::WeightRows<T> down_rows(int64_t j) const {
@@ -122,29 +127,29 @@ Packed<T> pack_blocks(int64_t blocks, const RowsOf& rows_of, at::ScalarType dtyp
   return packed;
 }
 
-// The forward gate for many tokens: the elementwise gates by gate_tile (AVX-512, or AMX), or the
-// full gate as one register-tiled projection of the whole (K_out r, K_in r) matrix, packed once per
-// call (per output block, a small rank would leave most of each 32-column panel empty).
+// The forward gate for many tokens: the elementwise gates by gate_tile (AVX-512, or AMX), or a
+// dense gate as one register-tiled projection of the whole (K_out r, K_in r) matrix, packed once
+// per call (per output block, a small rank would leave most of each 32-column panel empty).
 template <typename scalar_t>
 struct PackedMixing {
   using T = typename Layer<scalar_t>::T;
   const Layer<scalar_t>& layer;
   std::optional<Gate<scalar_t>> gate;  // the elementwise gates
-  Packed<T> full;                      // the full gate's matrix
+  Packed<T> dense;                     // a dense gate's matrix
 
   PackedMixing(const Layer<scalar_t>& layer_in, const Weights& w, at::ScalarType dtype)
       : layer(layer_in) {
-    if (!layer.full()) {
+    if (!layer.dense) {
       gate = Gate<scalar_t>::make(layer.d, w, /*transposed=*/false, /*for_kernels=*/true);
     } else {
-      const at::Tensor matrix = full_mix_matrix(w.mix).contiguous();
+      const at::Tensor matrix = dense_gate_matrix(layer.d, w).contiguous();
       const projection::WeightRows<T> rows{Layer<scalar_t>::data(matrix),
                                            layer.mixed_row(),
                                            1,
                                            layer.hidden_row(),
                                            layer.hidden_row(),
                                            0};
-      full = pack_blocks<T>(1, [&](int64_t) { return rows; }, dtype);
+      dense = pack_blocks<T>(1, [&](int64_t) { return rows; }, dtype);
     }
   }
 
@@ -154,8 +159,9 @@ struct PackedMixing {
       gate_tile::mix(gate->rows, hidden, mixed, tokens);
       return;
     }
-    projection::project_packed(tokens, hidden, layer.hidden_row(), full.block(0), layer.mixed_row(),
-                               layer.hidden_row(), nullptr, mixed, layer.mixed_row());
+    projection::project_packed(tokens, hidden, layer.hidden_row(), dense.block(0),
+                               layer.mixed_row(), layer.hidden_row(), nullptr, mixed,
+                               layer.mixed_row());
   }
 };
 
