@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <optional>
 
 #include "../checks.h"
 #include "../operator_io.h"
@@ -53,22 +54,22 @@ Grads linear_backward_cpu(const Tensor& grad_out_in, const Tensor& x_in, const T
   const bool need_grad_mixed = need_grad_hidden || need_gate;
   const int64_t tokens = dims.tokens, r = dims.rank, n_b = dims.in_block, m_b = dims.out_block;
   const auto opts = x_in.options();
-  const Tensor grad_mixed =
-      need_grad_mixed ? at::empty({tokens, dims.out_blocks, r}, opts) : Tensor();
-  const Tensor mixed = needs[kUp] ? at::empty({tokens, dims.out_blocks, r}, opts) : Tensor();
-  const Tensor grad_hidden =
-      need_grad_hidden ? at::empty({tokens, dims.in_blocks, r}, opts) : Tensor();
+  Tensor grad_mixed = need_grad_mixed ? at::empty({tokens, dims.out_blocks, r}, opts) : Tensor();
+  Tensor mixed = needs[kUp] ? at::empty({tokens, dims.out_blocks, r}, opts) : Tensor();
+  Tensor grad_hidden = need_grad_hidden ? at::empty({tokens, dims.in_blocks, r}, opts) : Tensor();
   const Tensor grad_x = needs[kX] ? at::empty(x_in.sizes(), opts) : Tensor();
   const Tensor grad_x_rows = needs[kX] ? grad_x.view({tokens, dims.in_features}) : Tensor();
   Tensor grad_down, grad_mix, grad_up, grad_bias, grad_left, grad_right;
 
   AT_DISPATCH_FLOATING_TYPES_AND(
       at::kBFloat16, x_in.scalar_type(), "nanomoe_linear_backward_cpu", [&] {
-        const auto gate =
+        // Optional, so that their float32 copies of the gate go before the weight gradients come.
+        std::optional<Gate<scalar_t>> gate =
             Gate<scalar_t>::make(dims, w, /*transposed=*/false, /*for_kernels=*/false);
-        const auto gate_t = need_grad_hidden ? Gate<scalar_t>::make(dims, w, /*transposed=*/true,
-                                                                    /*for_kernels=*/false)
-                                             : Gate<scalar_t>{};
+        std::optional<Gate<scalar_t>> gate_t;
+        if (need_grad_hidden) {
+          gate_t = Gate<scalar_t>::make(dims, w, /*transposed=*/true, /*for_kernels=*/false);
+        }
 
         for_each_token_tile(tokens, kBlasTiling, [&](int64_t begin, int64_t end) {
           const int64_t rows = end - begin;
@@ -80,10 +81,10 @@ Grads linear_backward_cpu(const Tensor& grad_out_in, const Tensor& x_in, const T
             });
           }
           if (needs[kUp]) {
-            apply_gate(gate, hidden.narrow(0, begin, rows), mixed.narrow(0, begin, rows));
+            apply_gate(*gate, hidden.narrow(0, begin, rows), mixed.narrow(0, begin, rows));
           }
           if (need_grad_hidden) {
-            apply_gate(gate_t, grad_mixed.narrow(0, begin, rows),
+            apply_gate(*gate_t, grad_mixed.narrow(0, begin, rows),
                        grad_hidden.narrow(0, begin, rows));
           }
           if (needs[kX]) {
@@ -96,24 +97,32 @@ Grads linear_backward_cpu(const Tensor& grad_out_in, const Tensor& x_in, const T
           }
         });
 
+        // The weight gradients, the gate's first (its float32 scratch is freed before the
+        // projections' gradients exist), each intermediate let go after its last use: at the peak,
+        // the projections' gradients live beside as little as they need.
+        if (need_gate) {
+          grad_mix = needs[kMix] ? at::empty_like(w.mix) : Tensor();
+          grad_left = needs[kMixLeft] ? at::empty_like(w.mix_left) : Tensor();
+          grad_right = needs[kMixRight] ? at::empty_like(w.mix_right) : Tensor();
+          gate_backward(*gate, hidden, grad_mixed, grad_mix, grad_left, grad_right);
+        }
+        gate.reset();
+        gate_t.reset();
+        grad_mixed.reset();
         if (needs[kDown]) {
           grad_down = at::empty_like(down);
           for (int64_t j = 0; j < dims.in_blocks; ++j) {
             matmul_into(grad_down[j], grad_hidden.select(1, j).t(), x_rows.narrow(1, j * n_b, n_b));
           }
         }
+        grad_hidden.reset();
         if (needs[kUp]) {
           grad_up = at::empty_like(up);
           for (int64_t i = 0; i < dims.out_blocks; ++i) {
             matmul_into(grad_up[i], grad_rows.narrow(1, i * m_b, m_b).t(), mixed.select(1, i));
           }
         }
-        if (need_gate) {
-          grad_mix = needs[kMix] ? at::empty_like(w.mix) : Tensor();
-          grad_left = needs[kMixLeft] ? at::empty_like(w.mix_left) : Tensor();
-          grad_right = needs[kMixRight] ? at::empty_like(w.mix_right) : Tensor();
-          gate_backward(gate, hidden, grad_mixed, grad_mix, grad_left, grad_right);
-        }
+        mixed.reset();
       });
   if (needs[kBias]) grad_bias = grad_rows.sum(0);
   return {grad_x, grad_down, grad_mix, grad_up, grad_bias, grad_left, grad_right};

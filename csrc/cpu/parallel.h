@@ -25,26 +25,42 @@ struct Tiling {
 // Batches up to 64 tokens run as one tile with parallel block loops.
 constexpr Tiling kBlasTiling{1024, 8, 64};
 
-// Runs fn(begin, end) over the token tiles of [0, tokens): each thread takes one contiguous
-// share (a multiple of tiling.multiple) and cuts it into tiles of at most max_tokens, so the
-// threads' work differs by at most one multiple, not by a whole tile.
+// How for_each_token_tile splits [0, tokens): `shares` contiguous shares of `share` tokens (the
+// last one shorter), each run by a thread of its own (thread numbers 0 to shares - 1), cut into
+// tiles of at most max_tokens. One share, on the calling thread, for a batch of at most
+// sequential_tokens or a single thread; else a multiple of `multiple` per thread, so the threads'
+// work differs by at most one multiple, not by a whole tile.
+struct TokenShares {
+  int64_t share, shares;
+  // The most tokens one tile gets, and how many threads run tiles: what per-thread scratch needs.
+  int64_t largest_tile(const Tiling& tiling) const { return std::min(tiling.max_tokens, share); }
+  int64_t threads() const { return std::max<int64_t>(shares, 1); }
+};
+
+inline TokenShares token_shares(int64_t tokens, const Tiling& tiling) {
+  const int64_t threads = at::get_num_threads();
+  if (tokens <= tiling.sequential_tokens || threads == 1) return {tokens, tokens > 0 ? 1 : 0};
+  const int64_t per_thread = (tokens + threads - 1) / threads;
+  const int64_t share = (per_thread + tiling.multiple - 1) / tiling.multiple * tiling.multiple;
+  return {share, (tokens + share - 1) / share};
+}
+
+// Runs fn(begin, end) over the token tiles of [0, tokens), as token_shares splits them.
 template <typename F>
 void for_each_token_tile(int64_t tokens, const Tiling& tiling, const F& fn) {
-  if (tokens == 0) return;
+  const TokenShares split = token_shares(tokens, tiling);
   const auto tiles_of = [&](int64_t begin, int64_t end) {
     for (; begin < end; begin += tiling.max_tokens)
       fn(begin, std::min(end, begin + tiling.max_tokens));
   };
-  const int64_t threads = at::get_num_threads();
-  if (tokens <= tiling.sequential_tokens || threads == 1) return tiles_of(0, tokens);
-  const int64_t per_thread = (tokens + threads - 1) / threads;
-  const int64_t share = (per_thread + tiling.multiple - 1) / tiling.multiple * tiling.multiple;
-  const int64_t shares = (tokens + share - 1) / share;
-  at::parallel_for(0, shares, 1, [&](int64_t first, int64_t last) {
+  if (split.shares <= 1) return tiles_of(0, tokens);
+  at::parallel_for(0, split.shares, 1, [&](int64_t first, int64_t last) {
     // Worker threads do not inherit the caller's dispatch state: keep autograd out of the views
     // and GEMMs made here.
     at::AutoDispatchBelowADInplaceOrView guard;
-    for (int64_t s = first; s < last; ++s) tiles_of(s * share, std::min(tokens, (s + 1) * share));
+    for (int64_t s = first; s < last; ++s) {
+      tiles_of(s * split.share, std::min(tokens, (s + 1) * split.share));
+    }
   });
 }
 

@@ -154,8 +154,10 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
         as_steps(mixed_row, hidden_row, Layer<scalar_t>::data(dense_matrix), hidden_row, paired_at);
   }
 
-  // Each thread's scratch for one tile, and its float32 sums of the weight gradients.
-  const int64_t tile = kBackwardTiling.max_tokens, threads = at::get_num_threads();
+  // Each thread's scratch for one tile, and its float32 sums of the weight gradients: sized for
+  // the tiles and threads this call has (a few tokens take one small tile on one thread).
+  const TokenShares split = token_shares(d.tokens, kBackwardTiling);
+  const int64_t tile = split.largest_tile(kBackwardTiling), threads = split.threads();
   const int64_t chunk = chunk_tokens<T>(tile);
   const bool elementwise_gate = need_gate && !layer.dense;
   const int64_t scratch_bytes =
@@ -257,8 +259,10 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
     }
   });
 
-  // Every thread's sums, added in thread order, rounded once to the weights' dtype.
-  const Tensor total = threads > 1 ? sums.sum(0) : sums[0];
+  // Every thread's sums, added in thread order into the first's (a fresh total would be one more
+  // set of float32 weight gradients at the backward's peak), rounded once to the weights' dtype.
+  const Tensor total = sums[0];
+  for (int64_t thread = 1; thread < threads; ++thread) total.add_(sums[thread]);
   // The gate's gradients in float32: mix's, then diagonal_outer's left's and right's.
   GateGrads gate_grads;
   if (need_gate && layer.dense) {

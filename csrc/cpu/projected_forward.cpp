@@ -189,11 +189,12 @@ void many_tokens(const Layer<scalar_t>& layer, const Weights& w, const Tensor& x
   // Each thread's tile intermediates, allocated once: allocations inside the loop (each above
   // malloc's mmap threshold) made the threads queue on the kernel's memory map, and measured no
   // faster with 2 threads than with 1.
-  const int64_t tile = kPackedTiling.max_tokens;
+  const TokenShares split = token_shares(d.tokens, kPackedTiling);
+  const int64_t tile = split.largest_tile(kPackedTiling);
   const int64_t chunk = chunk_tokens<T>(tile);
   const int64_t hidden_size = tile * layer.hidden_row();
   const Tensor scratch =
-      at::empty({at::get_num_threads(), hidden_size + tile * layer.mixed_row()}, x_rows.options());
+      at::empty({split.threads(), hidden_size + tile * layer.mixed_row()}, x_rows.options());
   for_each_token_tile(d.tokens, kPackedTiling, [&](int64_t begin, int64_t end) {
     const int64_t rows = end - begin;
     const Tensor own = scratch[at::get_thread_num()];
