@@ -48,6 +48,7 @@ KERNEL_TESTS = [
     "tests/test_backward.py::test_many_blocks_small_ranks",
     "tests/test_backward.py::test_gate_tiles",
     "tests/test_backward.py::test_gate_gradients_add_up_over_tiles",
+    "tests/test_backward.py::test_diagonal_outer_as_dense_matrix",
     "tests/test_stress.py::test_bitwise_same_for_any_thread_count",
 ]
 

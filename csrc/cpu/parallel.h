@@ -26,15 +26,18 @@ struct Tiling {
 constexpr Tiling kBlasTiling{1024, 8, 64};
 
 // How for_each_token_tile splits [0, tokens): `shares` contiguous shares of `share` tokens (the
-// last one shorter), each run by a thread of its own (thread numbers 0 to shares - 1), cut into
-// tiles of at most max_tokens. One share, on the calling thread, for a batch of at most
-// sequential_tokens or a single thread; else a multiple of `multiple` per thread, so the threads'
-// work differs by at most one multiple, not by a whole tile.
+// last one shorter), each run by one thread, cut into tiles of at most max_tokens. One share, on
+// the calling thread, for a batch of at most sequential_tokens or a single thread; else a multiple
+// of `multiple` per thread, so the threads' work differs by at most one multiple, not by a whole
+// tile. Scratch kept per share (not per thread number: the sequential share runs on whichever
+// thread calls, possibly a worker of an outer parallel loop) is never used by two threads at once.
 struct TokenShares {
   int64_t share, shares;
-  // The most tokens one tile gets, and how many threads run tiles: what per-thread scratch needs.
+  // The most tokens one tile gets, and how many shares there are (at least one slot of scratch).
   int64_t largest_tile(const Tiling& tiling) const { return std::min(tiling.max_tokens, share); }
-  int64_t threads() const { return std::max<int64_t>(shares, 1); }
+  int64_t slots() const { return std::max<int64_t>(shares, 1); }
+  // The share of the tile starting at token `begin`.
+  int64_t slot_of(int64_t begin) const { return begin / share; }
 };
 
 inline TokenShares token_shares(int64_t tokens, const Tiling& tiling) {

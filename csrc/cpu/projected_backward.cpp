@@ -1,10 +1,10 @@
 // The backward of a token tile on one core, like the forward (projected_forward.cpp): grad_mixed
 // = grad_out blocks x up, the forward's mixed recomputed from the saved hidden, grad_hidden =
 // G^T grad_mixed and grad_x = grad_hidden blocks x down, the products on the register tile (or AMX)
-// with the weights read by steps (in place in float32, paired once per call in bfloat16), the gates
-// by gate_tile. Then the tile's share of
-// every weight gradient is added into its thread's float32 sums, reduced once at the end; so
-// nothing of tokens x features is allocated besides grad_x, and every product is summed in
+// with the weights read by steps (in place in float32, paired once per call in bfloat16), the
+// elementwise gates by gate_tile, a dense gate (dense_gate.h) as one more product. Then the tile's
+// share of every weight gradient is added into its thread's float32 sums, reduced once at the end;
+// so nothing of tokens x features is allocated besides grad_x, and every product is summed in
 // float32 before its one rounding.
 #include "projected_backward.h"
 
@@ -125,13 +125,13 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
   // The forward gate (for mixed and the gate's gradients) and the transposed one (grad_hidden).
   const PackedMixing<scalar_t> mix(layer, w, dtype);
   std::optional<Gate<scalar_t>> gate_t;
-  if (!layer.dense && need_grad_hidden)
+  if (!layer.dense_gate && need_grad_hidden)
     gate_t = Gate<scalar_t>::make(d, w, /*transposed=*/true, /*for_kernels=*/true);
 
   // The weights by steps: up[i] (m_b steps of r), down[j] (r steps of n_b), and a dense gate as
   // one matrix (K_out r steps (i, a) of K_in r columns (j, b)), so grad_hidden is one product with
   // every column in the lanes, however small the rank.
-  const bool dense_t_needed = layer.dense && need_grad_hidden;
+  const bool dense_t_needed = layer.dense_gate && need_grad_hidden;
   const Tensor dense_matrix = dense_t_needed ? dense_gate_matrix(d, w).contiguous() : Tensor();
   const int64_t up_size = steps_size<T>(m_b, r), down_size = steps_size<T>(r, n_b);
   const int64_t dense_size = dense_t_needed ? steps_size<T>(mixed_row, hidden_row) : 0;
@@ -154,23 +154,28 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
         as_steps(mixed_row, hidden_row, Layer<scalar_t>::data(dense_matrix), hidden_row, paired_at);
   }
 
-  // Each thread's scratch for one tile, and its float32 sums of the weight gradients: sized for
-  // the tiles and threads this call has (a few tokens take one small tile on one thread).
+  // Each share's scratch for one tile, and its float32 sums of the weight gradients: sized for
+  // the tiles and shares this call has (a few tokens take one small tile, in one share).
   const TokenShares split = token_shares(d.tokens, kBackwardTiling);
-  const int64_t tile = split.largest_tile(kBackwardTiling), threads = split.threads();
+  const int64_t tile = split.largest_tile(kBackwardTiling), slots = split.slots();
   const int64_t chunk = chunk_tokens<T>(tile);
-  const bool elementwise_gate = need_gate && !layer.dense;
+  const bool elementwise_gate = need_gate && !layer.dense_gate;
   const int64_t scratch_bytes =
       2 * Carve::bytes<T>(tile * mixed_row) + Carve::bytes<T>(tile * hidden_row) +
       Carve::bytes<T>(token_tile_size<T>(tile, d.in_features)) +
       Carve::bytes<T>(token_tile_size<T>(tile, d.out_features)) +
       2 * Carve::bytes<T>(steps_size<T>(tile, std::max(hidden_row, mixed_row)));
-  const Tensor scratch = at::empty({threads, scratch_bytes}, at::TensorOptions().dtype(at::kByte));
-  const int64_t gate_sums_size = !need_gate    ? 0
-                                 : layer.dense ? mixed_row * hidden_row
-                                               : gate_tile::grads_size(mix.gate->rows);
+  const Tensor scratch = at::empty({slots, scratch_bytes}, at::TensorOptions().dtype(at::kByte));
+  const int64_t gate_sums_size = !need_gate         ? 0
+                                 : layer.dense_gate ? mixed_row * hidden_row
+                                                    : gate_tile::grads_size(mix.gate->rows);
   const SumsLayout at_sums(d, gate_sums_size);
-  const Tensor sums = at::zeros({threads, at_sums.size}, at::TensorOptions().dtype(at::kFloat));
+  // One tensor per share, so that the gradients returned as views of the first (float32) keep
+  // only it alive.
+  std::vector<Tensor> sums;
+  for (int64_t slot = 0; slot < slots; ++slot) {
+    sums.push_back(at::zeros({at_sums.size}, at::TensorOptions().dtype(at::kFloat)));
+  }
 
   const T* x = Layer<scalar_t>::data(x_rows);
   const T* grad = Layer<scalar_t>::data(grad_rows);
@@ -180,9 +185,9 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
   T* gx = needs[kX] ? Layer<scalar_t>::data(grad_x) : nullptr;
 
   for_each_token_tile(d.tokens, kBackwardTiling, [&](int64_t begin, int64_t end) {
-    const int64_t rows = end - begin, thread = at::get_thread_num();
-    Carve carve{reinterpret_cast<char*>(scratch[thread].mutable_data_ptr())};
-    float* own_sums = sums[thread].mutable_data_ptr<float>();
+    const int64_t rows = end - begin, slot = split.slot_of(begin);
+    Carve carve{reinterpret_cast<char*>(scratch[slot].mutable_data_ptr())};
+    float* own_sums = sums[slot].mutable_data_ptr<float>();
     const T* go = grad + begin * grad_stride;
     const T* h = hid + begin * hidden_row;
     std::optional<amx::Tiles> tile_unit;  // nothing below configures the tile unit otherwise
@@ -243,7 +248,7 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
                                         own_sums + at_sums.up + i * r * m_b, m_b);
       }
     }
-    if (need_gate && layer.dense) {  // (i, a) x (j, b) sums, in mix's layout at the end
+    if (need_gate && layer.dense_gate) {  // (i, a) x (j, b) sums, in mix's layout at the end
       const auto grad_mixed =
           as_steps(rows, mixed_row, static_cast<const T*>(gm), mixed_row, first_buffer);
       const auto hidden_tile = as_steps(rows, hidden_row, h, hidden_row, second_buffer);
@@ -259,13 +264,14 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
     }
   });
 
-  // Every thread's sums, added in thread order into the first's (a fresh total would be one more
-  // set of float32 weight gradients at the backward's peak), rounded once to the weights' dtype.
+  // Every share's sums, added in order into the first's (a fresh total would be one more set of
+  // float32 weight gradients at the backward's peak), rounded once to the weights' dtype.
   const Tensor total = sums[0];
-  for (int64_t thread = 1; thread < threads; ++thread) total.add_(sums[thread]);
+  for (int64_t slot = 1; slot < slots; ++slot) total.add_(sums[slot]);
+  sums.clear();
   // The gate's gradients in float32: mix's, then diagonal_outer's left's and right's.
   GateGrads gate_grads;
-  if (need_gate && layer.dense) {
+  if (need_gate && layer.dense_gate) {
     gate_grads = dense_gate_grads(d, w, total.narrow(0, at_sums.mix, mixed_row * hidden_row));
   } else if (elementwise_gate) {
     const bool outer = d.mixing == Mixing::kDiagonalOuter;

@@ -194,10 +194,10 @@ void many_tokens(const Layer<scalar_t>& layer, const Weights& w, const Tensor& x
   const int64_t chunk = chunk_tokens<T>(tile);
   const int64_t hidden_size = tile * layer.hidden_row();
   const Tensor scratch =
-      at::empty({split.threads(), hidden_size + tile * layer.mixed_row()}, x_rows.options());
+      at::empty({split.slots(), hidden_size + tile * layer.mixed_row()}, x_rows.options());
   for_each_token_tile(d.tokens, kPackedTiling, [&](int64_t begin, int64_t end) {
     const int64_t rows = end - begin;
-    const Tensor own = scratch[at::get_thread_num()];
+    const Tensor own = scratch[split.slot_of(begin)];
     Tensor hidden = hidden_all.defined()
                         ? hidden_all.narrow(0, begin, rows)
                         : own.narrow(0, 0, rows * layer.hidden_row()).view({rows, d.in_blocks, r});
@@ -260,7 +260,9 @@ void forward_as(const LinearDims& dims, const Tensor& x_rows, const Weights& w, 
     return;
   }
   std::optional<Gate<scalar_t>> gate;
-  if (!layer.dense)
+  // The few-token path reads only the full gate as a matrix (mix in place): the elementwise gates
+  // run their own kernels there, dense or not for many tokens.
+  if (dims.mixing != Mixing::kFull)
     gate = Gate<scalar_t>::make(dims, w, /*transposed=*/false, /*for_kernels=*/true);
   Tensor hidden = hidden_all.defined()
                       ? hidden_all

@@ -71,14 +71,14 @@ struct Layer {
   const T* down;
   const T* mix;
   const T* up;
-  bool dense;  // the gate runs as one dense matrix (dense_gate.h)
+  bool dense_gate;  // the gate runs as one dense matrix (dense_gate.h), for many tokens
 
   Layer(const LinearDims& dims, const Weights& w)
       : d(dims),
         down(data(w.down)),
         mix(data(w.mix)),
         up(data(w.up)),
-        dense(mixes_densely(dims, w.mix.scalar_type())) {}
+        dense_gate(mixes_densely(dims, w.mix.scalar_type())) {}
 
   static const T* data(const at::Tensor& t) {
     return reinterpret_cast<const T*>(t.const_data_ptr<scalar_t>());
@@ -135,11 +135,11 @@ struct PackedMixing {
   using T = typename Layer<scalar_t>::T;
   const Layer<scalar_t>& layer;
   std::optional<Gate<scalar_t>> gate;  // the elementwise gates
-  Packed<T> dense;                     // a dense gate's matrix
+  Packed<T> dense_matrix;              // a dense gate's matrix
 
   PackedMixing(const Layer<scalar_t>& layer_in, const Weights& w, at::ScalarType dtype)
       : layer(layer_in) {
-    if (!layer.dense) {
+    if (!layer.dense_gate) {
       gate = Gate<scalar_t>::make(layer.d, w, /*transposed=*/false, /*for_kernels=*/true);
     } else {
       const at::Tensor matrix = dense_gate_matrix(layer.d, w).contiguous();
@@ -149,7 +149,7 @@ struct PackedMixing {
                                            layer.hidden_row(),
                                            layer.hidden_row(),
                                            0};
-      dense = pack_blocks<T>(1, [&](int64_t) { return rows; }, dtype);
+      dense_matrix = pack_blocks<T>(1, [&](int64_t) { return rows; }, dtype);
     }
   }
 
@@ -159,7 +159,7 @@ struct PackedMixing {
       gate_tile::mix(gate->rows, hidden, mixed, tokens);
       return;
     }
-    projection::project_packed(tokens, hidden, layer.hidden_row(), dense.block(0),
+    projection::project_packed(tokens, hidden, layer.hidden_row(), dense_matrix.block(0),
                                layer.mixed_row(), layer.hidden_row(), nullptr, mixed,
                                layer.mixed_row());
   }
