@@ -282,7 +282,8 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
                             data(gate_grads.mix), data(gate_grads.left), data(gate_grads.right));
   }
   const auto rounded = [&](bool needed, const Tensor& sums) {
-    return needed ? sums.to(dtype).contiguous() : Tensor();
+    // One copy, rounded and laid out contiguously at once (a view of sums already so: none).
+    return needed ? sums.to(dtype, false, false, at::MemoryFormat::Contiguous) : Tensor();
   };
   // up's sums are up[i] transposed.
   const Tensor up_sums =
