@@ -117,3 +117,13 @@ def grads_of(fn, case: Case, grad_out: Tensor, wanted: tuple[str, ...] = NAMES) 
             tensor.requires_grad_()
     fn(*leaves.args()).backward(grad_out)
     return {name: getattr(leaves, name).grad for name in NAMES if getattr(leaves, name) is not None}
+
+
+def assert_kernel_grads_match(case: Case, grad_out: Tensor, dtype: torch.dtype, label: str) -> None:
+    """Every gradient of the kernel (case in dtype, grad_out float64, rounded to dtype for it)
+    against the float64 reference's, each within assert_close_to's bound."""
+    got = grads_of(torch.ops.nanomoe.linear, case, grad_out.to(dtype))
+    expected = grads_of(nanomoe_linear_reference, case.map(torch.Tensor.double), grad_out)
+    scale = grads_of(nanomoe_linear_reference, magnitude(case), grad_out.abs())
+    for name, grad in got.items():
+        assert_close_to(grad, expected[name], dtype, f"grad of {name}, {label}", scale[name])

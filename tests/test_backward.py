@@ -4,7 +4,15 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from support import CPU_DTYPES, NAMES, assert_close_to, grads_of, magnitude, make_case
+from support import (
+    CPU_DTYPES,
+    NAMES,
+    assert_close_to,
+    assert_kernel_grads_match,
+    grads_of,
+    magnitude,
+    make_case,
+)
 
 from nanomoe.budget import MIXINGS
 from nanomoe.reference import nanomoe_linear_reference
@@ -96,12 +104,8 @@ def test_kernel_tile_edges(tokens: int, mixing: str, dtype: torch.dtype) -> None
     for k_out, k_in, n_b, m_b, rank in shapes:
         case = make_case((tokens,), k_out, k_in, n_b, m_b, rank, mixing, dtype, True, generator)
         grad_out = torch.randn(tokens, k_out * m_b, generator=generator, dtype=torch.float64)
-        got = grads_of(torch.ops.nanomoe.linear, case, grad_out.to(dtype))
-        expected = grads_of(nanomoe_linear_reference, case.map(torch.Tensor.double), grad_out)
-        scale = grads_of(nanomoe_linear_reference, magnitude(case), grad_out.abs())
-        for name, grad in got.items():
-            label = f"grad of {name}, {mixing} {dtype} tokens={tokens} rank={rank} n_b={n_b}"
-            assert_close_to(grad, expected[name], dtype, label, scale[name])
+        label = f"{mixing} {dtype} tokens={tokens} rank={rank} n_b={n_b}"
+        assert_kernel_grads_match(case, grad_out, dtype, label)
 
 
 # bfloat16 on AMX: a product shallower than the tile unit's 32-deep step runs on tiles shaped to its
@@ -124,13 +128,7 @@ def test_shallow_products(tokens: int, mixing: str) -> None:
         got = torch.ops.nanomoe.linear(*case.args())
         assert_close_to(got, expected, torch.bfloat16, f"output, {label}", scale)
         grad_out = torch.randn(tokens, k_out * m_b, generator=generator, dtype=torch.float64)
-        got = grads_of(torch.ops.nanomoe.linear, case, grad_out.to(torch.bfloat16))
-        expected = grads_of(nanomoe_linear_reference, case.map(torch.Tensor.double), grad_out)
-        scale = grads_of(nanomoe_linear_reference, magnitude(case), grad_out.abs())
-        for name, grad in got.items():
-            assert_close_to(
-                grad, expected[name], torch.bfloat16, f"grad of {name}, {label}", scale[name]
-            )
+        assert_kernel_grads_match(case, grad_out, torch.bfloat16, label)
 
 
 # diagonal_outer at a small rank (up to 4, or 8 in bfloat16 on AMX) from 17 tokens on runs as one
@@ -157,12 +155,7 @@ def test_diagonal_outer_as_dense_matrix(tokens: int, dtype: torch.dtype, threads
             got = torch.ops.nanomoe.linear(*case.args())
             assert_close_to(got, expected, dtype, f"output, {label}", scale)
             grad_out = torch.randn(tokens, k_out * m_b, generator=generator, dtype=torch.float64)
-            got = grads_of(torch.ops.nanomoe.linear, case, grad_out.to(dtype))
-            expected = grads_of(nanomoe_linear_reference, case.map(torch.Tensor.double), grad_out)
-            scale = grads_of(nanomoe_linear_reference, magnitude(case), grad_out.abs())
-            for name, grad in got.items():
-                what = f"grad of {name}, {label}"
-                assert_close_to(grad, expected[name], dtype, what, scale[name])
+            assert_kernel_grads_match(case, grad_out, dtype, label)
     finally:
         torch.set_num_threads(previous)
 
@@ -225,12 +218,7 @@ def assert_grads_match_reference(
     for k_out, k_in, rank in shapes:
         case = make_case((tokens,), k_out, k_in, 3, 2, rank, mixing, dtype, True, generator)
         grad_out = torch.randn(tokens, k_out * 2, generator=generator, dtype=torch.float64)
-        got = grads_of(torch.ops.nanomoe.linear, case, grad_out.to(dtype))
-        expected = grads_of(nanomoe_linear_reference, case.map(torch.Tensor.double), grad_out)
-        scale = grads_of(nanomoe_linear_reference, magnitude(case), grad_out.abs())
-        for name, grad in got.items():
-            label = f"grad of {name}, K=({k_out}, {k_in}) rank={rank}"
-            assert_close_to(grad, expected[name], dtype, label, scale[name])
+        assert_kernel_grads_match(case, grad_out, dtype, f"K=({k_out}, {k_in}) rank={rank}")
 
 
 @pytest.mark.parametrize("tokens", [0, 1, 5, 13, 16, 131])
