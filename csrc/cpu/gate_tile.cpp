@@ -80,25 +80,55 @@ NANOMOE_AVX512 inline __m512 load(__mmask16 lanes, const float* from) {
   return kMasked ? _mm512_maskz_loadu_ps(lanes, from) : _mm512_loadu_ps(from);
 }
 
-// out[j] = <a[j], b[j]> over r elements for j < count (at most 16; the pointers of lanes beyond
-// count must still be readable).
-NANOMOE_AVX512 inline void dots16(const float* const a[16], const float* const b[16], int64_t r,
+// out[j] = <a, b[j]> over r elements for j < count (at most 16; the pointers of lanes beyond count
+// must still be readable): each load of a serves the 16.
+NANOMOE_AVX512 inline void dots16(const float* a, const float* const b[16], int64_t r,
                                   int64_t count, float* out) {
   __m512 acc[16];
   for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
   for (int64_t c = 0; c < r; c += 16) {
     const __mmask16 lanes = first_lanes(r - c);
+    const __m512 shared = _mm512_maskz_loadu_ps(lanes, a + c);
 #pragma GCC unroll 16
     for (int j = 0; j < 16; ++j) {
-      acc[j] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(lanes, a[j] + c),
-                               _mm512_maskz_loadu_ps(lanes, b[j] + c), acc[j]);
+      acc[j] = _mm512_fmadd_ps(shared, _mm512_maskz_loadu_ps(lanes, b[j] + c), acc[j]);
     }
   }
   _mm512_mask_storeu_ps(out, first_lanes(count), sum_lanes16(acc));
 }
 
+// diagonal_outer's dot products for destination block d and kTokens tokens (float32 source rows
+// at x + t * x_row): dots[s * kTokens + t] = <right_ds, x_ts>. Two source blocks at a time, so
+// each load of right serves every token and the 2 kTokens sums fill (at most) one reduction of 16.
+template <int kTokens>
+NANOMOE_AVX512 void right_dots(const GateRows<float>& g, const float* x, int64_t x_row, int64_t d,
+                               float* dots) {
+  static_assert(2 * kTokens <= 16, "two source blocks' sums fit one reduction");
+  const int64_t r = g.rank;
+  for (int64_t s0 = 0; s0 < g.src_blocks; s0 += 2) {
+    const int blocks = g.src_blocks - s0 > 1 ? 2 : 1;
+    __m512 acc[16];
+#pragma GCC unroll 16
+    for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < r; c += 16) {
+      const __mmask16 lanes = first_lanes(r - c);
+      for (int e = 0; e < blocks; ++e) {
+        const int64_t s = s0 + e;
+        const __m512 right =
+            _mm512_maskz_loadu_ps(lanes, g.right + d * g.dst_stride + s * g.src_stride + c);
+#pragma GCC unroll 8
+        for (int t = 0; t < kTokens; ++t) {
+          acc[e * kTokens + t] = _mm512_fmadd_ps(
+              right, _mm512_maskz_loadu_ps(lanes, x + t * x_row + s * r + c), acc[e * kTokens + t]);
+        }
+      }
+    }
+    _mm512_mask_storeu_ps(dots + s0 * kTokens, first_lanes(blocks * kTokens), sum_lanes16(acc));
+  }
+}
+
 // Lanes [c, c + 16) of destination block d for kTokens tokens: float32 source rows at
-// x + t * x_row; for diagonal_outer, dots[t * src_blocks + s] = <right_ds, x_ts>. kMasked: the
+// x + t * x_row; for diagonal_outer, dots[s * kTokens + t] = <right_ds, x_ts>. kMasked: the
 // block's last, partial 16 lanes.
 template <int kVariant, int kTokens, bool kMasked, typename T>
 NANOMOE_AVX512 __attribute__((always_inline)) inline void mix_lanes(const GateRows<float>& g,
@@ -123,7 +153,7 @@ NANOMOE_AVX512 __attribute__((always_inline)) inline void mix_lanes(const GateRo
       const __m512 left = load<kMasked>(lanes, g.left + pair + c);
 #pragma GCC unroll 8
       for (int t = 0; t < kTokens; ++t) {
-        acc[t] = _mm512_fmadd_ps(left, _mm512_set1_ps(dots[t * g.src_blocks + s]), acc[t]);
+        acc[t] = _mm512_fmadd_ps(left, _mm512_set1_ps(dots[s * kTokens + t]), acc[t]);
       }
     }
   }
@@ -136,20 +166,7 @@ NANOMOE_AVX512 void mix_group(const GateRows<float>& g, const float* x, int64_t 
                               T* y, int64_t y_row) {
   const int64_t r = g.rank;
   for (int64_t d = 0; d < g.dst_blocks; ++d) {
-    if constexpr (kVariant == 2) {  // dots[t * src_blocks + s] = <right_ds, x_ts>, 16 at a time
-      const int64_t count = kTokens * g.src_blocks;
-      int64_t t = 0, s = 0;  // of dot first + j, stepped along (no division per dot)
-      for (int64_t first = 0; first < count; first += 16) {
-        const float* right[16];
-        const float* src[16];
-        for (int64_t j = 0; j < 16; ++j) {
-          right[j] = g.right + d * g.dst_stride + s * g.src_stride;
-          src[j] = x + t * x_row + s * r;
-          if (first + j + 1 < count && ++s == g.src_blocks) s = 0, ++t;  // else repeat the last
-        }
-        dots16(right, src, r, std::min<int64_t>(16, count - first), dots + first);
-      }
-    }
+    if constexpr (kVariant == 2) right_dots<kTokens>(g, x, x_row, d, dots);
     int64_t c = 0;
     for (; c + 16 <= r; c += 16) {
       mix_lanes<kVariant, kTokens, false>(g, x, x_row, dots, y + d * r, y_row, d, c);
@@ -280,20 +297,16 @@ NANOMOE_AVX512 void outer_grads(const GateRows<float>& g, const float* src, cons
   float* right_dots = dots;               // <right_ds, x_ts>
   float* left_dots = dots + kGradTokens;  // <left_ds, gy_td>
   for (int64_t first = 0; first < tokens; first += 16) {
-    const float* right[16];
-    const float* left[16];
     const float* x[16];
     const float* gy[16];
     for (int64_t j = 0; j < 16; ++j) {
       const int64_t t = std::min(first + j, tokens - 1);
-      right[j] = g.right + pair;
-      left[j] = g.left + pair;
       x[j] = src + t * src_row + s * r;
       gy[j] = grad_dst + t * dst_row + d * r;
     }
     const int64_t count = std::min<int64_t>(16, tokens - first);
-    dots16(right, x, r, count, right_dots + first);
-    dots16(left, gy, r, count, left_dots + first);
+    dots16(g.right + pair, x, r, count, right_dots + first);
+    dots16(g.left + pair, gy, r, count, left_dots + first);
   }
   for (int64_t c = 0; c < r; c += 16) {
     const __mmask16 lanes = first_lanes(r - c);
