@@ -122,8 +122,10 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
   const bool need_grad_hidden = needs[kX] || needs[kDown];
   const bool need_grad_mixed = need_grad_hidden || need_gate;
 
-  // The forward gate (for mixed and the gate's gradients) and the transposed one (grad_hidden).
-  const PackedMixing<scalar_t> mix(layer, w, dtype);
+  // The forward gate (for mixed and the gate's gradients) and the transposed one (grad_hidden);
+  // a dense gate's matrix made once for both.
+  const Tensor dense_matrix = layer.dense_gate ? dense_gate_matrix(d, w).contiguous() : Tensor();
+  const PackedMixing<scalar_t> mix(layer, w, dtype, dense_matrix);
   std::optional<Gate<scalar_t>> gate_t;
   if (!layer.dense_gate && need_grad_hidden)
     gate_t = Gate<scalar_t>::make(d, w, /*transposed=*/true, /*for_kernels=*/true);
@@ -132,7 +134,6 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
   // one matrix (K_out r steps (i, a) of K_in r columns (j, b)), so grad_hidden is one product with
   // every column in the lanes, however small the rank.
   const bool dense_t_needed = layer.dense_gate && need_grad_hidden;
-  const Tensor dense_matrix = dense_t_needed ? dense_gate_matrix(d, w).contiguous() : Tensor();
   const int64_t up_size = steps_size<T>(m_b, r), down_size = steps_size<T>(r, n_b);
   const int64_t dense_size = dense_t_needed ? steps_size<T>(mixed_row, hidden_row) : 0;
   Tensor paired =

@@ -137,12 +137,14 @@ struct PackedMixing {
   std::optional<Gate<scalar_t>> gate;  // the elementwise gates
   Packed<T> dense_matrix;              // a dense gate's matrix
 
-  PackedMixing(const Layer<scalar_t>& layer_in, const Weights& w, at::ScalarType dtype)
+  // made: a dense gate's matrix (dense_gate_matrix, contiguous) where the caller has it already.
+  PackedMixing(const Layer<scalar_t>& layer_in, const Weights& w, at::ScalarType dtype,
+               const at::Tensor& made = {})
       : layer(layer_in) {
     if (!layer.dense_gate) {
       gate = Gate<scalar_t>::make(layer.d, w, /*transposed=*/false, /*for_kernels=*/true);
     } else {
-      const at::Tensor matrix = dense_gate_matrix(layer.d, w).contiguous();
+      const at::Tensor matrix = made.defined() ? made : dense_gate_matrix(layer.d, w).contiguous();
       const projection::WeightRows<T> rows{Layer<scalar_t>::data(matrix),
                                            layer.mixed_row(),
                                            1,
