@@ -13,6 +13,7 @@ from support import (
     magnitude,
     make_case,
     reference64,
+    relative_error,
 )
 
 from nanomoe.budget import MIXINGS
@@ -155,6 +156,68 @@ def test_diagonal_outer_as_dense_matrix(tokens: int, dtype: torch.dtype, threads
             assert_close_to(got, reference64(case), dtype, f"output, {label}", scale)
             grad_out = torch.randn(tokens, k_out * m_b, generator=generator, dtype=torch.float64)
             assert_kernel_grads_match(case, grad_out, dtype, label)
+    finally:
+        torch.set_num_threads(previous)
+
+
+# bfloat16 diagonal_outer mixing with rank positions as the lanes takes its dot products <right,
+# hidden> (and the transposed gate's and the gate gradients' <left, grad_mixed>) on AMX from 32
+# tokens on, 32 tokens per product, the rows past a multiple of 16 padded (csrc/cpu/gate_tile.cpp,
+# dots_by_amx); below 32 tokens, AVX-512 FMAs. Both sum exact products in float32, so each token's
+# output and grad_x must agree with the same token run alone to within a rare rounding flip: 1e-3
+# relative, where leaving out one rank position of the dot products measured 0.1 and over. The
+# gate's gradients, whose bfloat16 rounding alone is 3e-3 here, are held to 1e-2 of the float64
+# reference (plain relative error): the same omission measured 0.9 and over.
+@pytest.mark.parametrize("tokens", [32, 50, 100])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_diagonal_outer_dots_match_per_token(tokens: int, threads: int) -> None:
+    generator = torch.Generator().manual_seed(tokens)
+    # (k_out, k_in, n_b, m_b, rank): 16 destination blocks or fewer (one 16-column product), 20
+    # (one of 32) and 40 (two); odd ranks.
+    shapes = [(8, 8, 16, 16, 64), (3, 5, 7, 9, 33), (2, 4, 8, 8, 65), (1, 1, 16, 16, 17)]
+    shapes += [(20, 3, 5, 7, 64), (40, 2, 3, 4, 128)]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for k_out, k_in, n_b, m_b, rank in shapes:
+            case = make_case(
+                (tokens,),
+                k_out,
+                k_in,
+                n_b,
+                m_b,
+                rank,
+                "diagonal_outer",
+                torch.bfloat16,
+                True,
+                generator,
+            )
+            grad_out = torch.randn(tokens, k_out * m_b, generator=generator).bfloat16()
+            label = f"tokens={tokens} K=({k_out}, {k_in}) rank={rank} threads={threads}"
+            together = grads_of(torch.ops.nanomoe.linear, case, grad_out, ("x",))
+            out = torch.ops.nanomoe.linear(*case.args())
+            alone_out, alone_grad_x = [], []
+            for t in range(tokens):
+                one = case.map(lambda u: u)
+                one.x = case.x[t : t + 1]
+                alone_out.append(torch.ops.nanomoe.linear(*one.args()))
+                alone_grad_x.append(
+                    grads_of(torch.ops.nanomoe.linear, one, grad_out[t : t + 1], ("x",))["x"]
+                )
+            for name, got, alone in [
+                ("output", out, torch.cat(alone_out)),
+                ("grad_x", together["x"], torch.cat(alone_grad_x)),
+            ]:
+                error = relative_error(got, alone)
+                assert error <= 1e-3, f"{name}, {label}: {error:.3g} from the tokens run alone"
+            gate = ("mix", "mix_left", "mix_right")
+            got = grads_of(torch.ops.nanomoe.linear, case, grad_out, gate)
+            expected = grads_of(
+                nanomoe_linear_reference, case.map(torch.Tensor.double), grad_out.double(), gate
+            )
+            for name in gate:
+                error = relative_error(got[name], expected[name])
+                assert error <= 1e-2, f"grad of {name}, {label}: relative error {error:.3g}"
     finally:
         torch.set_num_threads(previous)
 

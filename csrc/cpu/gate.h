@@ -18,6 +18,7 @@
 #include "../checks.h"
 #include "gate_amx.h"
 #include "gate_rows.h"
+#include "gate_tile.h"
 #include "matmul.h"
 #include "operands.h"
 #include "parallel.h"
@@ -39,7 +40,7 @@ struct Gate {
   Mixing mixing;
   at::Tensor mix, left, right;  // acc_t copies (the weights themselves when scalar_t is acc_t)
   at::Tensor mix_by_block, left_by_block, right_by_block;  // see GateRows, when used
-  at::Tensor amx_gate;                                     // likewise
+  at::Tensor amx_gate, dot_pairs;                          // likewise
   GateRows<acc_t> rows;                                    // scalar, diagonal, diagonal_outer
   // full: one (K_dst r, K_src r) matrix, permuted once per call; or, for fewer tokens than the
   // rank (where that copy of K^2 r^2 would cost more than the products), mix read in place.
@@ -86,8 +87,15 @@ struct Gate {
     }
     // On AMX, mix takes bfloat16's gates from there, and so do the gradients that gate_amx sums
     // (the rest keep the layouts above).
+    // Else diagonal_outer's dot products may run there (gate_tile::dots_on_amx).
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-      if (for_kernels && gate_amx::chosen(g.rows)) g.lay_out_for_amx(w.mix);
+      if (for_kernels && gate_amx::chosen(g.rows)) {
+        g.lay_out_for_amx(w.mix);
+      } else if (for_kernels && gate_tile::dots_on_amx(g.rows, dims.tokens)) {
+        g.dot_pairs = at::empty({gate_tile::dot_pairs_size(g.rows)}, w.mix.options());
+        gate_tile::lay_out_dot_pairs(g.rows,
+                                     reinterpret_cast<uint16_t*>(g.dot_pairs.mutable_data_ptr()));
+      }
     }
     return g;
   }

@@ -7,7 +7,9 @@
 #include "gate_tile.h"
 
 #include <algorithm>
+#include <cstring>
 
+#include "amx.h"
 #include "gate_amx.h"
 #include "gate_by_block.h"
 
@@ -42,6 +44,59 @@ int64_t grads_size(const GateRows<float>& g) {
   }
 }
 
+bool dots_on_amx(const GateRows<float>& g, int64_t tokens) {
+  // One product's tokens: at 16 tokens (4096 features, K = 8, r = 256) laying out the pairs cost
+  // more than the products saved (forward 1.04x to 1.19x the time).
+  constexpr int64_t kMinTokens = amx::kTokens;
+  return g.variant == 2 && !g.mix_by_block && !g.amx_gate && tokens >= kMinTokens &&
+         amx::available();
+}
+
+namespace {
+
+// Blocks as the dot products' columns: one 16-column tile's worth, or 32-column blocks.
+int64_t pair_cols(int64_t blocks) {
+  return blocks <= 16 ? 16 : (blocks + amx::kCols - 1) / amx::kCols * amx::kCols;
+}
+
+// Each row block a's (rank x column block b) matrix by pairs of rank positions, from the float32
+// copies of bfloat16 weights at rows (entry (a, b, c) at rows + a * a_stride + b * b_stride + c).
+void lay_out_pairs(const float* rows, int64_t a_blocks, int64_t a_stride, int64_t b_blocks,
+                   int64_t b_stride, int64_t rank, uint16_t* pairs) {
+  const int64_t cols = pair_cols(b_blocks), pair_rows = (rank + 1) / 2;
+  std::fill_n(pairs, a_blocks * pair_rows * 2 * cols, uint16_t(0));
+  for (int64_t a = 0; a < a_blocks; ++a) {
+    for (int64_t b = 0; b < b_blocks; ++b) {
+      const float* row = rows + a * a_stride + b * b_stride;
+      for (int64_t c = 0; c < rank; ++c) {
+        uint32_t bits;  // a bfloat16's float32 copy: the high half is the value
+        std::memcpy(&bits, row + c, sizeof bits);
+        pairs[((a * pair_rows + c / 2) * cols + b) * 2 + c % 2] = uint16_t(bits >> 16);
+      }
+    }
+  }
+}
+
+int64_t right_pairs_size(const GateRows<float>& g) {
+  return g.src_blocks * ((g.rank + 1) / 2) * 2 * pair_cols(g.dst_blocks);
+}
+
+}  // namespace
+
+int64_t dot_pairs_size(const GateRows<float>& g) {
+  return right_pairs_size(g) + g.dst_blocks * ((g.rank + 1) / 2) * 2 * pair_cols(g.src_blocks);
+}
+
+void lay_out_dot_pairs(GateRows<float>& g, uint16_t* pairs) {
+  lay_out_pairs(g.right, g.src_blocks, g.src_stride, g.dst_blocks, g.dst_stride, g.rank, pairs);
+  uint16_t* left = pairs + right_pairs_size(g);
+  lay_out_pairs(g.left, g.dst_blocks, g.dst_stride, g.src_blocks, g.src_stride, g.rank, left);
+  g.right_pairs = pairs;
+  g.right_cols = pair_cols(g.dst_blocks);
+  g.left_pairs = left;
+  g.left_cols = pair_cols(g.src_blocks);
+}
+
 void grads_to_mix(const GateRows<float>& g, const float* sums, float* grad_mix, float* grad_left,
                   float* grad_right) {
   switch (grads_layout(g)) {
@@ -63,10 +118,12 @@ void grads_to_mix(const GateRows<float>& g, const float* sums, float* grad_mix, 
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 
+#include <optional>
 #include <type_traits>
 #include <vector>
 
 #include "avx512.h"
+#include "thread_buffer.h"
 
 namespace nanomoe::cpu::gate_tile {
 namespace {
@@ -127,13 +184,20 @@ NANOMOE_AVX512 void right_dots(const GateRows<float>& g, const float* x, int64_t
   }
 }
 
+// diagonal_outer's dot products <right_ds, x_ts> for one destination block: at[s * per_src + t *
+// kPerToken].
+template <int64_t kPerToken>
+struct Dots {
+  const float* at;
+  int64_t per_src;
+};
+
 // Lanes [c, c + 16) of destination block d for kTokens tokens: float32 source rows at
-// x + t * x_row; for diagonal_outer, dots[s * kTokens + t] = <right_ds, x_ts>. kMasked: the
-// block's last, partial 16 lanes.
-template <int kVariant, int kTokens, bool kMasked, typename T>
+// x + t * x_row. kMasked: the block's last, partial 16 lanes.
+template <int kVariant, int kTokens, bool kMasked, typename T, int64_t kPerToken>
 NANOMOE_AVX512 __attribute__((always_inline)) inline void mix_lanes(const GateRows<float>& g,
                                                                     const float* x, int64_t x_row,
-                                                                    const float* dots, T* y,
+                                                                    Dots<kPerToken> dots, T* y,
                                                                     int64_t y_row, int64_t d,
                                                                     int64_t c) {
   const int64_t r = g.rank;
@@ -151,9 +215,10 @@ NANOMOE_AVX512 __attribute__((always_inline)) inline void mix_lanes(const GateRo
     }
     if constexpr (kVariant == 2) {
       const __m512 left = load<kMasked>(lanes, g.left + pair + c);
+      const float* dots_s = dots.at + s * dots.per_src;
 #pragma GCC unroll 8
       for (int t = 0; t < kTokens; ++t) {
-        acc[t] = _mm512_fmadd_ps(left, _mm512_set1_ps(dots[s * kTokens + t]), acc[t]);
+        acc[t] = _mm512_fmadd_ps(left, _mm512_set1_ps(dots_s[t * kPerToken]), acc[t]);
       }
     }
   }
@@ -161,17 +226,42 @@ NANOMOE_AVX512 __attribute__((always_inline)) inline void mix_lanes(const GateRo
   for (int t = 0; t < kTokens; ++t) store_lanes(y + t * y_row + c, lanes, acc[t]);
 }
 
+// Destination block d for kTokens tokens, 16 lanes at a time.
+template <int kVariant, int kTokens, typename T, int64_t kPerToken>
+NANOMOE_AVX512 __attribute__((always_inline)) inline void mix_block(const GateRows<float>& g,
+                                                                    const float* x, int64_t x_row,
+                                                                    Dots<kPerToken> dots, T* y,
+                                                                    int64_t y_row, int64_t d) {
+  const int64_t r = g.rank;
+  int64_t c = 0;
+  for (; c + 16 <= r; c += 16) {
+    mix_lanes<kVariant, kTokens, false>(g, x, x_row, dots, y + d * r, y_row, d, c);
+  }
+  if (c < r) mix_lanes<kVariant, kTokens, true>(g, x, x_row, dots, y + d * r, y_row, d, c);
+}
+
+// Tokens per product of the dot products on the tile unit, and their sums' row: dots_on_amx's
+// sums for 32 destination blocks, source block s and token t at (s * kAmxTokens + t) * kAmxCols.
+constexpr int64_t kAmxTokens = amx::kTokens;
+constexpr int64_t kAmxCols = amx::kCols;
+
+// kTokens tokens mixed into every destination block. diagonal_outer's dot products: from amx_dots
+// where given (dots_by_amx's sums, at the group's first token), else right_dots' per block, into
+// dots.
 template <int kVariant, int kTokens, typename T>
 NANOMOE_AVX512 void mix_group(const GateRows<float>& g, const float* x, int64_t x_row, float* dots,
-                              T* y, int64_t y_row) {
-  const int64_t r = g.rank;
+                              const float* amx_dots, T* y, int64_t y_row) {
   for (int64_t d = 0; d < g.dst_blocks; ++d) {
-    if constexpr (kVariant == 2) right_dots<kTokens>(g, x, x_row, d, dots);
-    int64_t c = 0;
-    for (; c + 16 <= r; c += 16) {
-      mix_lanes<kVariant, kTokens, false>(g, x, x_row, dots, y + d * r, y_row, d, c);
+    if constexpr (kVariant == 2) {
+      if (amx_dots) {
+        const float* panel = amx_dots + d / kAmxCols * g.src_blocks * kAmxTokens * kAmxCols;
+        const Dots<kAmxCols> at{panel + d % kAmxCols, kAmxTokens * kAmxCols};
+        mix_block<kVariant, kTokens>(g, x, x_row, at, y, y_row, d);
+        continue;
+      }
+      right_dots<kTokens>(g, x, x_row, d, dots);
     }
-    if (c < r) mix_lanes<kVariant, kTokens, true>(g, x, x_row, dots, y + d * r, y_row, d, c);
+    mix_block<kVariant, kTokens>(g, x, x_row, Dots<1>{dots, kTokens}, y, y_row, d);
   }
 }
 
@@ -179,12 +269,40 @@ NANOMOE_AVX512 void mix_group(const GateRows<float>& g, const float* x, int64_t 
 // registers).
 template <int kVariant, int kTokens = kGroupTokens, typename T>
 NANOMOE_AVX512 void mix_group_of(int64_t tokens, const GateRows<float>& g, const float* x,
-                                 int64_t x_row, float* dots, T* y, int64_t y_row) {
+                                 int64_t x_row, float* dots, const float* amx_dots, T* y,
+                                 int64_t y_row) {
   if constexpr (kTokens > 1) {
     if (tokens < kTokens)
-      return mix_group_of<kVariant, kTokens - 1>(tokens, g, x, x_row, dots, y, y_row);
+      return mix_group_of<kVariant, kTokens - 1>(tokens, g, x, x_row, dots, amx_dots, y, y_row);
   }
-  mix_group<kVariant, kTokens>(g, x, x_row, dots, y, y_row);
+  mix_group<kVariant, kTokens>(g, x, x_row, dots, amx_dots, y, y_row);
+}
+
+// diagonal_outer's dot products on the tile unit (dots_on_amx) for `tokens` (at most kAmxTokens)
+// bfloat16 rows at rows + t * row_stride, each `blocks` blocks of `rank`: block a's product with
+// its (rank x cols) matrix at pairs (GateRows::right_pairs or left_pairs), 32 columns at a time,
+// into sums[((b / 32 * blocks + a) * kAmxTokens + t) * kAmxCols + b % 32], amx_dots_size floats.
+// Rows past a multiple of 16 are copied into padded (kAmxTokens rows) first, zeros after them.
+int64_t amx_dots_size(int64_t blocks, int64_t cols) {
+  return (cols + kAmxCols - 1) / kAmxCols * blocks * kAmxTokens * kAmxCols;
+}
+NANOMOE_AVX512 void dots_by_amx(const uint16_t* pairs, int64_t cols, int64_t blocks, int64_t rank,
+                                const uint16_t* rows, int64_t row_stride, int64_t tokens,
+                                uint16_t* padded, float* sums) {
+  const int64_t padded_rows = (tokens + 15) / 16 * 16, pair_rows = (rank + 1) / 2;
+  if (padded_rows != tokens) {
+    std::copy_n(rows, tokens * row_stride, padded);
+    std::fill_n(padded + tokens * row_stride, (padded_rows - tokens) * row_stride, uint16_t(0));
+    rows = padded;
+  }
+  for (int64_t b0 = 0; b0 < cols; b0 += kAmxCols) {
+    float* panel = sums + b0 / kAmxCols * blocks * kAmxTokens * kAmxCols;
+    for (int64_t a = 0; a < blocks; ++a) {
+      amx::product(padded_rows, rows + a * rank, row_stride,
+                   pairs + (a * pair_rows * cols + b0) * 2, 2 * cols, rank,
+                   panel + a * kAmxTokens * kAmxCols, std::min<int64_t>(kAmxCols, cols - b0));
+    }
+  }
 }
 
 template <int kVariant, typename T>
@@ -194,11 +312,35 @@ NANOMOE_AVX512 void mix_tokens(const GateRows<float>& g, const T* src, T* dst, i
   std::vector<float> buffer((kConvert ? kGroupTokens * src_row : 0) + kGroupTokens * g.src_blocks);
   float* dots = buffer.data();
   float* converted = buffer.data() + kGroupTokens * g.src_blocks;
-  for (int64_t t = 0; t < tokens; t += kGroupTokens) {
-    const int64_t group = std::min<int64_t>(kGroupTokens, tokens - t);
-    const float* x = as_float(src + t * src_row, group * src_row, converted);
-    T* y = dst + t * dst_row;
-    mix_group_of<kVariant>(group, g, x, src_row, dots, y, dst_row);
+  // The dot products on the tile unit: kAmxTokens tokens at a time, their groups mixed after.
+  float* amx_dots = nullptr;
+  uint16_t* padded = nullptr;
+  std::optional<amx::Tiles> tiles;
+  if constexpr (kVariant == 2 && std::is_same_v<T, uint16_t>) {
+    if (g.right_pairs) {
+      thread_local std::vector<float> sums_buffer;
+      thread_local std::vector<uint16_t> padded_buffer;
+      amx_dots = thread_buffer(sums_buffer, amx_dots_size(g.src_blocks, g.right_cols));
+      padded = thread_buffer(padded_buffer, kAmxTokens * src_row);
+      tiles.emplace();
+    }
+  }
+  const int64_t chunk = amx_dots ? kAmxTokens : kGroupTokens;
+  for (int64_t t0 = 0; t0 < tokens; t0 += chunk) {
+    const int64_t in_chunk = std::min(chunk, tokens - t0);
+    if constexpr (std::is_same_v<T, uint16_t>) {
+      if (amx_dots) {
+        dots_by_amx(g.right_pairs, g.right_cols, g.src_blocks, r, src + t0 * src_row, src_row,
+                    in_chunk, padded, amx_dots);
+      }
+    }
+    for (int64_t t = t0; t < t0 + in_chunk; t += kGroupTokens) {
+      const int64_t group = std::min<int64_t>(kGroupTokens, t0 + in_chunk - t);
+      const float* x = as_float(src + t * src_row, group * src_row, converted);
+      mix_group_of<kVariant>(group, g, x, src_row, dots,
+                             amx_dots ? amx_dots + (t - t0) * kAmxCols : nullptr, dst + t * dst_row,
+                             dst_row);
+    }
   }
 }
 
@@ -286,27 +428,44 @@ NANOMOE_AVX512 void mix_grads_of(int64_t dst_count, int64_t src_count, const Gat
   mix_grads<kVariant, kDst, kSrc>(g, src, grad_dst, tokens, d0, s0, grad_mix);
 }
 
+// diagonal_outer's dot products over a pass of tokens, made on the tile unit (dots_by_amx) where
+// the gate has its pairs: right's <right_ds, x_ts> (right_pairs) and left's <left_ds, gy_td>
+// (left_pairs). Null: none.
+struct PassDots {
+  const float* right = nullptr;
+  const float* left = nullptr;
+};
+
 // diagonal_outer's rank-one part, G_ds = ... + left_ds right_ds^T: grad_left_ds += sum_t
-// <right_ds, x_ts> gy_td and grad_right_ds += sum_t <left_ds, gy_td> x_ts. dots holds
-// 2 * kGradTokens floats.
+// <right_ds, x_ts> gy_td and grad_right_ds += sum_t <left_ds, gy_td> x_ts. The dot products from
+// made where given, else into dots (2 * kGradTokens floats).
 NANOMOE_AVX512 void outer_grads(const GateRows<float>& g, const float* src, const float* grad_dst,
-                                int64_t tokens, int64_t d, int64_t s, float* dots, float* grad_left,
-                                float* grad_right) {
+                                int64_t tokens, int64_t d, int64_t s, PassDots made, float* dots,
+                                float* grad_left, float* grad_right) {
   const int64_t r = g.rank, src_row = g.src_blocks * r, dst_row = g.dst_blocks * r;
   const int64_t pair = d * g.dst_stride + s * g.src_stride;
-  float* right_dots = dots;               // <right_ds, x_ts>
-  float* left_dots = dots + kGradTokens;  // <left_ds, gy_td>
-  for (int64_t first = 0; first < tokens; first += 16) {
-    const float* x[16];
-    const float* gy[16];
-    for (int64_t j = 0; j < 16; ++j) {
-      const int64_t t = std::min(first + j, tokens - 1);
-      x[j] = src + t * src_row + s * r;
-      gy[j] = grad_dst + t * dst_row + d * r;
+  const float* right_dots = dots;               // <right_ds, x_ts> of token t at t * per_token
+  const float* left_dots = dots + kGradTokens;  // <left_ds, gy_td>
+  int64_t per_token = 1;
+  if (made.right) {
+    right_dots =
+        made.right + (d / kAmxCols * g.src_blocks + s) * kAmxTokens * kAmxCols + d % kAmxCols;
+    left_dots =
+        made.left + (s / kAmxCols * g.dst_blocks + d) * kAmxTokens * kAmxCols + s % kAmxCols;
+    per_token = kAmxCols;
+  } else {
+    for (int64_t first = 0; first < tokens; first += 16) {
+      const float* x[16];
+      const float* gy[16];
+      for (int64_t j = 0; j < 16; ++j) {
+        const int64_t t = std::min(first + j, tokens - 1);
+        x[j] = src + t * src_row + s * r;
+        gy[j] = grad_dst + t * dst_row + d * r;
+      }
+      const int64_t count = std::min<int64_t>(16, tokens - first);
+      dots16(g.right + pair, x, r, count, dots + first);
+      dots16(g.left + pair, gy, r, count, dots + kGradTokens + first);
     }
-    const int64_t count = std::min<int64_t>(16, tokens - first);
-    dots16(g.right + pair, x, r, count, right_dots + first);
-    dots16(g.left + pair, gy, r, count, left_dots + first);
   }
   for (int64_t c = 0; c < r; c += 16) {
     const __mmask16 lanes = first_lanes(r - c);
@@ -314,9 +473,9 @@ NANOMOE_AVX512 void outer_grads(const GateRows<float>& g, const float* src, cons
     __m512 right = _mm512_maskz_loadu_ps(lanes, grad_right + pair + c);
     for (int64_t t = 0; t < tokens; ++t) {
       left =
-          _mm512_fmadd_ps(_mm512_set1_ps(right_dots[t]),
+          _mm512_fmadd_ps(_mm512_set1_ps(right_dots[t * per_token]),
                           _mm512_maskz_loadu_ps(lanes, grad_dst + t * dst_row + d * r + c), left);
-      right = _mm512_fmadd_ps(_mm512_set1_ps(left_dots[t]),
+      right = _mm512_fmadd_ps(_mm512_set1_ps(left_dots[t * per_token]),
                               _mm512_maskz_loadu_ps(lanes, src + t * src_row + s * r + c), right);
     }
     _mm512_mask_storeu_ps(grad_left + pair + c, lanes, left);
@@ -326,8 +485,9 @@ NANOMOE_AVX512 void outer_grads(const GateRows<float>& g, const float* src, cons
 
 template <int kVariant>
 NANOMOE_AVX512 void grads_of_group(const GateRows<float>& g, const float* src,
-                                   const float* grad_dst, int64_t tokens, float* dots,
-                                   float* grad_mix, float* grad_left, float* grad_right) {
+                                   const float* grad_dst, int64_t tokens, PassDots made,
+                                   float* dots, float* grad_mix, float* grad_left,
+                                   float* grad_right) {
   for (int64_t d = 0; d < g.dst_blocks; d += kGradDst) {
     for (int64_t s = 0; s < g.src_blocks; s += kGradSrc) {
       mix_grads_of<kVariant>(g.dst_blocks - d, g.src_blocks - s, g, src, grad_dst, tokens, d, s,
@@ -337,7 +497,7 @@ NANOMOE_AVX512 void grads_of_group(const GateRows<float>& g, const float* src,
   if constexpr (kVariant == 2) {
     for (int64_t d = 0; d < g.dst_blocks; ++d) {
       for (int64_t s = 0; s < g.src_blocks; ++s) {
-        outer_grads(g, src, grad_dst, tokens, d, s, dots, grad_left, grad_right);
+        outer_grads(g, src, grad_dst, tokens, d, s, made, dots, grad_left, grad_right);
       }
     }
   }
@@ -352,11 +512,35 @@ void accumulate_grads_as(const GateRows<float>& g, const T* src, const T* grad_d
   float* dots = buffer.data();
   float* src_float = dots + 2 * kGradTokens;
   float* grad_float = src_float + kGradTokens * src_row;
+  // diagonal_outer's dot products on the tile unit, a pass at a time (dots_on_amx).
+  static_assert(kGradTokens == kAmxTokens, "a pass's dot products are one product's");
+  float* made = nullptr;
+  uint16_t* padded = nullptr;
+  std::optional<amx::Tiles> tiles;
+  const int64_t right_size = amx_dots_size(g.src_blocks, g.right_cols);
+  if constexpr (kVariant == 2 && std::is_same_v<T, uint16_t>) {
+    if (g.right_pairs) {
+      thread_local std::vector<float> sums_buffer;
+      thread_local std::vector<uint16_t> padded_buffer;
+      made = thread_buffer(sums_buffer, right_size + amx_dots_size(g.dst_blocks, g.left_cols));
+      padded = thread_buffer(padded_buffer, kAmxTokens * std::max(src_row, dst_row));
+      tiles.emplace();
+    }
+  }
   for (int64_t t = 0; t < tokens; t += kGradTokens) {
     const int64_t group = std::min<int64_t>(kGradTokens, tokens - t);
+    if constexpr (std::is_same_v<T, uint16_t>) {
+      if (made) {
+        dots_by_amx(g.right_pairs, g.right_cols, g.src_blocks, g.rank, src + t * src_row, src_row,
+                    group, padded, made);
+        dots_by_amx(g.left_pairs, g.left_cols, g.dst_blocks, g.rank, grad_dst + t * dst_row,
+                    dst_row, group, padded, made + right_size);
+      }
+    }
+    const PassDots pass = made ? PassDots{made, made + right_size} : PassDots{};
     grads_of_group<kVariant>(g, as_float(src + t * src_row, group * src_row, src_float),
                              as_float(grad_dst + t * dst_row, group * dst_row, grad_float), group,
-                             dots, grad_mix, grad_left, grad_right);
+                             pass, dots, grad_mix, grad_left, grad_right);
   }
 }
 
