@@ -167,15 +167,18 @@ def test_diagonal_outer_as_dense_matrix(tokens: int, dtype: torch.dtype, threads
 # output and grad_x must agree with the same token run alone to within a rare rounding flip: 1e-3
 # relative, where leaving out one rank position of the dot products measured 0.1 and over. The
 # gate's gradients, whose bfloat16 rounding alone is 3e-3 here, are held to 1e-2 of the float64
-# reference (plain relative error): the same omission measured 0.9 and over.
+# reference (plain relative error): the same omission measured 0.9 and over. Without AMX it
+# compares the AVX-512 path with itself.
 @pytest.mark.parametrize("tokens", [32, 50, 100])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_diagonal_outer_dots_match_per_token(tokens: int, threads: int) -> None:
     generator = torch.Generator().manual_seed(tokens)
-    # (k_out, k_in, n_b, m_b, rank): 16 destination blocks or fewer (one 16-column product), 20
-    # (one of 32) and 40 (two); odd ranks.
+    # (k_out, k_in, n_b, m_b, rank): 16 blocks a side or fewer (one 16-column product), 20 (one
+    # of 32) and 40 (two), as destination (k_out) and as the transposed gate's and left's (k_in);
+    # odd ranks, ranks below one 32-deep step (10, 17) and past it (33, 48).
     shapes = [(8, 8, 16, 16, 64), (3, 5, 7, 9, 33), (2, 4, 8, 8, 65), (1, 1, 16, 16, 17)]
-    shapes += [(20, 3, 5, 7, 64), (40, 2, 3, 4, 128)]
+    shapes += [(20, 3, 5, 7, 64), (40, 2, 3, 4, 128), (2, 20, 3, 5, 64), (1, 40, 2, 3, 128)]
+    shapes += [(1, 2, 8, 8, 10), (2, 3, 4, 4, 48)]
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

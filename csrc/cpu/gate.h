@@ -92,8 +92,9 @@ struct Gate {
       if (for_kernels && gate_amx::chosen(g.rows)) {
         g.lay_out_for_amx(w.mix);
       } else if (for_kernels && gate_tile::dots_on_amx(g.rows, dims.tokens)) {
-        g.dot_pairs = at::empty({gate_tile::dot_pairs_size(g.rows)}, w.mix.options());
-        gate_tile::lay_out_dot_pairs(g.rows,
+        const bool with_left = !transposed;  // for the weight gradients
+        g.dot_pairs = at::empty({gate_tile::dot_pairs_size(g.rows, with_left)}, w.mix.options());
+        gate_tile::lay_out_dot_pairs(g.rows, with_left,
                                      reinterpret_cast<uint16_t*>(g.dot_pairs.mutable_data_ptr()));
       }
     }

@@ -3,6 +3,7 @@
 // Where the gate is laid out by block (gate_layout.h, mixes_by_block), gate_by_block.cpp mixes, and
 // where bfloat16's gates are laid out for AMX (gate_amx::chosen), gate_amx.cpp.
 // Their source rows (converted to float32 once when they are bfloat16) and the gate stay in L1.
+// bfloat16's diagonal_outer takes its dot products from AMX products here where dots_on_amx says.
 // The weight gradients are summed in the layout of whichever of these kernels sums them.
 #include "gate_tile.h"
 
@@ -46,7 +47,7 @@ int64_t grads_size(const GateRows<float>& g) {
 
 bool dots_on_amx(const GateRows<float>& g, int64_t tokens) {
   // One product's tokens: at 16 tokens (4096 features, K = 8, r = 256) laying out the pairs cost
-  // more than the products saved (forward 1.04x to 1.19x the time).
+  // more than the products saved (forward 0.97x / 1.19x the time, minimum / median; NOTES 55).
   constexpr int64_t kMinTokens = amx::kTokens;
   return g.variant == 2 && !g.mix_by_block && !g.amx_gate && tokens >= kMinTokens &&
          amx::available();
@@ -83,16 +84,18 @@ int64_t right_pairs_size(const GateRows<float>& g) {
 
 }  // namespace
 
-int64_t dot_pairs_size(const GateRows<float>& g) {
-  return right_pairs_size(g) + g.dst_blocks * ((g.rank + 1) / 2) * 2 * pair_cols(g.src_blocks);
+int64_t dot_pairs_size(const GateRows<float>& g, bool with_left) {
+  const int64_t left = g.dst_blocks * ((g.rank + 1) / 2) * 2 * pair_cols(g.src_blocks);
+  return right_pairs_size(g) + (with_left ? left : 0);
 }
 
-void lay_out_dot_pairs(GateRows<float>& g, uint16_t* pairs) {
+void lay_out_dot_pairs(GateRows<float>& g, bool with_left, uint16_t* pairs) {
   lay_out_pairs(g.right, g.src_blocks, g.src_stride, g.dst_blocks, g.dst_stride, g.rank, pairs);
-  uint16_t* left = pairs + right_pairs_size(g);
-  lay_out_pairs(g.left, g.dst_blocks, g.dst_stride, g.src_blocks, g.src_stride, g.rank, left);
   g.right_pairs = pairs;
   g.right_cols = pair_cols(g.dst_blocks);
+  if (!with_left) return;
+  uint16_t* left = pairs + right_pairs_size(g);
+  lay_out_pairs(g.left, g.dst_blocks, g.dst_stride, g.src_blocks, g.src_stride, g.rank, left);
   g.left_pairs = left;
   g.left_cols = pair_cols(g.src_blocks);
 }
@@ -240,8 +243,8 @@ NANOMOE_AVX512 __attribute__((always_inline)) inline void mix_block(const GateRo
   if (c < r) mix_lanes<kVariant, kTokens, true>(g, x, x_row, dots, y + d * r, y_row, d, c);
 }
 
-// Tokens per product of the dot products on the tile unit, and their sums' row: dots_on_amx's
-// sums for 32 destination blocks, source block s and token t at (s * kAmxTokens + t) * kAmxCols.
+// Tokens per product of the dot products on the tile unit, and the row of its sums (dots_by_amx's
+// layout, below).
 constexpr int64_t kAmxTokens = amx::kTokens;
 constexpr int64_t kAmxCols = amx::kCols;
 
@@ -519,7 +522,7 @@ void accumulate_grads_as(const GateRows<float>& g, const T* src, const T* grad_d
   std::optional<amx::Tiles> tiles;
   const int64_t right_size = amx_dots_size(g.src_blocks, g.right_cols);
   if constexpr (kVariant == 2 && std::is_same_v<T, uint16_t>) {
-    if (g.right_pairs) {
+    if (g.left_pairs) {
       thread_local std::vector<float> sums_buffer;
       thread_local std::vector<uint16_t> padded_buffer;
       made = thread_buffer(sums_buffer, right_size + amx_dots_size(g.dst_blocks, g.left_cols));

@@ -1,7 +1,8 @@
 // The elementwise gates applied to a token tile with AVX-512, for the forward and backward of
 // projected_forward.h and projected_backward.h (raw pointers only, like projection.h, for the same
 // reason). A gate laid out by block (GateRows::mix_by_block set) is handed to gate_by_block.h, and
-// bfloat16's gates laid out for AMX (GateRows::amx_gate set) to gate_amx.h.
+// bfloat16's gates laid out for AMX (GateRows::amx_gate set) to gate_amx.h; bfloat16's
+// diagonal_outer takes its dot products from AMX products where dots_on_amx says.
 #pragma once
 
 #include <cstdint>
@@ -17,15 +18,16 @@ void mix(const GateRows<float>& g, const float* src, float* dst, int64_t tokens)
 void mix(const GateRows<float>& g, const uint16_t* src, uint16_t* dst, int64_t tokens);
 
 // Whether bfloat16's gate g, in a call of `tokens` tokens, takes diagonal_outer's dot products
-// <right_ds, src[t, s]> on the tile unit: per 32 tokens and source block s, one product of the
-// tokens' rows (read in place) with block s's right, into float32 sums. Where mix runs its own
-// kernel here (g laid out neither by block nor for gate_amx), AMX runs and the call has 32 tokens
-// or more; accumulate_grads takes its <left_ds, grad_dst[t, d]> there too. lay_out_dot_pairs
-// writes dot_pairs_size(g) elements: g.right and g.left as GateRows::right_pairs and left_pairs,
-// and points g at them.
+// <right_ds, src[t, s]> on the tile unit: per 32 tokens, source block s and 32 destination blocks,
+// one product of the tokens' rows (read in place) with block s's right, into float32 sums. Where
+// mix runs its own kernel here (g laid out neither by block nor for gate_amx), AMX runs and the
+// call has 32 tokens or more; accumulate_grads takes its <left_ds, grad_dst[t, d]> there too.
+// lay_out_dot_pairs writes dot_pairs_size(g, with_left) elements: g.right as GateRows::right_pairs
+// and, with_left (a forward gate, whose weight gradients may be summed), g.left as left_pairs, and
+// points g at them.
 bool dots_on_amx(const GateRows<float>& g, int64_t tokens);
-int64_t dot_pairs_size(const GateRows<float>& g);
-void lay_out_dot_pairs(GateRows<float>& g, uint16_t* pairs);
+int64_t dot_pairs_size(const GateRows<float>& g, bool with_left);
+void lay_out_dot_pairs(GateRows<float>& g, bool with_left, uint16_t* pairs);
 
 // The forward gate's weight gradients (g is the forward gate: dst = output blocks), summed over
 // tokens into a thread's float32 sums laid out as the kernel chosen for g sums them: mix's layout
