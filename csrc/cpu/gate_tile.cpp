@@ -195,41 +195,78 @@ struct Dots {
   int64_t per_src;
 };
 
-// Lanes [c, c + 16) of destination block d for kTokens tokens: float32 source rows at
-// x + t * x_row. kMasked: the block's last, partial 16 lanes.
-template <int kVariant, int kTokens, bool kMasked, typename T, int64_t kPerToken>
+// Lanes [c, c + 16 kVectors) of destination block d for kTokens tokens: float32 source rows at
+// x + t * x_row. kMasked: the last vector is the block's last, partial 16 lanes. Two vectors share
+// each broadcast (the scalar gate's weight, diagonal_outer's dot products) and keep 16 sums in
+// flight; with one, each pass over the source blocks ended after 8 FMA latencies.
+template <bool kMasked, int kVectors>
+NANOMOE_AVX512 __attribute__((always_inline)) inline __m512 load_vector(int v,
+                                                                        const __mmask16* lanes,
+                                                                        const float* from) {
+  return kMasked && v == kVectors - 1 ? _mm512_maskz_loadu_ps(lanes[v], from)
+                                      : _mm512_loadu_ps(from);
+}
+
+template <int kVariant, int kTokens, int kVectors, bool kMasked, typename T, int64_t kPerToken>
 NANOMOE_AVX512 __attribute__((always_inline)) inline void mix_lanes(const GateRows<float>& g,
                                                                     const float* x, int64_t x_row,
                                                                     Dots<kPerToken> dots, T* y,
                                                                     int64_t y_row, int64_t d,
                                                                     int64_t c) {
   const int64_t r = g.rank;
-  const __mmask16 lanes = kMasked ? first_lanes(r - c) : __mmask16(0xFFFF);
-  __m512 acc[kTokens];
+  __mmask16 lanes[kVectors];
+#pragma GCC unroll 2
+  for (int v = 0; v < kVectors; ++v) {
+    lanes[v] = kMasked && v == kVectors - 1 ? first_lanes(r - c - 16 * v) : __mmask16(0xFFFF);
+  }
+  __m512 acc[kTokens][kVectors];
 #pragma GCC unroll 8
-  for (int t = 0; t < kTokens; ++t) acc[t] = _mm512_setzero_ps();
+  for (int t = 0; t < kTokens; ++t) {
+#pragma GCC unroll 2
+    for (int v = 0; v < kVectors; ++v) acc[t][v] = _mm512_setzero_ps();
+  }
   for (int64_t s = 0; s < g.src_blocks; ++s) {
     const int64_t pair = d * g.dst_stride + s * g.src_stride;
-    const __m512 weight =
-        kVariant == 0 ? _mm512_set1_ps(g.mix[pair]) : load<kMasked>(lanes, g.mix + pair + c);
+    __m512 weight[kVectors];
+#pragma GCC unroll 2
+    for (int v = 0; v < kVectors; ++v) {
+      weight[v] = kVariant == 0
+                      ? _mm512_set1_ps(g.mix[pair])
+                      : load_vector<kMasked, kVectors>(v, lanes, g.mix + pair + c + 16 * v);
+    }
 #pragma GCC unroll 8
     for (int t = 0; t < kTokens; ++t) {
-      acc[t] = _mm512_fmadd_ps(weight, load<kMasked>(lanes, x + t * x_row + s * r + c), acc[t]);
+#pragma GCC unroll 2
+      for (int v = 0; v < kVectors; ++v) {
+        acc[t][v] = _mm512_fmadd_ps(
+            weight[v], load_vector<kMasked, kVectors>(v, lanes, x + t * x_row + s * r + c + 16 * v),
+            acc[t][v]);
+      }
     }
     if constexpr (kVariant == 2) {
-      const __m512 left = load<kMasked>(lanes, g.left + pair + c);
+      __m512 left[kVectors];
+#pragma GCC unroll 2
+      for (int v = 0; v < kVectors; ++v)
+        left[v] = load_vector<kMasked, kVectors>(v, lanes, g.left + pair + c + 16 * v);
       const float* dots_s = dots.at + s * dots.per_src;
 #pragma GCC unroll 8
       for (int t = 0; t < kTokens; ++t) {
-        acc[t] = _mm512_fmadd_ps(left, _mm512_set1_ps(dots_s[t * kPerToken]), acc[t]);
+        const __m512 dot = _mm512_set1_ps(dots_s[t * kPerToken]);
+#pragma GCC unroll 2
+        for (int v = 0; v < kVectors; ++v) acc[t][v] = _mm512_fmadd_ps(left[v], dot, acc[t][v]);
       }
     }
   }
 #pragma GCC unroll 8
-  for (int t = 0; t < kTokens; ++t) store_lanes(y + t * y_row + c, lanes, acc[t]);
+  for (int t = 0; t < kTokens; ++t) {
+#pragma GCC unroll 2
+    for (int v = 0; v < kVectors; ++v) {
+      store_lanes(y + t * y_row + c + 16 * v, lanes[v], acc[t][v]);
+    }
+  }
 }
 
-// Destination block d for kTokens tokens, 16 lanes at a time.
+// Destination block d for kTokens tokens, 32 lanes at a time, then 16.
 template <int kVariant, int kTokens, typename T, int64_t kPerToken>
 NANOMOE_AVX512 __attribute__((always_inline)) inline void mix_block(const GateRows<float>& g,
                                                                     const float* x, int64_t x_row,
@@ -237,10 +274,14 @@ NANOMOE_AVX512 __attribute__((always_inline)) inline void mix_block(const GateRo
                                                                     int64_t y_row, int64_t d) {
   const int64_t r = g.rank;
   int64_t c = 0;
-  for (; c + 16 <= r; c += 16) {
-    mix_lanes<kVariant, kTokens, false>(g, x, x_row, dots, y + d * r, y_row, d, c);
+  for (; c + 32 <= r; c += 32) {
+    mix_lanes<kVariant, kTokens, 2, false>(g, x, x_row, dots, y + d * r, y_row, d, c);
   }
-  if (c < r) mix_lanes<kVariant, kTokens, true>(g, x, x_row, dots, y + d * r, y_row, d, c);
+  if (c + 16 < r) {
+    mix_lanes<kVariant, kTokens, 2, true>(g, x, x_row, dots, y + d * r, y_row, d, c);
+  } else if (c < r) {
+    mix_lanes<kVariant, kTokens, 1, true>(g, x, x_row, dots, y + d * r, y_row, d, c);
+  }
 }
 
 // Tokens per product of the dot products on the tile unit, and the row of its sums (dots_by_amx's
