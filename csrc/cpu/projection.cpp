@@ -439,6 +439,22 @@ NANOMOE_AVX512 void transpose_pair_tiles(int64_t pairs, int64_t cols, const uint
   }
 }
 
+// pack_rows for bfloat16 rows whose segments are whole pairs: each panel's steps are a transpose
+// of the rows' 32-bit pairs (element by element, the copy was 5% of the bfloat16 forward's
+// samples at 4096 tokens, K = 8, r = 64).
+void pack_pairs(const WeightRows<uint16_t>& w, uint16_t* packed) {
+  constexpr int64_t kStepRow = 2 * kPanelRows;  // a step of a panel: its 32 columns' pairs
+  const int64_t size = panel_size(w), pairs = w.segment_len / 2;
+  if (w.rows % kPanelRows) std::fill_n(packed, panels_of(w.rows) * size, uint16_t(0));
+  for (int64_t p = 0; p < panels_of(w.rows); ++p) {
+    const int64_t first = p * kPanelRows, count = std::min(kPanelRows, w.rows - first);
+    for (int64_t s = 0; s < w.segments; ++s) {
+      transpose_pair_tiles(count, pairs, w.data + first * w.row_stride + s * w.segment_stride,
+                           w.row_stride, packed + p * size + s * pairs * kStepRow, kStepRow);
+    }
+  }
+}
+
 // a's columns as AMX rows, transposed into this thread's buffer (kept between calls), when AMX
 // runs and there are rows and columns enough for it.
 AmxRows amx_rows_of(int64_t depth, Steps<uint16_t> a, int64_t a_cols, int64_t b_cols) {
@@ -628,6 +644,7 @@ void pack(const WeightRows<float>& w, float* packed) {
   pack_rows(w, packed);
 }
 void pack(const WeightRows<uint16_t>& w, uint16_t* packed) {
+  if (w.segment_len % 2 == 0) return pack_pairs(w, packed);
   pack_rows(w, packed);
 }
 
