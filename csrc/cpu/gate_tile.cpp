@@ -131,14 +131,10 @@ void grads_to_mix(const GateRows<float>& g, const float* sums, float* grad_mix, 
 namespace nanomoe::cpu::gate_tile {
 namespace {
 
-// Tokens that share each load of the gate: also the number of independent sums in flight, which
-// must cover the FMA latency times its two pipes (4 tokens measured half the rate of 8).
+// Tokens that share each load of the gate: also the number of independent sums in flight per
+// vector of lanes, which must cover the FMA latency times its two pipes (4 tokens measured half
+// the rate of 8).
 constexpr int kGroupTokens = 8;
-
-template <bool kMasked>
-NANOMOE_AVX512 inline __m512 load(__mmask16 lanes, const float* from) {
-  return kMasked ? _mm512_maskz_loadu_ps(lanes, from) : _mm512_loadu_ps(from);
-}
 
 // out[j] = <a, b[j]> over r elements for j < count (at most 16; the pointers of lanes beyond count
 // must still be readable): each load of a serves the 16.
@@ -195,10 +191,7 @@ struct Dots {
   int64_t per_src;
 };
 
-// Lanes [c, c + 16 kVectors) of destination block d for kTokens tokens: float32 source rows at
-// x + t * x_row. kMasked: the last vector is the block's last, partial 16 lanes. Two vectors share
-// each broadcast (the scalar gate's weight, diagonal_outer's dot products) and keep 16 sums in
-// flight; with one, each pass over the source blocks ended after 8 FMA latencies.
+// Vector v of kVectors at from: the last one masked to lanes[v] where kMasked.
 template <bool kMasked, int kVectors>
 NANOMOE_AVX512 __attribute__((always_inline)) inline __m512 load_vector(int v,
                                                                         const __mmask16* lanes,
@@ -207,6 +200,10 @@ NANOMOE_AVX512 __attribute__((always_inline)) inline __m512 load_vector(int v,
                                       : _mm512_loadu_ps(from);
 }
 
+// Lanes [c, c + 16 kVectors) of destination block d for kTokens tokens: float32 source rows at
+// x + t * x_row. kMasked: the last vector holds the block's last lanes, up to 16. Two vectors
+// share each broadcast (the scalar gate's weight, diagonal_outer's dot products) and keep 16 sums
+// in flight; with one, each pass over the source blocks ended after 8 FMA latencies.
 template <int kVariant, int kTokens, int kVectors, bool kMasked, typename T, int64_t kPerToken>
 NANOMOE_AVX512 __attribute__((always_inline)) inline void mix_lanes(const GateRows<float>& g,
                                                                     const float* x, int64_t x_row,
