@@ -11,6 +11,7 @@
 #include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 
 #include <type_traits>
@@ -22,6 +23,7 @@
 #include "matmul.h"
 #include "operands.h"
 #include "parallel.h"
+#include "projection.h"
 
 namespace nanomoe::cpu {
 
@@ -132,10 +134,49 @@ struct Gate {
   }
 };
 
+// Whether gate_tile's AVX-512 kernels take this dtype's elementwise gates here (else gate_rows'
+// portable loops, which at 16 tokens, K = 8, r = 256 took as long as the AMX projections).
+template <typename scalar_t>
+bool tile_gate_runs() {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return projection::runs_float();
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    return projection::runs_bfloat16();
+  } else {
+    return false;
+  }
+}
+
+// A contiguous tensor's elements as gate_tile reads them: float32, or bfloat16 as its bits.
+template <typename scalar_t>
+auto tile_data(const at::Tensor& t) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    return reinterpret_cast<const uint16_t*>(t.const_data_ptr<scalar_t>());
+  } else {
+    return t.const_data_ptr<scalar_t>();
+  }
+}
+
 // t in acc_t: itself when it already is, else a converted copy.
 template <typename acc_t>
 at::Tensor as_acc(const at::Tensor& t) {
   return t.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+}
+
+// dst = G src for contiguous rows of an elementwise gate: gate_tile's AVX-512 kernels where they
+// take this dtype, else gate_rows' portable loops.
+template <typename scalar_t>
+void mix_rows(const Gate<scalar_t>& g, const at::Tensor& src, const at::Tensor& dst,
+              int64_t tokens) {
+  if constexpr (!std::is_same_v<scalar_t, double>) {
+    if (tile_gate_runs<scalar_t>()) {
+      using T = std::remove_const_t<std::remove_pointer_t<decltype(tile_data<scalar_t>(src))>>;
+      gate_tile::mix(g.rows, tile_data<scalar_t>(src),
+                     reinterpret_cast<T*>(dst.mutable_data_ptr<scalar_t>()), tokens);
+      return;
+    }
+  }
+  gate_rows(g.rows, src.const_data_ptr<scalar_t>(), dst.mutable_data_ptr<scalar_t>(), tokens);
 }
 
 // dst = G src for a tile. src: (tokens, src_blocks, r), dst: (tokens, dst_blocks, r), both
@@ -160,18 +201,18 @@ void apply_gate(const Gate<scalar_t>& g, const at::Tensor& src, const at::Tensor
     }
     return;
   }
-  // Rows are read and written in place; bfloat16 is converted row by row inside gate_rows.
+  // Rows are read and written in place; bfloat16 is converted to float32 inside the kernels.
   const at::Tensor src_rows = src.contiguous();
   const bool in_place = dst.is_contiguous();
   const at::Tensor dst_rows = in_place ? dst : at::empty(dst.sizes(), dst.options());
-  gate_rows(g.rows, src_rows.const_data_ptr<scalar_t>(), dst_rows.mutable_data_ptr<scalar_t>(),
-            tokens);
+  mix_rows(g, src_rows, dst_rows, tokens);
   if (!in_place) dst.copy_(dst_rows);
 }
 
 // Gradients of the forward gate's tensors, summed over every token, given the forward's input
 // hidden (tokens, K_in, r) and grad_mixed (tokens, K_out, r). Fills those of grad_mix, grad_left,
-// grad_right that are defined (contiguous, shaped like mix).
+// grad_right that are defined (contiguous, shaped like mix). Summed by gate_tile's kernels where
+// they take the dtype (as the projected backward sums them), else by gate_rows_backward.
 template <typename scalar_t>
 void gate_backward(const Gate<scalar_t>& g, const at::Tensor& hidden, const at::Tensor& grad_mixed,
                    const at::Tensor& grad_mix, const at::Tensor& grad_left,
@@ -196,11 +237,31 @@ void gate_backward(const Gate<scalar_t>& g, const at::Tensor& hidden, const at::
     }
     return;
   }
-  const at::Tensor src = as_acc<acc_t>(hidden), grad_dst = as_acc<acc_t>(grad_mixed);
   const bool outer = g.rows.variant == 2;
-  const at::Tensor acc_mix = at::empty(g.mix.sizes(), src.options());
-  const at::Tensor acc_left = outer ? at::empty(g.mix.sizes(), src.options()) : at::Tensor();
-  const at::Tensor acc_right = outer ? at::empty(g.mix.sizes(), src.options()) : at::Tensor();
+  const auto like_mix = [&] { return at::empty(g.mix.sizes(), g.mix.options()); };
+  const at::Tensor acc_mix = like_mix();
+  const at::Tensor acc_left = outer ? like_mix() : at::Tensor();
+  const at::Tensor acc_right = outer ? like_mix() : at::Tensor();
+  const auto copy_out = [&] {
+    if (grad_mix.defined()) grad_mix.copy_(acc_mix);
+    if (grad_left.defined()) grad_left.copy_(acc_left);
+    if (grad_right.defined()) grad_right.copy_(acc_right);
+  };
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (tile_gate_runs<scalar_t>()) {  // float32 sums in gate_tile's layout, then mix's
+      const at::Tensor sums = at::zeros({gate_tile::grads_size(g.rows)}, g.mix.options());
+      gate_tile::accumulate_grads(g.rows, tile_data<scalar_t>(hidden.contiguous()),
+                                  tile_data<scalar_t>(grad_mixed.contiguous()), tokens,
+                                  sums.mutable_data_ptr<float>());
+      const auto data = [](const at::Tensor& t) {
+        return t.defined() ? t.mutable_data_ptr<float>() : nullptr;
+      };
+      gate_tile::grads_to_mix(g.rows, sums.const_data_ptr<float>(), data(acc_mix), data(acc_left),
+                              data(acc_right));
+      return copy_out();
+    }
+  }
+  const at::Tensor src = as_acc<acc_t>(hidden), grad_dst = as_acc<acc_t>(grad_mixed);
   for_each_block(g.rows.dst_blocks, [&](int64_t d) {
     // For the forward gate, block d's pairs are contiguous in mix at d * dst_stride.
     const int64_t offset = d * g.rows.dst_stride;
@@ -209,9 +270,7 @@ void gate_backward(const Gate<scalar_t>& g, const at::Tensor& hidden, const at::
                        outer ? acc_left.mutable_data_ptr<acc_t>() + offset : nullptr,
                        outer ? acc_right.mutable_data_ptr<acc_t>() + offset : nullptr);
   });
-  if (grad_mix.defined()) grad_mix.copy_(acc_mix);
-  if (grad_left.defined()) grad_left.copy_(acc_left);
-  if (grad_right.defined()) grad_right.copy_(acc_right);
+  copy_out();
 }
 
 }  // namespace nanomoe::cpu
