@@ -147,16 +147,6 @@ bool tile_gate_runs() {
   }
 }
 
-// A contiguous tensor's elements as gate_tile reads them: float32, or bfloat16 as its bits.
-template <typename scalar_t>
-auto tile_data(const at::Tensor& t) {
-  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    return reinterpret_cast<const uint16_t*>(t.const_data_ptr<scalar_t>());
-  } else {
-    return t.const_data_ptr<scalar_t>();
-  }
-}
-
 // t in acc_t: itself when it already is, else a converted copy.
 template <typename acc_t>
 at::Tensor as_acc(const at::Tensor& t) {
@@ -170,9 +160,7 @@ void mix_rows(const Gate<scalar_t>& g, const at::Tensor& src, const at::Tensor& 
               int64_t tokens) {
   if constexpr (!std::is_same_v<scalar_t, double>) {
     if (tile_gate_runs<scalar_t>()) {
-      using T = std::remove_const_t<std::remove_pointer_t<decltype(tile_data<scalar_t>(src))>>;
-      gate_tile::mix(g.rows, tile_data<scalar_t>(src),
-                     reinterpret_cast<T*>(dst.mutable_data_ptr<scalar_t>()), tokens);
+      gate_tile::mix(g.rows, elements<scalar_t>(src), mutable_elements<scalar_t>(dst), tokens);
       return;
     }
   }
@@ -250,9 +238,9 @@ void gate_backward(const Gate<scalar_t>& g, const at::Tensor& hidden, const at::
   if constexpr (std::is_same_v<acc_t, float>) {
     if (tile_gate_runs<scalar_t>()) {  // float32 sums in gate_tile's layout, then mix's
       const at::Tensor sums = at::zeros({gate_tile::grads_size(g.rows)}, g.mix.options());
-      gate_tile::accumulate_grads(g.rows, tile_data<scalar_t>(hidden.contiguous()),
-                                  tile_data<scalar_t>(grad_mixed.contiguous()), tokens,
-                                  sums.mutable_data_ptr<float>());
+      const at::Tensor src = hidden.contiguous(), grad_dst = grad_mixed.contiguous();
+      gate_tile::accumulate_grads(g.rows, elements<scalar_t>(src), elements<scalar_t>(grad_dst),
+                                  tokens, sums.mutable_data_ptr<float>());
       const auto data = [](const at::Tensor& t) {
         return t.defined() ? t.mutable_data_ptr<float>() : nullptr;
       };

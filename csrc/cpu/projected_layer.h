@@ -53,16 +53,6 @@ void for_each_chunk(int64_t begin, int64_t end, int64_t chunk, const F& fn) {
   for (int64_t first = begin; first < end; first += chunk) fn(first, std::min(chunk, end - first));
 }
 
-// The kernels' element type: bfloat16 as its bits.
-template <typename scalar_t>
-struct Element {
-  using type = scalar_t;
-};
-template <>
-struct Element<c10::BFloat16> {
-  using type = uint16_t;
-};
-
 // The layer's weights as the projections read them, and its intermediates' row lengths.
 template <typename scalar_t>
 struct Layer {
@@ -80,10 +70,8 @@ struct Layer {
         up(data(w.up)),
         dense_gate(mixes_densely(dims, w.mix.scalar_type())) {}
 
-  static const T* data(const at::Tensor& t) {
-    return reinterpret_cast<const T*>(t.const_data_ptr<scalar_t>());
-  }
-  static T* data(at::Tensor& t) { return reinterpret_cast<T*>(t.mutable_data_ptr<scalar_t>()); }
+  static const T* data(const at::Tensor& t) { return elements<scalar_t>(t); }
+  static T* data(at::Tensor& t) { return mutable_elements<scalar_t>(t); }
 
   int64_t hidden_row() const { return d.in_blocks * d.rank; }
   int64_t mixed_row() const { return d.out_blocks * d.rank; }
