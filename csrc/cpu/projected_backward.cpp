@@ -52,26 +52,33 @@ Steps<T> as_steps(int64_t rows, int64_t cols, const T* data, int64_t stride, T* 
   }
 }
 
-// The token tiles of x and grad_out, a weight-gradient product's wide operand, read a row per step.
-// float32 rows a multiple of 2 KiB apart all fall in the same few L1 sets, so a panel of them left
-// L1 before the next column tile read it again (half of that product's samples waited on those
-// loads): those are copied at a padded stride (NOTES, version 43).
-constexpr int64_t kSpreadFloats = 16;
+// The token tiles of x and grad_out, a weight-gradient product's wide operand, read a row (a pair
+// row in bfloat16) per step. Rows a multiple of 2 KiB apart all fall in the same few L1 sets, so
+// a panel of them left L1 before the next column tile read it again (half of float32's product
+// samples waited on those loads; in bfloat16 each AMX tile load took 16 pair rows 4 KiB apart):
+// float32's are copied at a padded stride (NOTES, version 43), bfloat16's paired at one.
+constexpr int64_t kSpread = 16;  // elements (bfloat16: pairs) past each copied row
 template <typename T>
 int64_t token_tile_size(int64_t rows, int64_t cols) {
-  return projection::kElementsPerStep<T> == 1 ? rows * (cols + kSpreadFloats)
-                                              : projection::paired_size(rows, cols);
+  return projection::kElementsPerStep<T> == 1 ? rows * (cols + kSpread)
+                                              : projection::paired_size(rows, cols + kSpread);
 }
+// column_sums, when given, gets each column's sum over the rows added: the bias gradient, summed
+// while grad_out passes through here anyway in bfloat16.
 template <typename T>
-Steps<T> token_tile(int64_t rows, int64_t cols, const T* data, int64_t stride, T* buffer) {
+Steps<T> token_tile(int64_t rows, int64_t cols, const T* data, int64_t stride, T* buffer,
+                    float* column_sums = nullptr) {
+  const int64_t spread = cols + kSpread;
   if constexpr (projection::kElementsPerStep<T> == 1) {
+    if (column_sums) projection::accumulate_columns(rows, cols, data, stride, column_sums);
     if (stride * static_cast<int64_t>(sizeof(T)) % 2048 != 0) return {data, stride};
-    const int64_t spread = cols + kSpreadFloats;
     for (int64_t t = 0; t < rows; ++t) std::copy_n(data + t * stride, cols, buffer + t * spread);
-    return {buffer, spread};
+  } else if (column_sums) {
+    projection::pair_steps_summing(rows, cols, data, stride, buffer, 2 * spread, column_sums);
   } else {
-    return as_steps(rows, cols, data, stride, buffer);
+    projection::pair_steps(rows, cols, data, stride, buffer, 2 * spread);
   }
+  return {buffer, spread};
 }
 
 // Columns c onward.
@@ -240,7 +247,9 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
       }
     }
     if (needs[kUp]) {  // summed as up[i] transposed: the narrow mixed is the side AMX transposes
-      const auto grad_tile = token_tile(rows, d.out_features, go, grad_stride, grad_buffer);
+      float* bias_sums = needs[kBias] ? own_sums + at_sums.bias : nullptr;
+      const auto grad_tile =
+          token_tile(rows, d.out_features, go, grad_stride, grad_buffer, bias_sums);
       const auto mixed =
           as_steps(rows, mixed_row, static_cast<const T*>(mid), mixed_row, second_buffer);
       for (int64_t i = 0; i < d.out_blocks; ++i) {
@@ -259,7 +268,7 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
     if (elementwise_gate) {
       gate_tile::accumulate_grads(mix.gate->rows, h, gm, rows, own_sums + at_sums.mix);
     }
-    if (needs[kBias]) {
+    if (needs[kBias] && !needs[kUp]) {  // else summed with grad_out's tile above
       projection::accumulate_columns(rows, d.out_features, go, grad_stride,
                                      own_sums + at_sums.bias);
     }

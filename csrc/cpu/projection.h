@@ -66,6 +66,10 @@ struct Steps {
 int64_t paired_size(int64_t steps, int64_t cols);
 void pair_steps(int64_t steps, int64_t cols, const uint16_t* src, int64_t src_stride, uint16_t* dst,
                 int64_t pair_stride);
+// pair_steps, and sums[c] += sum_k src(k, c) in float32, k in order: accumulate_columns' bias
+// gradient, taken while grad_out passes through here anyway.
+void pair_steps_summing(int64_t steps, int64_t cols, const uint16_t* src, int64_t src_stride,
+                        uint16_t* dst, int64_t pair_stride, float* sums);
 
 // dst row c (at dst + c * dst_stride) = column c of src, its pairs side by side: a transpose of
 // 32-bit pairs, src's `pairs` rows of pairs (row q at src + q * src_row) by `cols` columns. Only
