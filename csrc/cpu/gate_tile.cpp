@@ -286,6 +286,12 @@ NANOMOE_AVX512 __attribute__((always_inline)) inline void mix_block(const GateRo
 constexpr int64_t kAmxTokens = amx::kTokens;
 constexpr int64_t kAmxCols = amx::kCols;
 
+// Where dots_by_amx leaves the dot product of column b with block a (of `blocks`), for the first
+// token: each further token's lies kAmxCols on, each further block's kAmxTokens * kAmxCols.
+constexpr int64_t amx_dot_at(int64_t blocks, int64_t a, int64_t b) {
+  return ((b / kAmxCols * blocks + a) * kAmxTokens) * kAmxCols + b % kAmxCols;
+}
+
 // kTokens tokens mixed into every destination block. diagonal_outer's dot products: from amx_dots
 // where given (dots_by_amx's sums, at the group's first token), else right_dots' per block, into
 // dots.
@@ -295,8 +301,7 @@ NANOMOE_AVX512 void mix_group(const GateRows<float>& g, const float* x, int64_t 
   for (int64_t d = 0; d < g.dst_blocks; ++d) {
     if constexpr (kVariant == 2) {
       if (amx_dots) {
-        const float* panel = amx_dots + d / kAmxCols * g.src_blocks * kAmxTokens * kAmxCols;
-        const Dots<kAmxCols> at{panel + d % kAmxCols, kAmxTokens * kAmxCols};
+        const Dots<kAmxCols> at{amx_dots + amx_dot_at(g.src_blocks, 0, d), kAmxTokens * kAmxCols};
         mix_block<kVariant, kTokens>(g, x, x_row, at, y, y_row, d);
         continue;
       }
@@ -322,7 +327,7 @@ NANOMOE_AVX512 void mix_group_of(int64_t tokens, const GateRows<float>& g, const
 // diagonal_outer's dot products on the tile unit (dots_on_amx) for `tokens` (at most kAmxTokens)
 // bfloat16 rows at rows + t * row_stride, each `blocks` blocks of `rank`: block a's product with
 // its (rank x cols) matrix at pairs (GateRows::right_pairs or left_pairs), 32 columns at a time,
-// into sums[((b / 32 * blocks + a) * kAmxTokens + t) * kAmxCols + b % 32], amx_dots_size floats.
+// into sums as amx_dot_at says, amx_dots_size floats.
 // Rows past a multiple of 16 are copied into padded (kAmxTokens rows) first, zeros after them.
 int64_t amx_dots_size(int64_t blocks, int64_t cols) {
   return (cols + kAmxCols - 1) / kAmxCols * blocks * kAmxTokens * kAmxCols;
@@ -337,11 +342,10 @@ NANOMOE_AVX512 void dots_by_amx(const uint16_t* pairs, int64_t cols, int64_t blo
     rows = padded;
   }
   for (int64_t b0 = 0; b0 < cols; b0 += kAmxCols) {
-    float* panel = sums + b0 / kAmxCols * blocks * kAmxTokens * kAmxCols;
     for (int64_t a = 0; a < blocks; ++a) {
       amx::product(padded_rows, rows + a * rank, row_stride,
                    pairs + (a * pair_rows * cols + b0) * 2, 2 * cols, rank,
-                   panel + a * kAmxTokens * kAmxCols, std::min<int64_t>(kAmxCols, cols - b0));
+                   sums + amx_dot_at(blocks, a, b0), std::min<int64_t>(kAmxCols, cols - b0));
     }
   }
 }
@@ -489,10 +493,8 @@ NANOMOE_AVX512 void outer_grads(const GateRows<float>& g, const float* src, cons
   const float* left_dots = dots + kGradTokens;  // <left_ds, gy_td>
   int64_t per_token = 1;
   if (made.right) {
-    right_dots =
-        made.right + (d / kAmxCols * g.src_blocks + s) * kAmxTokens * kAmxCols + d % kAmxCols;
-    left_dots =
-        made.left + (s / kAmxCols * g.dst_blocks + d) * kAmxTokens * kAmxCols + s % kAmxCols;
+    right_dots = made.right + amx_dot_at(g.src_blocks, s, d);
+    left_dots = made.left + amx_dot_at(g.dst_blocks, d, s);
     per_token = kAmxCols;
   } else {
     for (int64_t first = 0; first < tokens; first += 16) {
