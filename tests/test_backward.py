@@ -93,9 +93,9 @@ def test_no_grad_keeps_nothing_and_matches() -> None:
 
 
 # The AVX-512 backward's edges: from 17 tokens on (fewer keep ATen's BLAS), the register tile
-# (12 rows x 32 columns), the thread tile (192 tokens, the depth of each weight-gradient sum),
+# (12 rows x 32 columns), the thread tile (96 tokens, the depth of each weight-gradient sum),
 # 16-lane tails and odd depths (bfloat16 multiplies pairs of tokens and of features).
-@pytest.mark.parametrize("tokens", [17, 23, 191, 193, 397])
+@pytest.mark.parametrize("tokens", [17, 23, 95, 97, 397])
 @pytest.mark.parametrize("mixing", MIXINGS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_kernel_tile_edges(tokens: int, mixing: str, dtype: torch.dtype) -> None:
@@ -343,9 +343,9 @@ def test_sixteen_column_products(tokens: int, mixing: str) -> None:
     ids=str,
 )
 def test_gate_gradients_add_up_over_tiles(mixing: str, dtype: torch.dtype) -> None:
-    """One thread, 451 tokens: three 192-token tiles each add into the same gate-gradient sums
-    (float32: summed by block; bfloat16: in gate_amx's tiles of sums on AMX, whose last product
-    has 3 tokens, an odd count)."""
+    """One thread, 451 tokens: five tiles (four of 96 tokens, one of 67) each add into the same
+    gate-gradient sums (float32: summed by block; bfloat16: in gate_amx's tiles of sums on AMX,
+    whose last product has 3 tokens, an odd count)."""
     generator = torch.Generator().manual_seed(7)
     case = make_case((451,), 20, 36, 2, 2, 3, mixing, dtype, True, generator)
     grad_out = torch.randn(451, 40, generator=generator, dtype=torch.float64)

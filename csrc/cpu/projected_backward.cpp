@@ -31,9 +31,19 @@ namespace {
 using at::Tensor;
 using projection::Steps;
 
-// Tiles of at most 192 tokens: the depth of each weight-gradient product per tile, so the float32
-// sums are read and written once per 192 tokens; a tile's intermediates still fit in L2.
-constexpr Tiling kBackwardTiling{192, kShareTokens, 24};
+// Token tiles: each adds its share of every weight gradient (a product as deep as the tile) into
+// its thread's float32 sums, read and written once per tile. Tiles of 96 tokens keep a tile's x,
+// grad_out, their paired copies and its intermediates in L2 from one product to the next (with
+// 192, x's and grad_out's alone filled it); where the sums take more bytes than those copies of x
+// and grad_out, tiles of 192 halve the sums' traffic instead (NOTES, version 60).
+constexpr Tiling kBackwardTiling{96, kShareTokens, 24};
+constexpr Tiling kLargeSumsTiling{192, kShareTokens, 24};
+template <typename T>
+const Tiling& backward_tiling(const LinearDims& d, int64_t sums_floats) {
+  const int64_t copies_bytes =
+      2 * kBackwardTiling.max_tokens * (d.in_features + d.out_features) * int64_t(sizeof(T));
+  return sums_floats * int64_t(sizeof(float)) > copies_bytes ? kLargeSumsTiling : kBackwardTiling;
+}
 
 // Elements a (rows, cols) matrix needs as Steps: none in float32, read in place.
 template <typename T>
@@ -164,8 +174,13 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
 
   // Each share's scratch for one tile, and its float32 sums of the weight gradients: sized for
   // the tiles and shares this call has (a few tokens take one small tile, in one share).
-  const TokenShares split = token_shares(d.tokens, kBackwardTiling);
-  const int64_t tile = split.largest_tile(kBackwardTiling), slots = split.slots();
+  const int64_t gate_sums_size = !need_gate         ? 0
+                                 : layer.dense_gate ? mixed_row * hidden_row
+                                                    : gate_tile::grads_size(mix.gate->rows);
+  const SumsLayout at_sums(d, gate_sums_size);
+  const Tiling& tiling = backward_tiling<T>(d, at_sums.size);
+  const TokenShares split = token_shares(d.tokens, tiling);
+  const int64_t tile = split.largest_tile(tiling), slots = split.slots();
   const int64_t chunk = chunk_tokens<T>(tile);
   const bool elementwise_gate = need_gate && !layer.dense_gate;
   const int64_t scratch_bytes =
@@ -174,10 +189,6 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
       Carve::bytes<T>(token_tile_size<T>(tile, d.out_features)) +
       2 * Carve::bytes<T>(steps_size<T>(tile, std::max(hidden_row, mixed_row)));
   const Tensor scratch = at::empty({slots, scratch_bytes}, at::TensorOptions().dtype(at::kByte));
-  const int64_t gate_sums_size = !need_gate         ? 0
-                                 : layer.dense_gate ? mixed_row * hidden_row
-                                                    : gate_tile::grads_size(mix.gate->rows);
-  const SumsLayout at_sums(d, gate_sums_size);
   // One tensor per share, so that the gradients returned as views of the first (float32) keep
   // only it alive.
   std::vector<Tensor> sums;
@@ -192,7 +203,7 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
   Tensor grad_x = needs[kX] ? at::empty({d.tokens, d.in_features}, x_rows.options()) : Tensor();
   T* gx = needs[kX] ? Layer<scalar_t>::data(grad_x) : nullptr;
 
-  for_each_token_tile(d.tokens, kBackwardTiling, [&](int64_t begin, int64_t end) {
+  for_each_token_tile(d.tokens, tiling, [&](int64_t begin, int64_t end) {
     const int64_t rows = end - begin, slot = split.slot_of(begin);
     Carve carve{reinterpret_cast<char*>(scratch[slot].mutable_data_ptr())};
     float* own_sums = sums[slot].mutable_data_ptr<float>();
@@ -211,10 +222,41 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
       });
     }
     T* mid = carve.take<T>(tile * mixed_row);
-    if (needs[kUp]) {  // the forward's mixed, again
-      mix(h, mid, rows);
-    }
     T* gh = carve.take<T>(tile * hidden_row);
+    T* x_buffer = carve.take<T>(token_tile_size<T>(tile, d.in_features));
+    T* grad_buffer = carve.take<T>(token_tile_size<T>(tile, d.out_features));
+    T* first_buffer = carve.take<T>(steps_size<T>(tile, std::max(hidden_row, mixed_row)));
+    T* second_buffer = carve.take<T>(steps_size<T>(tile, std::max(hidden_row, mixed_row)));
+    // The weight gradients (sums over the tile's tokens, the steps of each product) each taken
+    // while its inputs are still in L2: up's right after grad_mixed read the tile's grad_out (taken
+    // last, it came back from memory: NOTES, version 60), down's right after grad_hidden is made.
+    // up's sums are up[i] transposed: the narrow mixed is the side AMX transposes.
+    if (needs[kUp]) {
+      mix(h, mid, rows);  // the forward's mixed, again
+      float* bias_sums = needs[kBias] ? own_sums + at_sums.bias : nullptr;
+      const auto grad_tile =
+          token_tile(rows, d.out_features, go, grad_stride, grad_buffer, bias_sums);
+      const auto mixed =
+          as_steps(rows, mixed_row, static_cast<const T*>(mid), mixed_row, second_buffer);
+      for (int64_t i = 0; i < d.out_blocks; ++i) {
+        projection::accumulate_products(rows, from_column(mixed, i * r), r,
+                                        from_column(grad_tile, i * m_b), m_b,
+                                        own_sums + at_sums.up + i * r * m_b, m_b);
+      }
+    } else if (needs[kBias]) {  // with up's, summed while grad_out's tile is paired
+      projection::accumulate_columns(rows, d.out_features, go, grad_stride,
+                                     own_sums + at_sums.bias);
+    }
+    if (elementwise_gate) {
+      gate_tile::accumulate_grads(mix.gate->rows, h, gm, rows, own_sums + at_sums.mix);
+    }
+    if (need_gate && layer.dense_gate) {  // (i, a) x (j, b) sums, in mix's layout at the end
+      const auto grad_mixed =
+          as_steps(rows, mixed_row, static_cast<const T*>(gm), mixed_row, first_buffer);
+      const auto hidden_tile = as_steps(rows, hidden_row, h, hidden_row, second_buffer);
+      projection::accumulate_products(rows, grad_mixed, mixed_row, hidden_tile, hidden_row,
+                                      own_sums + at_sums.mix, hidden_row);
+    }
     if (need_grad_hidden) {
       if (gate_t) {
         gate_tile::mix(gate_t->rows, gm, gh, rows);
@@ -231,12 +273,6 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
         }
       });
     }
-
-    // The weight gradients: sums over the tile's tokens (the steps of each product).
-    T* x_buffer = carve.take<T>(token_tile_size<T>(tile, d.in_features));
-    T* grad_buffer = carve.take<T>(token_tile_size<T>(tile, d.out_features));
-    T* first_buffer = carve.take<T>(steps_size<T>(tile, std::max(hidden_row, mixed_row)));
-    T* second_buffer = carve.take<T>(steps_size<T>(tile, std::max(hidden_row, mixed_row)));
     if (needs[kDown]) {
       const auto grad_hidden = as_steps(rows, hidden_row, gh, hidden_row, first_buffer);
       const auto x_tile = token_tile(rows, d.in_features, x + begin * x_stride, x_stride, x_buffer);
@@ -245,32 +281,6 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
                                         from_column(x_tile, j * n_b), n_b,
                                         own_sums + at_sums.down + j * r * n_b, n_b);
       }
-    }
-    if (needs[kUp]) {  // summed as up[i] transposed: the narrow mixed is the side AMX transposes
-      float* bias_sums = needs[kBias] ? own_sums + at_sums.bias : nullptr;
-      const auto grad_tile =
-          token_tile(rows, d.out_features, go, grad_stride, grad_buffer, bias_sums);
-      const auto mixed =
-          as_steps(rows, mixed_row, static_cast<const T*>(mid), mixed_row, second_buffer);
-      for (int64_t i = 0; i < d.out_blocks; ++i) {
-        projection::accumulate_products(rows, from_column(mixed, i * r), r,
-                                        from_column(grad_tile, i * m_b), m_b,
-                                        own_sums + at_sums.up + i * r * m_b, m_b);
-      }
-    }
-    if (need_gate && layer.dense_gate) {  // (i, a) x (j, b) sums, in mix's layout at the end
-      const auto grad_mixed =
-          as_steps(rows, mixed_row, static_cast<const T*>(gm), mixed_row, first_buffer);
-      const auto hidden_tile = as_steps(rows, hidden_row, h, hidden_row, second_buffer);
-      projection::accumulate_products(rows, grad_mixed, mixed_row, hidden_tile, hidden_row,
-                                      own_sums + at_sums.mix, hidden_row);
-    }
-    if (elementwise_gate) {
-      gate_tile::accumulate_grads(mix.gate->rows, h, gm, rows, own_sums + at_sums.mix);
-    }
-    if (needs[kBias] && !needs[kUp]) {  // else summed with grad_out's tile above
-      projection::accumulate_columns(rows, d.out_features, go, grad_stride,
-                                     own_sums + at_sums.bias);
     }
   });
 
