@@ -110,6 +110,19 @@ def test_kernel_tile_edges(tokens: int, mixing: str, dtype: torch.dtype) -> None
         assert_kernel_grads_match(case, grad_out, dtype, label)
 
 
+# Where the weight-gradient sums outweigh a 96-token tile's copies of x and grad_out, the backward
+# keeps tiles of 192 tokens (projected_backward.cpp, backward_tiling): their edges. A full gate over
+# blocks of 4 features at rank 24 has 96 x 96 float32 sums (36 KiB), against copies of
+# 2 x 96 x 32 elements (24 KiB in float32).
+@pytest.mark.parametrize("tokens", [191, 193])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_large_sums_tile_edges(tokens: int, dtype: torch.dtype) -> None:
+    generator = torch.Generator().manual_seed(tokens)
+    case = make_case((tokens,), 4, 4, 4, 4, 24, "full", dtype, True, generator)
+    grad_out = torch.randn(tokens, 16, generator=generator, dtype=torch.float64)
+    assert_kernel_grads_match(case, grad_out, dtype, f"full {dtype} tokens={tokens}")
+
+
 # bfloat16 on AMX: a product shallower than the tile unit's 32-deep step runs on tiles shaped to its
 # depth (amx.cpp), a deeper one pads a copy of its last step. Depths 2 to 30 and odd ones: features
 # per block (the down-projection, grad_mixed), ranks (the up-projection, grad_x) and tokens (a
@@ -343,9 +356,10 @@ def test_sixteen_column_products(tokens: int, mixing: str) -> None:
     ids=str,
 )
 def test_gate_gradients_add_up_over_tiles(mixing: str, dtype: torch.dtype) -> None:
-    """One thread, 451 tokens: five tiles (four of 96 tokens, one of 67) each add into the same
-    gate-gradient sums (float32: summed by block; bfloat16: in gate_amx's tiles of sums on AMX,
-    whose last product has 3 tokens, an odd count)."""
+    """One thread, 451 tokens: tiles of 96 tokens (of 192 where the gate's sums outweigh the
+    tiles' copies of x and grad_out, as bfloat16 diagonal_outer's on AMX do here), the last of 67,
+    each add into the same gate-gradient sums (float32: summed by block; bfloat16: in gate_amx's
+    tiles of sums on AMX, whose last product has 3 tokens, an odd count)."""
     generator = torch.Generator().manual_seed(7)
     case = make_case((451,), 20, 36, 2, 2, 3, mixing, dtype, True, generator)
     grad_out = torch.randn(451, 40, generator=generator, dtype=torch.float64)

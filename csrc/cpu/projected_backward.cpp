@@ -2,10 +2,10 @@
 // = grad_out blocks x up, the forward's mixed recomputed from the saved hidden, grad_hidden =
 // G^T grad_mixed and grad_x = grad_hidden blocks x down, the products on the register tile (or AMX)
 // with the weights read by steps (in place in float32, paired once per call in bfloat16), the
-// elementwise gates by gate_tile, a dense gate (dense_gate.h) as one more product. Then the tile's
-// share of every weight gradient is added into its thread's float32 sums, reduced once at the end;
-// so nothing of tokens x features is allocated besides grad_x, and every product is summed in
-// float32 before its one rounding.
+// elementwise gates by gate_tile, a dense gate (dense_gate.h) as one more product. Between them,
+// the tile's share of every weight gradient is added into its thread's float32 sums, reduced once
+// at the end; so nothing of tokens x features is allocated besides grad_x, and every product is
+// summed in float32 before its one rounding.
 #include "projected_backward.h"
 
 #include <ATen/Parallel.h>
@@ -35,7 +35,9 @@ using projection::Steps;
 // its thread's float32 sums, read and written once per tile. Tiles of 96 tokens keep a tile's x,
 // grad_out, their paired copies and its intermediates in L2 from one product to the next (with
 // 192, x's and grad_out's alone filled it); where the sums take more bytes than those copies of x
-// and grad_out, tiles of 192 halve the sums' traffic instead (NOTES, version 60).
+// and grad_out, tiles of 192 halve the sums' traffic instead (NOTES, version 60). The tiles set
+// the order of the weight gradients' sums, so their bits follow what sets the sums' size too: the
+// shape, which gradients are asked for, and the gate's layout (on AMX or not).
 constexpr Tiling kBackwardTiling{96, kShareTokens, 24};
 constexpr Tiling kLargeSumsTiling{192, kShareTokens, 24};
 template <typename T>
@@ -67,18 +69,23 @@ Steps<T> as_steps(int64_t rows, int64_t cols, const T* data, int64_t stride, T* 
 // a panel of them left L1 before the next column tile read it again (half of float32's product
 // samples waited on those loads; in bfloat16 each AMX tile load took 16 pair rows 4 KiB apart):
 // float32's are copied at a padded stride (NOTES, version 43), bfloat16's paired at one.
-constexpr int64_t kSpread = 16;  // elements (bfloat16: pairs) past each copied row
+constexpr int64_t kSpread = 16;  // elements (bfloat16: pairs) past each such row
+template <typename T>
+int64_t spread_cols(int64_t cols) {
+  const int64_t row_bytes = projection::kElementsPerStep<T> * cols * int64_t(sizeof(T));
+  return row_bytes % 2048 == 0 ? cols + kSpread : cols;
+}
 template <typename T>
 int64_t token_tile_size(int64_t rows, int64_t cols) {
-  return projection::kElementsPerStep<T> == 1 ? rows * (cols + kSpread)
-                                              : projection::paired_size(rows, cols + kSpread);
+  return projection::kElementsPerStep<T> == 1 ? rows * spread_cols<T>(cols)
+                                              : projection::paired_size(rows, spread_cols<T>(cols));
 }
-// column_sums, when given, gets each column's sum over the rows added: the bias gradient, summed
-// while grad_out passes through here anyway in bfloat16.
+// column_sums, when given, gets each column's sum over the rows added: the bias gradient (in
+// bfloat16 summed while grad_out is paired anyway).
 template <typename T>
 Steps<T> token_tile(int64_t rows, int64_t cols, const T* data, int64_t stride, T* buffer,
                     float* column_sums = nullptr) {
-  const int64_t spread = cols + kSpread;
+  const int64_t spread = spread_cols<T>(cols);
   if constexpr (projection::kElementsPerStep<T> == 1) {
     if (column_sums) projection::accumulate_columns(rows, cols, data, stride, column_sums);
     if (stride * static_cast<int64_t>(sizeof(T)) % 2048 != 0) return {data, stride};
@@ -229,7 +236,7 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
     T* second_buffer = carve.take<T>(steps_size<T>(tile, std::max(hidden_row, mixed_row)));
     // The weight gradients (sums over the tile's tokens, the steps of each product) each taken
     // while its inputs are still in L2: up's right after grad_mixed read the tile's grad_out (taken
-    // last, it came back from memory: NOTES, version 60), down's right after grad_hidden is made.
+    // last, it came back from memory: NOTES, version 60), down's after grad_hidden and grad_x.
     // up's sums are up[i] transposed: the narrow mixed is the side AMX transposes.
     if (needs[kUp]) {
       mix(h, mid, rows);  // the forward's mixed, again
@@ -243,7 +250,7 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
                                         from_column(grad_tile, i * m_b), m_b,
                                         own_sums + at_sums.up + i * r * m_b, m_b);
       }
-    } else if (needs[kBias]) {  // with up's, summed while grad_out's tile is paired
+    } else if (needs[kBias]) {  // else summed with up's, by token_tile
       projection::accumulate_columns(rows, d.out_features, go, grad_stride,
                                      own_sums + at_sums.bias);
     }
