@@ -47,11 +47,6 @@ inline at::Tensor dense_gate_matrix(const LinearDims& d, const Weights& w) {
   return full_mix_matrix(by_pair).to(w.mix.scalar_type());
 }
 
-// The float32 gradients of the gate's weights (left and right: diagonal_outer's, else undefined).
-struct GateGrads {
-  at::Tensor mix, left, right;
-};
-
 // From the sums of the dense matrix's gradient, (i, a) x (j, b), contiguous.
 inline GateGrads dense_gate_grads(const LinearDims& d, const Weights& w, const at::Tensor& sums) {
   const int64_t r = d.rank;

@@ -197,6 +197,25 @@ void apply_gate(const Gate<scalar_t>& g, const at::Tensor& src, const at::Tensor
   if (!in_place) dst.copy_(dst_rows);
 }
 
+// Gradients of the gate's weights (left and right: diagonal_outer's, else undefined), in float32
+// but for float64's.
+struct GateGrads {
+  at::Tensor mix, left, right;
+};
+
+// An elementwise gate's GateGrads in mix's layout (mix_sizes), from gate_tile's float32 sums.
+inline GateGrads tile_grads_as_mix(const GateRows<float>& rows, const float* sums,
+                                   at::IntArrayRef mix_sizes) {
+  const auto like_mix = [&] { return at::empty(mix_sizes, at::TensorOptions(at::kFloat)); };
+  const bool outer = rows.variant == 2;
+  GateGrads grads{like_mix(), outer ? like_mix() : at::Tensor(), outer ? like_mix() : at::Tensor()};
+  const auto data = [](const at::Tensor& t) {
+    return t.defined() ? t.mutable_data_ptr<float>() : nullptr;
+  };
+  gate_tile::grads_to_mix(rows, sums, data(grads.mix), data(grads.left), data(grads.right));
+  return grads;
+}
+
 // Gradients of the forward gate's tensors, summed over every token, given the forward's input
 // hidden (tokens, K_in, r) and grad_mixed (tokens, K_out, r). Fills those of grad_mix, grad_left,
 // grad_right that are defined (contiguous, shaped like mix). Summed by gate_tile's kernels where
@@ -225,15 +244,10 @@ void gate_backward(const Gate<scalar_t>& g, const at::Tensor& hidden, const at::
     }
     return;
   }
-  const bool outer = g.rows.variant == 2;
-  const auto like_mix = [&] { return at::empty(g.mix.sizes(), g.mix.options()); };
-  const at::Tensor acc_mix = like_mix();
-  const at::Tensor acc_left = outer ? like_mix() : at::Tensor();
-  const at::Tensor acc_right = outer ? like_mix() : at::Tensor();
-  const auto copy_out = [&] {
-    if (grad_mix.defined()) grad_mix.copy_(acc_mix);
-    if (grad_left.defined()) grad_left.copy_(acc_left);
-    if (grad_right.defined()) grad_right.copy_(acc_right);
+  const auto copy_out = [&](const GateGrads& acc) {
+    if (grad_mix.defined()) grad_mix.copy_(acc.mix);
+    if (grad_left.defined()) grad_left.copy_(acc.left);
+    if (grad_right.defined()) grad_right.copy_(acc.right);
   };
   if constexpr (std::is_same_v<acc_t, float>) {
     if (tile_gate_runs<scalar_t>()) {  // float32 sums in gate_tile's layout, then mix's
@@ -241,24 +255,23 @@ void gate_backward(const Gate<scalar_t>& g, const at::Tensor& hidden, const at::
       const at::Tensor src = hidden.contiguous(), grad_dst = grad_mixed.contiguous();
       gate_tile::accumulate_grads(g.rows, elements<scalar_t>(src), elements<scalar_t>(grad_dst),
                                   tokens, sums.mutable_data_ptr<float>());
-      const auto data = [](const at::Tensor& t) {
-        return t.defined() ? t.mutable_data_ptr<float>() : nullptr;
-      };
-      gate_tile::grads_to_mix(g.rows, sums.const_data_ptr<float>(), data(acc_mix), data(acc_left),
-                              data(acc_right));
-      return copy_out();
+      return copy_out(tile_grads_as_mix(g.rows, sums.const_data_ptr<float>(), g.mix.sizes()));
     }
   }
+  const bool outer = g.rows.variant == 2;
+  const auto like_mix = [&] { return at::empty(g.mix.sizes(), g.mix.options()); };
+  const GateGrads acc{like_mix(), outer ? like_mix() : at::Tensor(),
+                      outer ? like_mix() : at::Tensor()};
   const at::Tensor src = as_acc<acc_t>(hidden), grad_dst = as_acc<acc_t>(grad_mixed);
   for_each_block(g.rows.dst_blocks, [&](int64_t d) {
     // For the forward gate, block d's pairs are contiguous in mix at d * dst_stride.
     const int64_t offset = d * g.rows.dst_stride;
     gate_rows_backward(g.rows, src.const_data_ptr<acc_t>(), grad_dst.const_data_ptr<acc_t>(),
-                       tokens, d, acc_mix.mutable_data_ptr<acc_t>() + offset,
-                       outer ? acc_left.mutable_data_ptr<acc_t>() + offset : nullptr,
-                       outer ? acc_right.mutable_data_ptr<acc_t>() + offset : nullptr);
+                       tokens, d, acc.mix.mutable_data_ptr<acc_t>() + offset,
+                       outer ? acc.left.mutable_data_ptr<acc_t>() + offset : nullptr,
+                       outer ? acc.right.mutable_data_ptr<acc_t>() + offset : nullptr);
   });
-  copy_out();
+  copy_out(acc);
 }
 
 }  // namespace nanomoe::cpu

@@ -301,12 +301,8 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
   if (need_gate && layer.dense_gate) {
     gate_grads = dense_gate_grads(d, w, total.narrow(0, at_sums.mix, mixed_row * hidden_row));
   } else if (elementwise_gate) {
-    const bool outer = d.mixing == Mixing::kDiagonalOuter;
-    const auto like_mix = [&] { return at::empty(w.mix.sizes(), total.options()); };
-    gate_grads = {like_mix(), outer ? like_mix() : Tensor(), outer ? like_mix() : Tensor()};
-    const auto data = [](Tensor& t) { return t.defined() ? t.mutable_data_ptr<float>() : nullptr; };
-    gate_tile::grads_to_mix(mix.gate->rows, total.const_data_ptr<float>() + at_sums.mix,
-                            data(gate_grads.mix), data(gate_grads.left), data(gate_grads.right));
+    gate_grads = tile_grads_as_mix(mix.gate->rows, total.const_data_ptr<float>() + at_sums.mix,
+                                   w.mix.sizes());
   }
   const auto rounded = [&](bool needed, const Tensor& sums) {
     // One copy, rounded and laid out contiguously at once (a view of sums already so: none).
