@@ -358,6 +358,14 @@ NANOMOE_AVX512 int64_t amx_panel(int64_t tokens, int64_t depth, AmxRows in, cons
   for (int64_t t = 0; t < covered; t += amx::kTokens) {
     const int64_t rows = std::min(amx::kTokens, covered - t);
     // A step is a pair, so pair p lies kStep steps of panel_stride after pair p - 1.
+    if constexpr (std::is_same_v<Out, Accumulate>) {
+      if (lo == 0xFFFF && hi == 0xFFFF) {  // the tiles add into the sums where they lie
+        const Accumulate block = out.at(t, 0);
+        amx::add_product(rows, in.data + t * in.stride, in.stride, panel,
+                         BFloat16Ops::kStep * panel_stride, depth, block.sums, block.stride);
+        continue;
+      }
+    }
     amx::product(rows, in.data + t * in.stride, in.stride, panel, BFloat16Ops::kStep * panel_stride,
                  depth, sums, narrow ? 16 : amx::kCols);
     const Out block = out.at(t, 0);
