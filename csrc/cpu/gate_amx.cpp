@@ -9,8 +9,8 @@
 // Diagonal: a (K_dst x K_src) gate per rank position c, so per c one product of that gate with the
 // (K_src, tokens) activations at c. Per 32 tokens, each token's blocks are paired as above, the
 // (token, rank) pairs transposed to (rank, token) 16 x 16 at a time, one product per rank position
-// and 32 destination blocks, and the (rank, token) sums transposed back into (token, block, rank)
-// rows, rounded once.
+// and 32 destination blocks, and the (rank, token) sums rounded once, two rank positions at a time,
+// and transposed back into (token, block, rank) rows.
 //
 // diagonal_outer: the diagonal part as above, plus the rank-one part dst[t, d] += left_ds
 // <right_ds, src[t, s]> summed over s, in two kinds of product per 32 tokens. First the dot
@@ -159,7 +159,7 @@ NANOMOE_AVX512 void mix_scalar(const GateRows<float>& g, const uint16_t* src, ui
   }
 }
 
-// Diagonal, per 32 tokens: rank positions 16 at a time (transposes are 16 x 16).
+// Diagonal, per 32 tokens: rank positions 16 at a time (the transposes in are 16 x 16 pairs).
 constexpr int64_t kLanes = 16;
 constexpr int64_t kTokenColumns = amx::kCols;  // tokens per product: its columns
 
@@ -291,15 +291,16 @@ NANOMOE_AVX512 void rank_one_sums(const GateRows<float>& g, const uint16_t* src,
 }
 
 // A block of mix_diagonal's float32 sums, 16 rank positions by 16 tokens: position c's tokens at
-// sums + c * stride, plus diagonal_outer's rank-one part (rank_one + c * kTokenColumns) where
-// given (its rows past the rank, to padded_rank, only reach lanes the store masks).
+// sums + c * stride, plus (kOuter) diagonal_outer's rank-one part at rank_one + c * kTokenColumns
+// (its rows past the rank, to padded_rank, only reach lanes the store masks).
+template <bool kOuter>
 struct SumRows {
   const float* sums;
   int64_t stride;
-  const float* rank_one;
+  const float* rank_one;  // kOuter only
   NANOMOE_AVX512 __m512 operator()(int64_t c) const {
     const __m512 sum = _mm512_loadu_ps(sums + c * stride);
-    if (!rank_one) return sum;
+    if constexpr (!kOuter) return sum;
     return _mm512_add_ps(sum, _mm512_loadu_ps(rank_one + c * kTokenColumns));
   }
 };
@@ -308,7 +309,8 @@ struct SumRows {
 // t < tokens and the positions in `lanes`. Each pair of positions is rounded by one instruction
 // and interleaved into (even, odd) 32-bit elements, so the transpose moves 8 rows of 32 bits
 // where transposing the float32 sums took 16: 40 shuffles for the block instead of 64.
-NANOMOE_AVX512 void store_by_token(const SumRows& sum_at, int64_t tokens, __mmask16 lanes,
+template <bool kOuter>
+NANOMOE_AVX512 void store_by_token(const SumRows<kOuter>& sum_at, int64_t tokens, __mmask16 lanes,
                                    uint16_t* out, int64_t out_row) {
   // Element 2i of the interleaved pair: token i of the even position (the rounding's low half),
   // 2i + 1: token i of the odd one.
@@ -400,7 +402,7 @@ NANOMOE_AVX512 void mix_diagonal(const GateRows<float>& g, const uint16_t* src, 
       const __mmask16 stored = first_lanes(lanes);
       for (int64_t d = 0; d < k_dst; ++d) {
         for (int64_t half = 0; half < count; half += kLanes) {
-          const SumRows rows{
+          const SumRows<kOuter> rows{
               sums + d * kTokenColumns + half, dst_rows * kTokenColumns,
               kOuter ? rank_one + (d * rank_rows + c0) * kTokenColumns + half : nullptr};
           store_by_token(rows, std::min(kLanes, count - half), stored,

@@ -473,9 +473,9 @@ NANOMOE_AVX512 void mix_grads_of(int64_t dst_count, int64_t src_count, const Gat
   mix_grads<kVariant, kDst, kSrc>(g, src, grad_dst, tokens, d0, s0, grad_mix);
 }
 
-// diagonal_outer's dot products over a pass of tokens: right's <right_ds, x_ts> and left's
-// <left_ds, gy_td>, token t's at t * per_token() on from right_at(s, d) and left_at(d, s). Made on
-// the tile unit (dots_by_amx's layout) where the gate has its pairs, else by outer_dots in rows of
+// diagonal_outer's dot products over a pass of tokens: right's <right_ds, x_ts> at right_at(s, d)[t
+// * per_token()] and left's <left_ds, gy_td> at left_at(d, s)[t * per_token()]. Made on the tile
+// unit (dots_by_amx's layout) where the gate has its pairs, else by outer_dots in rows of
 // kGradTokens, one per pair of blocks.
 struct PassDots {
   float* right;
@@ -566,21 +566,21 @@ template <int kPairs>
 NANOMOE_AVX512 void outer_rank(const float* const dots[], int64_t per_token, const float* rows,
                                int64_t row, int64_t tokens, float* const sums[], int64_t rank) {
   for (int64_t c = 0; c < rank; c += 16 * kOuterVectors) {
-    float* at[kPairs];
-    for (int i = 0; i < kPairs; ++i) at[i] = sums[i] + c;
+    float* into[kPairs];
+    for (int i = 0; i < kPairs; ++i) into[i] = sums[i] + c;
     const int64_t lanes = rank - c;
     switch (std::min<int64_t>(kOuterVectors, (lanes + 15) / 16)) {
       case 1:
-        outer_tile<kPairs, 1>(dots, per_token, rows + c, row, tokens, at, lanes);
+        outer_tile<kPairs, 1>(dots, per_token, rows + c, row, tokens, into, lanes);
         break;
       case 2:
-        outer_tile<kPairs, 2>(dots, per_token, rows + c, row, tokens, at, lanes);
+        outer_tile<kPairs, 2>(dots, per_token, rows + c, row, tokens, into, lanes);
         break;
       case 3:
-        outer_tile<kPairs, 3>(dots, per_token, rows + c, row, tokens, at, lanes);
+        outer_tile<kPairs, 3>(dots, per_token, rows + c, row, tokens, into, lanes);
         break;
       default:
-        outer_tile<kPairs, 4>(dots, per_token, rows + c, row, tokens, at, lanes);
+        outer_tile<kPairs, 4>(dots, per_token, rows + c, row, tokens, into, lanes);
     }
   }
 }
@@ -604,26 +604,26 @@ NANOMOE_AVX512 void outer_grads(const GateRows<float>& g, const float* src, cons
                                 int64_t tokens, const PassDots& dots, float* grad_left,
                                 float* grad_right) {
   const int64_t r = g.rank, src_row = g.src_blocks * r, dst_row = g.dst_blocks * r;
-  const float* at[kOuterPairs];
+  const float* pair_dots[kOuterPairs];
   float* sums[kOuterPairs];
   for (int64_t d = 0; d < g.dst_blocks; ++d) {
     for (int64_t s0 = 0; s0 < g.src_blocks; s0 += kOuterPairs) {
       const int64_t pairs = std::min<int64_t>(kOuterPairs, g.src_blocks - s0);
       for (int64_t i = 0; i < pairs; ++i) {
-        at[i] = dots.right_at(s0 + i, d);
+        pair_dots[i] = dots.right_at(s0 + i, d);
         sums[i] = grad_left + d * g.dst_stride + (s0 + i) * g.src_stride;
       }
-      outer_rank_of(pairs, at, dots.per_token(), grad_dst + d * r, dst_row, tokens, sums, r);
+      outer_rank_of(pairs, pair_dots, dots.per_token(), grad_dst + d * r, dst_row, tokens, sums, r);
     }
   }
   for (int64_t s = 0; s < g.src_blocks; ++s) {
     for (int64_t d0 = 0; d0 < g.dst_blocks; d0 += kOuterPairs) {
       const int64_t pairs = std::min<int64_t>(kOuterPairs, g.dst_blocks - d0);
       for (int64_t i = 0; i < pairs; ++i) {
-        at[i] = dots.left_at(d0 + i, s);
+        pair_dots[i] = dots.left_at(d0 + i, s);
         sums[i] = grad_right + (d0 + i) * g.dst_stride + s * g.src_stride;
       }
-      outer_rank_of(pairs, at, dots.per_token(), src + s * r, src_row, tokens, sums, r);
+      outer_rank_of(pairs, pair_dots, dots.per_token(), src + s * r, src_row, tokens, sums, r);
     }
   }
 }
@@ -652,24 +652,28 @@ void accumulate_grads_as(const GateRows<float>& g, const T* src, const T* grad_d
                          float* grad_mix, float* grad_left, float* grad_right) {
   const int64_t src_row = g.src_blocks * g.rank, dst_row = g.dst_blocks * g.rank;
   constexpr bool kConvert = !std::is_same_v<T, float>;
-  const int64_t dots_size = kVariant == 2 && !g.left_pairs ? outer_dots_size(g) : 0;
-  std::vector<float> buffer((kConvert ? kGradTokens * (src_row + dst_row) : 0) + dots_size);
-  float* dots = buffer.data();
-  float* src_float = dots + dots_size;
-  float* grad_float = src_float + kGradTokens * src_row;
-  // diagonal_outer's dot products on the tile unit, a pass at a time (dots_on_amx).
+  // float32 copies of a pass's bfloat16 rows.
+  std::vector<float> converted(kConvert ? kGradTokens * (src_row + dst_row) : 0);
+  float* src_float = kConvert ? converted.data() : nullptr;
+  float* grad_float = kConvert ? converted.data() + kGradTokens * src_row : nullptr;
+  // diagonal_outer's dot products, a pass at a time: made on the tile unit where the gate has its
+  // pairs (dots_on_amx), else by outer_dots into dots.
   static_assert(kGradTokens == kAmxTokens, "a pass's dot products are one product's");
   float* made = nullptr;
+  float* dots = nullptr;
   uint16_t* padded = nullptr;
   std::optional<amx::Tiles> tiles;
   const int64_t right_size = amx_dots_size(g.src_blocks, g.right_cols);
-  if constexpr (kVariant == 2 && std::is_same_v<T, uint16_t>) {
-    if (g.left_pairs) {
+  if constexpr (kVariant == 2) {
+    if (std::is_same_v<T, uint16_t> && g.left_pairs) {
       thread_local std::vector<float> sums_buffer;
       thread_local std::vector<uint16_t> padded_buffer;
       made = thread_buffer(sums_buffer, right_size + amx_dots_size(g.dst_blocks, g.left_cols));
       padded = thread_buffer(padded_buffer, kAmxTokens * std::max(src_row, dst_row));
       tiles.emplace();
+    } else {
+      thread_local std::vector<float> dots_buffer;
+      dots = thread_buffer(dots_buffer, outer_dots_size(g));
     }
   }
   for (int64_t t = 0; t < tokens; t += kGradTokens) {

@@ -347,7 +347,8 @@ struct AmxRows {
 };
 
 // The leading rows (a multiple of 16) of one bfloat16 panel on AMX, 32 at a time, each block's
-// float32 sums handed to `out` as the register tile hands its own; returns how many it covered.
+// float32 sums handed to `out` as the register tile hands its own (but for a whole panel's weight
+// gradients, which the tiles add into their sums where those lie); returns how many it covered.
 template <typename Out>
 NANOMOE_AVX512 int64_t amx_panel(int64_t tokens, int64_t depth, AmxRows in, const uint16_t* panel,
                                  int64_t panel_stride, __mmask16 lo, __mmask16 hi, const Out& out) {
