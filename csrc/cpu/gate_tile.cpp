@@ -481,10 +481,10 @@ NANOMOE_AVX512 void mix_grads_of(int64_t dst_count, int64_t src_count, const Gat
 // unit (dots_by_amx's layout) where the gate has its pairs, else by outer_dots in rows of
 // kGradTokens, one per pair of blocks.
 struct PassDots {
-  float* right;
-  float* left;
-  int64_t src_blocks, dst_blocks;
-  bool on_amx;
+  float* right = nullptr;
+  float* left = nullptr;
+  int64_t src_blocks = 0, dst_blocks = 0;
+  bool on_amx = false;
 
   float* right_at(int64_t s, int64_t d) const {
     return right + (on_amx ? amx_dot_at(src_blocks, s, d) : (s * dst_blocks + d) * kGradTokens);
@@ -631,12 +631,10 @@ NANOMOE_AVX512 void outer_grads(const GateRows<float>& g, const float* src, cons
   }
 }
 
-// The weight gradients of a pass of float32 rows. diagonal_outer's dot products: made, or else
-// outer_dots into dots.
+// The weight gradients of a pass of float32 rows (diagonal_outer's dot products in dots).
 template <int kVariant>
 NANOMOE_AVX512 void grads_of_group(const GateRows<float>& g, const float* src,
-                                   const float* grad_dst, int64_t tokens,
-                                   const std::optional<PassDots>& made, float* dots,
+                                   const float* grad_dst, int64_t tokens, const PassDots& dots,
                                    float* grad_mix, float* grad_left, float* grad_right) {
   for (int64_t d = 0; d < g.dst_blocks; d += kGradDst) {
     for (int64_t s = 0; s < g.src_blocks; s += kGradSrc) {
@@ -644,10 +642,7 @@ NANOMOE_AVX512 void grads_of_group(const GateRows<float>& g, const float* src,
                              grad_mix);
     }
   }
-  if constexpr (kVariant == 2) {
-    const PassDots pass = made ? *made : outer_dots(g, src, grad_dst, tokens, dots);
-    outer_grads(g, src, grad_dst, tokens, pass, grad_left, grad_right);
-  }
+  if constexpr (kVariant == 2) outer_grads(g, src, grad_dst, tokens, dots, grad_left, grad_right);
 }
 
 template <int kVariant, typename T>
@@ -683,19 +678,22 @@ void accumulate_grads_as(const GateRows<float>& g, const T* src, const T* grad_d
   }
   for (int64_t t = 0; t < tokens; t += kGradTokens) {
     const int64_t group = std::min<int64_t>(kGradTokens, tokens - t);
-    std::optional<PassDots> pass;
-    if constexpr (std::is_same_v<T, uint16_t>) {
-      if (made) {
-        dots_by_amx(g.right_pairs, g.right_cols, g.src_blocks, g.rank, src + t * src_row, src_row,
-                    group, padded, made);
-        dots_by_amx(g.left_pairs, g.left_cols, g.dst_blocks, g.rank, grad_dst + t * dst_row,
-                    dst_row, group, padded, made + right_size);
-        pass = PassDots{made, made + right_size, g.src_blocks, g.dst_blocks, true};
+    const float* src_rows = as_float(src + t * src_row, group * src_row, src_float);
+    const float* grad_rows = as_float(grad_dst + t * dst_row, group * dst_row, grad_float);
+    PassDots pass;
+    if constexpr (kVariant == 2) {
+      if constexpr (std::is_same_v<T, uint16_t>) {
+        if (made) {
+          dots_by_amx(g.right_pairs, g.right_cols, g.src_blocks, g.rank, src + t * src_row, src_row,
+                      group, padded, made);
+          dots_by_amx(g.left_pairs, g.left_cols, g.dst_blocks, g.rank, grad_dst + t * dst_row,
+                      dst_row, group, padded, made + right_size);
+          pass = PassDots{made, made + right_size, g.src_blocks, g.dst_blocks, true};
+        }
       }
+      if (!made) pass = outer_dots(g, src_rows, grad_rows, group, dots);
     }
-    grads_of_group<kVariant>(g, as_float(src + t * src_row, group * src_row, src_float),
-                             as_float(grad_dst + t * dst_row, group * dst_row, grad_float), group,
-                             pass, dots, grad_mix, grad_left, grad_right);
+    grads_of_group<kVariant>(g, src_rows, grad_rows, group, pass, grad_mix, grad_left, grad_right);
   }
 }
 
