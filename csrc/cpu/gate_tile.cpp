@@ -1,5 +1,7 @@
-// AVX-512 mixing (see gate_tile.h): eight tokens at a time, each destination block 16 lanes at a
-// time in registers, summed over the source blocks; each load of the gate serves the eight tokens.
+// AVX-512 mixing (see gate_tile.h), eight tokens at a time, summed over the source blocks in
+// registers: the scalar and diagonal gates 4 tokens by 4 destination blocks by 16 lanes (each load
+// of the gate serves the 4 tokens, each load of a source row the 4 blocks), diagonal_outer (whose
+// dot products are per destination block) the 8 tokens by 32 lanes of one destination block.
 // Where the gate is laid out by block (gate_layout.h, mixes_by_block), gate_by_block.cpp mixes, and
 // where bfloat16's gates are laid out for AMX (gate_amx::chosen), gate_amx.cpp.
 // Their source rows (converted to float32 once when they are bfloat16) and the gate stay in L1.
@@ -131,9 +133,8 @@ void grads_to_mix(const GateRows<float>& g, const float* sums, float* grad_mix, 
 namespace nanomoe::cpu::gate_tile {
 namespace {
 
-// Tokens that share each load of the gate: also the number of independent sums in flight per
-// vector of lanes, which must cover the FMA latency times its two pipes (4 tokens measured half
-// the rate of 8).
+// Tokens converted and mixed together. diagonal_outer's lanes keep a sum per token, which must
+// cover the FMA latency times its two pipes (4 tokens measured half the rate of 8).
 constexpr int kGroupTokens = 8;
 
 // out[j] = <a, b[j]> over r elements for j < count (at most 16; the pointers of lanes beyond count
@@ -200,11 +201,11 @@ NANOMOE_AVX512 __attribute__((always_inline)) inline __m512 load_vector(int v,
                                       : _mm512_loadu_ps(from);
 }
 
-// Lanes [c, c + 16 kVectors) of destination block d for kTokens tokens: float32 source rows at
-// x + t * x_row. kMasked: the last vector holds the block's last lanes, up to 16. Two vectors
-// share each broadcast (the scalar gate's weight, diagonal_outer's dot products) and keep 16 sums
-// in flight; with one, each pass over the source blocks ended after 8 FMA latencies.
-template <int kVariant, int kTokens, int kVectors, bool kMasked, typename T, int64_t kPerToken>
+// diagonal_outer's lanes [c, c + 16 kVectors) of destination block d for kTokens tokens: float32
+// source rows at x + t * x_row. kMasked: the last vector holds the block's last lanes, up to 16.
+// Two vectors share each broadcast dot product and keep 16 sums in flight; with one, each pass
+// over the source blocks ended after 8 FMA latencies.
+template <int kTokens, int kVectors, bool kMasked, typename T, int64_t kPerToken>
 NANOMOE_AVX512 __attribute__((always_inline)) inline void mix_lanes(const GateRows<float>& g,
                                                                     const float* x, int64_t x_row,
                                                                     Dots<kPerToken> dots, T* y,
@@ -227,9 +228,7 @@ NANOMOE_AVX512 __attribute__((always_inline)) inline void mix_lanes(const GateRo
     __m512 weight[kVectors];
 #pragma GCC unroll 2
     for (int v = 0; v < kVectors; ++v) {
-      weight[v] = kVariant == 0
-                      ? _mm512_set1_ps(g.mix[pair])
-                      : load_vector<kMasked, kVectors>(v, lanes, g.mix + pair + c + 16 * v);
+      weight[v] = load_vector<kMasked, kVectors>(v, lanes, g.mix + pair + c + 16 * v);
     }
 #pragma GCC unroll 8
     for (int t = 0; t < kTokens; ++t) {
@@ -240,18 +239,16 @@ NANOMOE_AVX512 __attribute__((always_inline)) inline void mix_lanes(const GateRo
             acc[t][v]);
       }
     }
-    if constexpr (kVariant == 2) {
-      __m512 left[kVectors];
+    __m512 left[kVectors];
 #pragma GCC unroll 2
-      for (int v = 0; v < kVectors; ++v)
-        left[v] = load_vector<kMasked, kVectors>(v, lanes, g.left + pair + c + 16 * v);
-      const float* dots_s = dots.at + s * dots.per_src;
+    for (int v = 0; v < kVectors; ++v)
+      left[v] = load_vector<kMasked, kVectors>(v, lanes, g.left + pair + c + 16 * v);
+    const float* dots_s = dots.at + s * dots.per_src;
 #pragma GCC unroll 8
-      for (int t = 0; t < kTokens; ++t) {
-        const __m512 dot = _mm512_set1_ps(dots_s[t * kPerToken]);
+    for (int t = 0; t < kTokens; ++t) {
+      const __m512 dot = _mm512_set1_ps(dots_s[t * kPerToken]);
 #pragma GCC unroll 2
-        for (int v = 0; v < kVectors; ++v) acc[t][v] = _mm512_fmadd_ps(left[v], dot, acc[t][v]);
-      }
+      for (int v = 0; v < kVectors; ++v) acc[t][v] = _mm512_fmadd_ps(left[v], dot, acc[t][v]);
     }
   }
 #pragma GCC unroll 8
@@ -263,8 +260,8 @@ NANOMOE_AVX512 __attribute__((always_inline)) inline void mix_lanes(const GateRo
   }
 }
 
-// Destination block d for kTokens tokens, 32 lanes at a time, then 16.
-template <int kVariant, int kTokens, typename T, int64_t kPerToken>
+// diagonal_outer's destination block d for kTokens tokens, 32 lanes at a time, then 16.
+template <int kTokens, typename T, int64_t kPerToken>
 NANOMOE_AVX512 __attribute__((always_inline)) inline void mix_block(const GateRows<float>& g,
                                                                     const float* x, int64_t x_row,
                                                                     Dots<kPerToken> dots, T* y,
@@ -272,13 +269,84 @@ NANOMOE_AVX512 __attribute__((always_inline)) inline void mix_block(const GateRo
   const int64_t r = g.rank;
   int64_t c = 0;
   for (; c + 32 <= r; c += 32) {
-    mix_lanes<kVariant, kTokens, 2, false>(g, x, x_row, dots, y + d * r, y_row, d, c);
+    mix_lanes<kTokens, 2, false>(g, x, x_row, dots, y + d * r, y_row, d, c);
   }
   if (c + 16 < r) {
-    mix_lanes<kVariant, kTokens, 2, true>(g, x, x_row, dots, y + d * r, y_row, d, c);
+    mix_lanes<kTokens, 2, true>(g, x, x_row, dots, y + d * r, y_row, d, c);
   } else if (c < r) {
-    mix_lanes<kVariant, kTokens, 1, true>(g, x, x_row, dots, y + d * r, y_row, d, c);
+    mix_lanes<kTokens, 1, true>(g, x, x_row, dots, y + d * r, y_row, d, c);
   }
+}
+
+// The scalar and diagonal gates' destination blocks [d0, d0 + kDst) for kTokens tokens, 16 lanes
+// from c (kMasked: the block's last lanes, up to 16), in kTokens x kDst sums: each weight (the
+// scalar broadcast, or diagonal's vector) serves the kTokens tokens, and each load of a source row
+// the kDst blocks. Tokens alone sharing each weight took a load per multiply-add (NOTES, version
+// 73).
+template <int kVariant, int kTokens, int kDst, bool kMasked, typename T>
+NANOMOE_AVX512 __attribute__((always_inline)) inline void mix_shared(const GateRows<float>& g,
+                                                                     const float* x, int64_t x_row,
+                                                                     T* y, int64_t y_row,
+                                                                     int64_t d0, int64_t c) {
+  static_assert(kVariant != 2, "diagonal_outer's dot products are per destination block");
+  const int64_t r = g.rank;
+  const __mmask16 lanes = kMasked ? first_lanes(r - c) : __mmask16(0xFFFF);
+  const auto load = [&](const float* from) NANOMOE_AVX512 {
+    return kMasked ? _mm512_maskz_loadu_ps(lanes, from) : _mm512_loadu_ps(from);
+  };
+  __m512 acc[kTokens][kDst];
+#pragma GCC unroll 4
+  for (int t = 0; t < kTokens; ++t) {
+#pragma GCC unroll 4
+    for (int d = 0; d < kDst; ++d) acc[t][d] = _mm512_setzero_ps();
+  }
+  for (int64_t s = 0; s < g.src_blocks; ++s) {
+    __m512 weight[kDst];
+#pragma GCC unroll 4
+    for (int d = 0; d < kDst; ++d) {
+      const int64_t pair = (d0 + d) * g.dst_stride + s * g.src_stride;
+      weight[d] = kVariant == 0 ? _mm512_set1_ps(g.mix[pair]) : load(g.mix + pair + c);
+    }
+#pragma GCC unroll 4
+    for (int t = 0; t < kTokens; ++t) {
+      const __m512 source = load(x + t * x_row + s * r + c);
+#pragma GCC unroll 4
+      for (int d = 0; d < kDst; ++d) acc[t][d] = _mm512_fmadd_ps(weight[d], source, acc[t][d]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int t = 0; t < kTokens; ++t) {
+#pragma GCC unroll 4
+    for (int d = 0; d < kDst; ++d) store_lanes(y + t * y_row + (d0 + d) * r + c, lanes, acc[t][d]);
+  }
+}
+
+// Every lane of destination blocks [d0, d0 + kDst) for kTokens tokens.
+template <int kVariant, int kTokens, int kDst, typename T>
+NANOMOE_AVX512 void mix_shared_blocks(const GateRows<float>& g, const float* x, int64_t x_row, T* y,
+                                      int64_t y_row, int64_t d0) {
+  int64_t c = 0;
+  for (; c + 16 <= g.rank; c += 16) {
+    mix_shared<kVariant, kTokens, kDst, false>(g, x, x_row, y, y_row, d0, c);
+  }
+  if (c < g.rank) mix_shared<kVariant, kTokens, kDst, true>(g, x, x_row, y, y_row, d0, c);
+}
+
+// Every destination block for kTokens (at most kSharedTokens) tokens: 4 blocks at a time, then 2
+// and 1.
+constexpr int kSharedTokens = 4;
+template <int kVariant, int kTokens, typename T>
+NANOMOE_AVX512 void mix_shared_tokens(const GateRows<float>& g, const float* x, int64_t x_row, T* y,
+                                      int64_t y_row) {
+  int64_t d0 = 0;
+  for (; d0 + 4 <= g.dst_blocks; d0 += 4) {
+    mix_shared_blocks<kVariant, kTokens, 4>(g, x, x_row, y, y_row, d0);
+  }
+  if (d0 + 2 <= g.dst_blocks) {
+    mix_shared_blocks<kVariant, kTokens, 2>(g, x, x_row, y, y_row, d0);
+    d0 += 2;
+  }
+  if (d0 < g.dst_blocks) mix_shared_blocks<kVariant, kTokens, 1>(g, x, x_row, y, y_row, d0);
 }
 
 // Tokens per product of the dot products on the tile unit, and the row of its sums (dots_by_amx's
@@ -298,16 +366,23 @@ constexpr int64_t amx_dot_at(int64_t blocks, int64_t a, int64_t b) {
 template <int kVariant, int kTokens, typename T>
 NANOMOE_AVX512 void mix_group(const GateRows<float>& g, const float* x, int64_t x_row, float* dots,
                               const float* amx_dots, T* y, int64_t y_row) {
-  for (int64_t d = 0; d < g.dst_blocks; ++d) {
-    if constexpr (kVariant == 2) {
+  if constexpr (kVariant != 2) {
+    constexpr int kFirst = kTokens < kSharedTokens ? kTokens : kSharedTokens;
+    mix_shared_tokens<kVariant, kFirst>(g, x, x_row, y, y_row);
+    if constexpr (kTokens > kSharedTokens) {
+      mix_shared_tokens<kVariant, kTokens - kSharedTokens>(g, x + kSharedTokens * x_row, x_row,
+                                                           y + kSharedTokens * y_row, y_row);
+    }
+  } else {
+    for (int64_t d = 0; d < g.dst_blocks; ++d) {
       if (amx_dots) {
         const Dots<kAmxCols> at{amx_dots + amx_dot_at(g.src_blocks, 0, d), kAmxTokens * kAmxCols};
-        mix_block<kVariant, kTokens>(g, x, x_row, at, y, y_row, d);
+        mix_block<kTokens>(g, x, x_row, at, y, y_row, d);
         continue;
       }
       right_dots<kTokens>(g, x, x_row, d, dots);
+      mix_block<kTokens>(g, x, x_row, Dots<1>{dots, kTokens}, y, y_row, d);
     }
-    mix_block<kVariant, kTokens>(g, x, x_row, Dots<1>{dots, kTokens}, y, y_row, d);
   }
 }
 
