@@ -1,5 +1,5 @@
 // Mixing with destination blocks as the vector lanes (see gate_by_block.h). At each rank position
-// c, 16 destination blocks of 12 tokens are the product of the gate's (16 x K_src) slice at c with
+// c, 16 (or 32) destination blocks of 12 tokens are the product of the gate's slice at c with
 // the tokens' (K_src x 12) activations at c: one GEMM-shaped step, each load of the gate serving
 // 12 broadcast activations (the group's activations transposed once, so that the 12 lie side by
 // side), every lane doing useful work however small the rank. The sums land in a staging area
@@ -111,38 +111,57 @@ int64_t sources_per_pass(int64_t rank, int64_t sources) {
   return (sources + passes - 1) / passes;
 }
 
-// The 16 blocks from d0 at rank position c, for every token of the group, summed over source
-// blocks [s0, s1) into stage[(t * rank + c) * 16 + l]: added to what the passes before left there
-// unless s0 is 0, so every sum runs over the sources in order.
-template <int kVariant>
+// The 16 kVectors blocks from d0 at rank position c, for every token of the group, summed over
+// source blocks [s0, s1) into stage[((v * kTokens + t) * rank + c) * 16 + l] for vector v: added
+// to what the passes before left there unless s0 is 0, so every sum runs over the sources in
+// order. Two vectors (the scalar and diagonal gates, where more than 16 blocks are left) share
+// each broadcast activation, where each took its own load (NOTES, version 74); diagonal_outer's
+// dot products are per 16 blocks.
+template <int kVariant, int kVectors>
 NANOMOE_AVX512 void sums_at(const GateRows<float>& g, const float* columns, int64_t d0, int64_t c,
                             int64_t s0, int64_t s1, const float* dots, float* stage) {
+  static_assert(kVariant != 2 || kVectors == 1, "diagonal_outer's dots are per 16 blocks");
   const int64_t r = g.rank, steps = g.steps();
   const float* gate = g.mix_by_block + (kVariant == 0 ? 0 : c) * g.dst_lanes + d0;
   const float* left = kVariant == 2 ? g.left_by_block + c * g.dst_lanes + d0 : nullptr;
-  __m512 acc[kTokens];
+  const auto stage_at = [&](int v, int t) { return stage + ((v * kTokens + t) * r + c) * kLanes; };
+  __m512 acc[kTokens][kVectors];
 #pragma GCC unroll 12
   for (int t = 0; t < kTokens; ++t) {
-    acc[t] = s0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(stage + (t * r + c) * kLanes);
+#pragma GCC unroll 2
+    for (int v = 0; v < kVectors; ++v) {
+      acc[t][v] = s0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(stage_at(v, t));
+    }
   }
   for (int64_t s = s0; s < s1; ++s) {
-    const __m512 weight = _mm512_loadu_ps(gate + s * steps * g.dst_lanes);
+    __m512 weight[kVectors];
+#pragma GCC unroll 2
+    for (int v = 0; v < kVectors; ++v) {
+      weight[v] = _mm512_loadu_ps(gate + s * steps * g.dst_lanes + v * kLanes);
+    }
     const float* at = columns + (s * r + c) * kTokens;
 #pragma GCC unroll 12
     for (int t = 0; t < kTokens; ++t) {
-      acc[t] = _mm512_fmadd_ps(weight, _mm512_set1_ps(at[t]), acc[t]);
+      const __m512 activation = _mm512_set1_ps(at[t]);
+#pragma GCC unroll 2
+      for (int v = 0; v < kVectors; ++v) {
+        acc[t][v] = _mm512_fmadd_ps(weight[v], activation, acc[t][v]);
+      }
     }
     if constexpr (kVariant == 2) {
       const __m512 scale = _mm512_loadu_ps(left + s * r * g.dst_lanes);
       const float* dot = dots + s * kTokens * kLanes;
 #pragma GCC unroll 12
       for (int t = 0; t < kTokens; ++t) {
-        acc[t] = _mm512_fmadd_ps(scale, _mm512_loadu_ps(dot + t * kLanes), acc[t]);
+        acc[t][0] = _mm512_fmadd_ps(scale, _mm512_loadu_ps(dot + t * kLanes), acc[t][0]);
       }
     }
   }
 #pragma GCC unroll 12
-  for (int t = 0; t < kTokens; ++t) _mm512_storeu_ps(stage + (t * r + c) * kLanes, acc[t]);
+  for (int t = 0; t < kTokens; ++t) {
+#pragma GCC unroll 2
+    for (int v = 0; v < kVectors; ++v) _mm512_storeu_ps(stage_at(v, t), acc[t][v]);
+  }
 }
 
 // One token's run of dst, blocks [d0, d0 + width) x every rank position, from its staging area
@@ -163,7 +182,7 @@ NANOMOE_AVX512 void mix_tokens(const GateRows<float>& g, const T* src, T* dst, i
   thread_local std::vector<float> columns_buffer, stage_buffer, dots_buffer;
   thread_local std::vector<int32_t> order_buffer;
   float* columns = thread_buffer(columns_buffer, src_row * kTokens);
-  float* stage = thread_buffer(stage_buffer, kTokens * r * kLanes);
+  float* stage = thread_buffer(stage_buffer, 2 * kTokens * r * kLanes);
   float* dots = thread_buffer(dots_buffer, kVariant == 2 ? g.src_blocks * kTokens * kLanes : 0);
   int32_t* order = thread_buffer(order_buffer, kLanes * r);
   for (int64_t e = 0; e < kLanes * r; ++e) order[e] = static_cast<int32_t>(e % r * kLanes + e / r);
@@ -171,15 +190,27 @@ NANOMOE_AVX512 void mix_tokens(const GateRows<float>& g, const T* src, T* dst, i
   for (int64_t t0 = 0; t0 < tokens; t0 += kTokens) {
     const int64_t group = std::min<int64_t>(kTokens, tokens - t0);
     to_columns(src + t0 * src_row, src_row, group, columns);
-    for (int64_t d0 = 0; d0 < g.dst_blocks; d0 += kLanes) {
+    for (int64_t d0 = 0; d0 < g.dst_blocks;) {
+      const bool two = kVariant != 2 && g.dst_blocks - d0 > kLanes;
       if constexpr (kVariant == 2) outer_dots(g, columns, d0, dots);
       for (int64_t s0 = 0; s0 < g.src_blocks; s0 += pass) {
         const int64_t s1 = std::min(g.src_blocks, s0 + pass);
-        for (int64_t c = 0; c < r; ++c) sums_at<kVariant>(g, columns, d0, c, s0, s1, dots, stage);
+        for (int64_t c = 0; c < r; ++c) {
+          if constexpr (kVariant != 2) {
+            if (two) {
+              sums_at<kVariant, 2>(g, columns, d0, c, s0, s1, dots, stage);
+              continue;
+            }
+          }
+          sums_at<kVariant, 1>(g, columns, d0, c, s0, s1, dots, stage);
+        }
       }
-      const int64_t run = std::min(kLanes, g.dst_blocks - d0) * r;
-      for (int64_t t = 0; t < group; ++t) {
-        gather_run(stage + t * r * kLanes, run, order, dst + (t0 + t) * dst_row + d0 * r);
+      for (int v = 0; v < (two ? 2 : 1); ++v, d0 += kLanes) {
+        const int64_t run = std::min(kLanes, g.dst_blocks - d0) * r;
+        for (int64_t t = 0; t < group; ++t) {
+          gather_run(stage + (v * kTokens + t) * r * kLanes, run, order,
+                     dst + (t0 + t) * dst_row + d0 * r);
+        }
       }
     }
   }
