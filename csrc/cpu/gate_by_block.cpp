@@ -111,16 +111,22 @@ int64_t sources_per_pass(int64_t rank, int64_t sources) {
   return (sources + passes - 1) / passes;
 }
 
-// The 16 kVectors blocks from d0 at rank position c, for every token of the group, summed over
+// Vectors of 16 destination blocks per pass of sums_at: the scalar and diagonal gates take two
+// where more than 16 blocks are left, so that each broadcast activation serves both, where each
+// vector took its own broadcast (NOTES, version 74); diagonal_outer's dot products are per 16
+// blocks.
+constexpr int kMostVectors = 2;
+template <int kVariant>
+constexpr int kPassVectors = kVariant == 2 ? 1 : kMostVectors;
+
+// The 16 * kVectors blocks from d0 at rank position c, for every token of the group, summed over
 // source blocks [s0, s1) into stage[((v * kTokens + t) * rank + c) * 16 + l] for vector v: added
 // to what the passes before left there unless s0 is 0, so every sum runs over the sources in
-// order. Two vectors (the scalar and diagonal gates, where more than 16 blocks are left) share
-// each broadcast activation, where each took its own load (NOTES, version 74); diagonal_outer's
-// dot products are per 16 blocks.
+// order.
 template <int kVariant, int kVectors>
 NANOMOE_AVX512 void sums_at(const GateRows<float>& g, const float* columns, int64_t d0, int64_t c,
                             int64_t s0, int64_t s1, const float* dots, float* stage) {
-  static_assert(kVariant != 2 || kVectors == 1, "diagonal_outer's dots are per 16 blocks");
+  static_assert(kVectors >= 1 && kVectors <= kPassVectors<kVariant>, "one or two vectors a pass");
   const int64_t r = g.rank, steps = g.steps();
   const float* gate = g.mix_by_block + (kVariant == 0 ? 0 : c) * g.dst_lanes + d0;
   const float* left = kVariant == 2 ? g.left_by_block + c * g.dst_lanes + d0 : nullptr;
@@ -182,7 +188,7 @@ NANOMOE_AVX512 void mix_tokens(const GateRows<float>& g, const T* src, T* dst, i
   thread_local std::vector<float> columns_buffer, stage_buffer, dots_buffer;
   thread_local std::vector<int32_t> order_buffer;
   float* columns = thread_buffer(columns_buffer, src_row * kTokens);
-  float* stage = thread_buffer(stage_buffer, 2 * kTokens * r * kLanes);
+  float* stage = thread_buffer(stage_buffer, kPassVectors<kVariant> * kTokens * r * kLanes);
   float* dots = thread_buffer(dots_buffer, kVariant == 2 ? g.src_blocks * kTokens * kLanes : 0);
   int32_t* order = thread_buffer(order_buffer, kLanes * r);
   for (int64_t e = 0; e < kLanes * r; ++e) order[e] = static_cast<int32_t>(e % r * kLanes + e / r);
@@ -191,27 +197,26 @@ NANOMOE_AVX512 void mix_tokens(const GateRows<float>& g, const T* src, T* dst, i
     const int64_t group = std::min<int64_t>(kTokens, tokens - t0);
     to_columns(src + t0 * src_row, src_row, group, columns);
     for (int64_t d0 = 0; d0 < g.dst_blocks;) {
-      const bool two = kVariant != 2 && g.dst_blocks - d0 > kLanes;
+      const int vectors = g.dst_blocks - d0 > kLanes ? kPassVectors<kVariant> : 1;
       if constexpr (kVariant == 2) outer_dots(g, columns, d0, dots);
       for (int64_t s0 = 0; s0 < g.src_blocks; s0 += pass) {
         const int64_t s1 = std::min(g.src_blocks, s0 + pass);
         for (int64_t c = 0; c < r; ++c) {
-          if constexpr (kVariant != 2) {
-            if (two) {
-              sums_at<kVariant, 2>(g, columns, d0, c, s0, s1, dots, stage);
-              continue;
-            }
+          if (vectors == 1) {
+            sums_at<kVariant, 1>(g, columns, d0, c, s0, s1, dots, stage);
+          } else {
+            sums_at<kVariant, kPassVectors<kVariant>>(g, columns, d0, c, s0, s1, dots, stage);
           }
-          sums_at<kVariant, 1>(g, columns, d0, c, s0, s1, dots, stage);
         }
       }
-      for (int v = 0; v < (two ? 2 : 1); ++v, d0 += kLanes) {
-        const int64_t run = std::min(kLanes, g.dst_blocks - d0) * r;
+      for (int v = 0; v < vectors; ++v) {
+        const int64_t first = d0 + v * kLanes, run = std::min(kLanes, g.dst_blocks - first) * r;
         for (int64_t t = 0; t < group; ++t) {
           gather_run(stage + (v * kTokens + t) * r * kLanes, run, order,
-                     dst + (t0 + t) * dst_row + d0 * r);
+                     dst + (t0 + t) * dst_row + first * r);
         }
       }
+      d0 += vectors * kLanes;
     }
   }
 }

@@ -1,7 +1,8 @@
-// AVX-512 mixing (see gate_tile.h), eight tokens at a time, summed over the source blocks in
-// registers: the scalar and diagonal gates 4 tokens by 4 destination blocks by 16 lanes (each load
-// of the gate serves the 4 tokens, each load of a source row the 4 blocks), diagonal_outer (whose
-// dot products are per destination block) the 8 tokens by 32 lanes of one destination block.
+// AVX-512 mixing (see gate_tile.h) in groups of eight tokens, summed over the source blocks in
+// registers: the scalar and diagonal gates as two halves of 4 tokens by 4 destination blocks by 16
+// lanes (each load of the gate serves the 4 tokens, each load of a source row the 4 blocks),
+// diagonal_outer (whose dot products are per destination block) as the 8 tokens by 32 lanes of one
+// destination block.
 // Where the gate is laid out by block (gate_layout.h, mixes_by_block), gate_by_block.cpp mixes, and
 // where bfloat16's gates are laid out for AMX (gate_amx::chosen), gate_amx.cpp.
 // Their source rows (converted to float32 once when they are bfloat16) and the gate stay in L1.
@@ -289,13 +290,11 @@ NANOMOE_AVX512 __attribute__((always_inline)) inline void mix_shared(const GateR
                                                                      T* y, int64_t y_row,
                                                                      int64_t d0, int64_t c) {
   static_assert(kVariant != 2, "diagonal_outer's dot products are per destination block");
+  static_assert(kTokens * kDst <= 16, "the sums, weights and a source row fit the 32 registers");
   const int64_t r = g.rank;
-  const __mmask16 lanes = kMasked ? first_lanes(r - c) : __mmask16(0xFFFF);
-  const auto load = [&](const float* from) NANOMOE_AVX512 {
-    return kMasked ? _mm512_maskz_loadu_ps(lanes, from) : _mm512_loadu_ps(from);
-  };
+  const __mmask16 lanes[1] = {kMasked ? first_lanes(r - c) : __mmask16(0xFFFF)};
   __m512 acc[kTokens][kDst];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int t = 0; t < kTokens; ++t) {
 #pragma GCC unroll 4
     for (int d = 0; d < kDst; ++d) acc[t][d] = _mm512_setzero_ps();
@@ -305,19 +304,22 @@ NANOMOE_AVX512 __attribute__((always_inline)) inline void mix_shared(const GateR
 #pragma GCC unroll 4
     for (int d = 0; d < kDst; ++d) {
       const int64_t pair = (d0 + d) * g.dst_stride + s * g.src_stride;
-      weight[d] = kVariant == 0 ? _mm512_set1_ps(g.mix[pair]) : load(g.mix + pair + c);
+      weight[d] = kVariant == 0 ? _mm512_set1_ps(g.mix[pair])
+                                : load_vector<kMasked, 1>(0, lanes, g.mix + pair + c);
     }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int t = 0; t < kTokens; ++t) {
-      const __m512 source = load(x + t * x_row + s * r + c);
+      const __m512 source = load_vector<kMasked, 1>(0, lanes, x + t * x_row + s * r + c);
 #pragma GCC unroll 4
       for (int d = 0; d < kDst; ++d) acc[t][d] = _mm512_fmadd_ps(weight[d], source, acc[t][d]);
     }
   }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int t = 0; t < kTokens; ++t) {
 #pragma GCC unroll 4
-    for (int d = 0; d < kDst; ++d) store_lanes(y + t * y_row + (d0 + d) * r + c, lanes, acc[t][d]);
+    for (int d = 0; d < kDst; ++d) {
+      store_lanes(y + t * y_row + (d0 + d) * r + c, lanes[0], acc[t][d]);
+    }
   }
 }
 
@@ -332,16 +334,28 @@ NANOMOE_AVX512 void mix_shared_blocks(const GateRows<float>& g, const float* x, 
   if (c < g.rank) mix_shared<kVariant, kTokens, kDst, true>(g, x, x_row, y, y_row, d0, c);
 }
 
-// Every destination block for kTokens (at most kSharedTokens) tokens: 4 blocks at a time, then 2
-// and 1.
+// The scalar and diagonal gates' sums: kSharedTokens tokens by kSharedBlocks destination blocks,
+// 16 (enough to cover the FMA latency on both pipes; with their weights and a source row, 21 of
+// the 32 registers).
 constexpr int kSharedTokens = 4;
+constexpr int kSharedBlocks = 4;
+
+// The scalar and diagonal gates for kTokens tokens (a group): the destination blocks
+// kSharedBlocks at a time, kSharedTokens tokens at a time, then the last 1 to 3 blocks with all
+// kTokens tokens at once, so that they too keep 8 to 16 sums in flight.
 template <int kVariant, int kTokens, typename T>
-NANOMOE_AVX512 void mix_shared_tokens(const GateRows<float>& g, const float* x, int64_t x_row, T* y,
-                                      int64_t y_row) {
-  int64_t d0 = 0;
-  for (; d0 + 4 <= g.dst_blocks; d0 += 4) {
-    mix_shared_blocks<kVariant, kTokens, 4>(g, x, x_row, y, y_row, d0);
+NANOMOE_AVX512 void mix_shared_group(const GateRows<float>& g, const float* x, int64_t x_row, T* y,
+                                     int64_t y_row) {
+  constexpr int kFirst = kTokens < kSharedTokens ? kTokens : kSharedTokens;
+  const int64_t whole = g.dst_blocks / kSharedBlocks * kSharedBlocks;
+  for (int64_t d0 = 0; d0 < whole; d0 += kSharedBlocks) {
+    mix_shared_blocks<kVariant, kFirst, kSharedBlocks>(g, x, x_row, y, y_row, d0);
+    if constexpr (kTokens > kSharedTokens) {
+      mix_shared_blocks<kVariant, kTokens - kSharedTokens, kSharedBlocks>(
+          g, x + kSharedTokens * x_row, x_row, y + kSharedTokens * y_row, y_row, d0);
+    }
   }
+  int64_t d0 = whole;
   if (d0 + 2 <= g.dst_blocks) {
     mix_shared_blocks<kVariant, kTokens, 2>(g, x, x_row, y, y_row, d0);
     d0 += 2;
@@ -367,12 +381,7 @@ template <int kVariant, int kTokens, typename T>
 NANOMOE_AVX512 void mix_group(const GateRows<float>& g, const float* x, int64_t x_row, float* dots,
                               const float* amx_dots, T* y, int64_t y_row) {
   if constexpr (kVariant != 2) {
-    constexpr int kFirst = kTokens < kSharedTokens ? kTokens : kSharedTokens;
-    mix_shared_tokens<kVariant, kFirst>(g, x, x_row, y, y_row);
-    if constexpr (kTokens > kSharedTokens) {
-      mix_shared_tokens<kVariant, kTokens - kSharedTokens>(g, x + kSharedTokens * x_row, x_row,
-                                                           y + kSharedTokens * y_row, y_row);
-    }
+    mix_shared_group<kVariant, kTokens>(g, x, x_row, y, y_row);
   } else {
     for (int64_t d = 0; d < g.dst_blocks; ++d) {
       if (amx_dots) {
@@ -432,9 +441,9 @@ NANOMOE_AVX512 void mix_tokens(const GateRows<float>& g, const T* src, T* dst, i
   // A group's dot products, then its float32 copies of bfloat16 rows: written before they are read,
   // so kept between calls rather than allocated and zeroed for each tile.
   thread_local std::vector<float> buffer;
-  float* dots =
-      thread_buffer(buffer, (kConvert ? kGroupTokens * src_row : 0) + kGroupTokens * g.src_blocks);
-  float* converted = dots + kGroupTokens * g.src_blocks;
+  const int64_t dots_size = kVariant == 2 ? kGroupTokens * g.src_blocks : 0;
+  float* dots = thread_buffer(buffer, (kConvert ? kGroupTokens * src_row : 0) + dots_size);
+  float* converted = dots + dots_size;
   // The dot products on the tile unit: kAmxTokens tokens at a time, their groups mixed after.
   float* amx_dots = nullptr;
   uint16_t* padded = nullptr;
