@@ -18,6 +18,8 @@ class Row:
     forward_flops: int  # 2 * multiply-adds per token * tokens
     forward_ms: Optional[float] = None
     forward_backward_ms: Optional[float] = None
+    forward_faults: Optional[float] = None  # CPU: page faults per call (median), see heap.py
+    forward_backward_faults: Optional[float] = None
     forward_vs_lowrank: Optional[float] = None
     forward_backward_vs_lowrank: Optional[float] = None
     forward_vs_same_params: Optional[float] = None  # to LowRankLinear of the same parameter count
@@ -59,11 +61,13 @@ def columns_for(device: torch.device) -> list[Column]:
         Column("layer", -26, lambda r: r.layer),
         Column("fwd ms", 9, lambda r: _number(r.forward_ms, ".3f")),
         Column("x lowrank", 10, lambda r: _number(r.forward_vs_lowrank, ".2f")),
+        Column("faults", 8, lambda r: _number(r.forward_faults, ".0f")),
         Column("GB/s", 8, lambda r: _number(r.forward_gb_per_s, ".0f")),
         Column("copy %", 8, lambda r: _percent(r.forward_copy_fraction)),
         Column("TFLOP/s" if on_cuda else "GFLOP/s", 9, rate),
         Column("fwd+bwd ms", 12, lambda r: _number(r.forward_backward_ms, ".3f")),
         Column("x lowrank", 10, lambda r: _number(r.forward_backward_vs_lowrank, ".2f")),
+        Column("faults", 8, lambda r: _number(r.forward_backward_faults, ".0f")),
         Column("x =params", 10, lambda r: _number(r.forward_vs_same_params, ".2f")),
         Column("bwd =params", 12, lambda r: _number(r.forward_backward_vs_same_params, ".2f")),
         Column("peak MiB", 10, lambda r: _number(r.peak_memory_mib, ".0f")),
@@ -84,7 +88,7 @@ def print_table(rows: list[Row], device: torch.device) -> None:
 
 
 def machine_info(
-    device: torch.device, threads: int, copy_gb_per_s: float, copy_mib: int
+    device: torch.device, threads: int, copy_gb_per_s: float, copy_mib: int, heap: str = "unchanged"
 ) -> dict[str, object]:
     """What the JSON header records about the machine and the settings the rows depend on."""
     info: dict[str, object] = {
@@ -96,6 +100,7 @@ def machine_info(
         "copy_gb_per_s": copy_gb_per_s,
         "copy_mib": copy_mib,
         "timing": "cuda events" if device.type == "cuda" else "wall clock",
+        "heap": heap,  # see heap.py
     }
     if device.type == "cuda":
         matmul = torch.backends.cuda.matmul
@@ -112,7 +117,7 @@ def describe(info: dict[str, object]) -> str:
     if info["device"] == "cuda":
         where = f"{info['gpu']}, CUDA {info['cuda']}, float32 matmuls without TF32"
     else:
-        where = f"{info['cpu']}, {info['threads']} threads"
+        where = f"{info['cpu']}, {info['threads']} threads, heap {info.get('heap', 'unchanged')}"
     copy = f"copy bandwidth {info['copy_gb_per_s']:.0f} GB/s ({info['copy_mib']} MiB, read + write)"
     return f"{where}, torch {info['torch']}; {copy}"
 

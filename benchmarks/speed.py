@@ -33,13 +33,14 @@ from pathlib import Path
 from typing import Callable, NamedTuple, Optional
 
 import torch
+from heap import steady_heap
 from plot import plot_rows
 from report import Row, describe, machine_info, print_table
 from timing import (
     copy_gb_per_s,
     cpu_peak_extra_mib,
     cuda_peak_extra_mib,
-    interleaved_wall_median_ms,
+    interleaved_medians,
     median_ms,
 )
 from torch import Tensor, nn
@@ -215,10 +216,11 @@ def measure_interleaved(
     forward+backwards likewise, so that the machine's noise hits every layer alike; then each
     forward+backward's peak memory."""
     calls = [layer_calls(layer, x, grad_out) for layer in layers]
-    forwards = interleaved_wall_median_ms([c[0] for c in calls], setup.repeats, setup.budget_s)
-    both = interleaved_wall_median_ms([c[1] for c in calls], setup.repeats, setup.budget_s)
-    for row, forward_ms, forward_backward_ms in zip(rows, forwards, both):
-        row.forward_ms, row.forward_backward_ms = forward_ms, forward_backward_ms
+    forwards = interleaved_medians([c[0] for c in calls], setup.repeats, setup.budget_s)
+    both = interleaved_medians([c[1] for c in calls], setup.repeats, setup.budget_s)
+    for row, forward, forward_backward in zip(rows, forwards, both):
+        row.forward_ms, row.forward_faults = forward
+        row.forward_backward_ms, row.forward_backward_faults = forward_backward
     for row, call in zip(rows, calls):
         row.peak_memory_mib = cpu_peak_extra_mib(call[1])
 
@@ -328,6 +330,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--copy-mib", type=int, help="copy bandwidth buffer (default: per device)")
     parser.add_argument("--out", type=Path, help="default: benchmarks/results/speed-DEVICE.json")
+    parser.add_argument(
+        "--heap",
+        choices=("steady", "glibc"),
+        default="steady",
+        help="CPU: keep freed memory (steady, default; see heap.py) or glibc's own thresholds",
+    )
     return parser.parse_args()
 
 
@@ -339,10 +347,11 @@ def main() -> None:
     torch.manual_seed(0)
     if kind == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # float32 in full precision for every layer
+    heap = steady_heap() if kind == "cpu" and args.heap == "steady" else "unchanged"
     copy_mib = args.copy_mib or COPY_MIB[kind]
     bandwidth = copy_gb_per_s(device, copy_mib, args.repeats, args.budget)
     setup = Setup(device, args.repeats, args.budget, bandwidth)
-    info = machine_info(device, args.threads, bandwidth, copy_mib)
+    info = machine_info(device, args.threads, bandwidth, copy_mib, heap)
     print(describe(info))
 
     sizes = args.sizes or list(SUITES[args.suite][kind])

@@ -1,7 +1,8 @@
 """Timing and memory measurement for benchmarks/speed.py, on the CPU and on CUDA.
 
-The CPU is timed by wall clock, the layers of one size in rounds (``interleaved_wall_median_ms``;
-each call then also finds caches holding the other layers' data, as in a model). CUDA is timed by
+The CPU is timed by wall clock, the layers of one size in rounds (``interleaved_medians``; each
+call then also finds caches holding the other layers' data, as in a model), counting each call's
+page faults too (see heap.py). CUDA is timed by
 events recorded on the stream around each call, the calls queued back to back (so the GPU does not
 wait between them unless the host falls behind, as it does for single-token calls); the times are
 read after one synchronize. ``median_ms`` and ``copy_gb_per_s`` touch ``torch.cuda`` only when
@@ -10,9 +11,10 @@ given a CUDA device.
 
 import statistics
 import time
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
+from heap import minor_faults
 
 
 def median_ms(
@@ -36,23 +38,32 @@ def _wall_median_ms(fn: Callable[[], object], repeats: int, budget_s: float) -> 
     return 1e3 * statistics.median(times)
 
 
-def interleaved_wall_median_ms(
+class Median(NamedTuple):
+    ms: float
+    faults: float  # page faults per call (minor_faults)
+
+
+def interleaved_medians(
     fns: list[Callable[[], object]], repeats: int, budget_s: float
-) -> list[float]:
-    """Median wall time of each fn, timed in rounds (one call of each per round) so that a slow
-    minute of a shared machine slows every fn alike and the ratios between them stay put."""
+) -> list[Median]:
+    """Median wall time and page faults of each fn, timed in rounds (one call of each per round)
+    so that a slow minute of a shared machine slows every fn alike and the ratios between them
+    stay put."""
     for fn in fns:
         fn()
     times: list[list[float]] = [[] for _ in fns]
+    faults: list[list[int]] = [[] for _ in fns]
     start = time.perf_counter()
     for round_ in range(repeats):
         if round_ >= 3 and time.perf_counter() - start > budget_s * len(fns):
             break
-        for fn, fn_times in zip(fns, times):
+        for fn, fn_times, fn_faults in zip(fns, times, faults):
+            faults_before = minor_faults()
             begin = time.perf_counter()
             fn()
             fn_times.append(time.perf_counter() - begin)
-    return [1e3 * statistics.median(fn_times) for fn_times in times]
+            fn_faults.append(minor_faults() - faults_before)
+    return [Median(1e3 * statistics.median(t), statistics.median(f)) for t, f in zip(times, faults)]
 
 
 def _cuda_median_ms(fn: Callable[[], object], repeats: int, budget_s: float) -> float:

@@ -1,6 +1,8 @@
 """The benchmark script runs end to end (on tiny sizes on the CPU; timings are not asserted)."""
 
 import json
+import platform
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -38,6 +40,46 @@ def test_speed_script_runs(speed_run) -> None:
     for field in ("forward_gb_per_s", "forward_copy_fraction", "forward_tflop_per_s"):
         assert all(row[field] > 0 for row in rows), field
     assert "GB/s" in stdout and "GFLOP/s" in stdout
+    assert all(row["forward_faults"] >= 0 and row["forward_backward_faults"] >= 0 for row in rows)
+    if platform.libc_ver()[0] == "glibc":
+        assert report["machine"]["heap"] == "glibc: no trimming, mmap from 32 MiB"
+
+
+# Three 15 MiB buffers written and freed, round after round, after one of 20 MiB: on the heap
+# steady_heap keeps, a round reuses the last one's pages. glibc's own thresholds follow the largest
+# mapping freed (20 MiB: larger requests mapped on their own, and the heap trimmed whenever 40 MiB
+# at its top are free), so every round's 45 MiB is handed back and faults afresh in the next.
+REUSE = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from heap import minor_faults, steady_heap
+if sys.argv[2] == "steady":
+    steady_heap()
+page = int(sys.argv[3])
+def written(size):
+    buffer = bytearray(size)
+    buffer[::page] = bytes(size // page)  # a write to every page
+    return buffer
+written(20 << 20)
+for _ in range(3):
+    before = minor_faults()
+    buffers = [written(15 << 20) for _ in range(3)]
+    after = minor_faults()
+    del buffers
+print(after - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_steady_heap_keeps_freed_memory() -> None:
+    def faults_of_last_round(heap: str) -> int:
+        page = str(resource.getpagesize())
+        command = [sys.executable, "-c", REUSE, str(ROOT / "benchmarks"), heap, page]
+        return int(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
+
+    pages = 3 * (15 << 20) // resource.getpagesize()
+    assert faults_of_last_round("steady") < pages // 100
+    assert faults_of_last_round("glibc") > pages // 2
 
 
 def test_speed_counts_bytes_and_flops(speed_run) -> None:
