@@ -125,9 +125,12 @@ def test_blocks_suite_times_low_rank_at_each_variants_parameters(tmp_path: Path)
     command = [sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--device", "cpu"]
     command += ["--suite", "blocks", "--sizes", "3x16x16x2x8", "--dtypes", "float32"]
     command += ["--repeats", "1", "--budget", "0", "--copy-mib", "1", "--out", str(out)]
+    command += ["--heap", "glibc"]  # glibc's own thresholds: nothing set, and the JSON says so
     result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    rows = {row["layer"]: row for row in json.loads(out.read_text())["rows"]}
+    report = json.loads(out.read_text())
+    assert report["machine"]["heap"] == "unchanged"
+    rows = {row["layer"]: row for row in report["rows"]}
     # scalar: 2 * 2 * 16 + 8 * 8 = 128 parameters besides the bias, as low-rank's rank 4
     assert rows["LowRankLinear = scalar"]["forward_flops"] == 2 * 3 * 4 * (16 + 16)
     assert "nanomoe full" not in rows and "LowRankLinear = full" not in rows
