@@ -18,8 +18,8 @@ class Row:
     forward_flops: int  # 2 * multiply-adds per token * tokens
     forward_ms: Optional[float] = None
     forward_backward_ms: Optional[float] = None
-    forward_faults: Optional[float] = None  # CPU: page faults per call (median), see heap.py
-    forward_backward_faults: Optional[float] = None
+    forward_faults: Optional[int] = None  # CPU: page faults per call (median), see heap.py
+    forward_backward_faults: Optional[int] = None
     forward_vs_lowrank: Optional[float] = None
     forward_backward_vs_lowrank: Optional[float] = None
     forward_vs_same_params: Optional[float] = None  # to LowRankLinear of the same parameter count
@@ -55,19 +55,24 @@ def columns_for(device: torch.device) -> list[Column]:
         value = row.forward_tflop_per_s
         return _number(None if value is None else value * flop_scale, ".1f")
 
+    # CPU: each call's page faults beside its times (see heap.py); CUDA has none to count.
+    faults = [] if on_cuda else [Column("faults", 8, lambda r: _number(r.forward_faults, "d"))]
+    faults_both = (
+        [] if on_cuda else [Column("faults", 8, lambda r: _number(r.forward_backward_faults, "d"))]
+    )
     columns = [
         Column("size (BxNxMxRxK)", -22, lambda r: r.size),
         Column("dtype", -10, lambda r: r.dtype),
         Column("layer", -26, lambda r: r.layer),
         Column("fwd ms", 9, lambda r: _number(r.forward_ms, ".3f")),
         Column("x lowrank", 10, lambda r: _number(r.forward_vs_lowrank, ".2f")),
-        Column("faults", 8, lambda r: _number(r.forward_faults, ".0f")),
+        *faults,
         Column("GB/s", 8, lambda r: _number(r.forward_gb_per_s, ".0f")),
         Column("copy %", 8, lambda r: _percent(r.forward_copy_fraction)),
         Column("TFLOP/s" if on_cuda else "GFLOP/s", 9, rate),
         Column("fwd+bwd ms", 12, lambda r: _number(r.forward_backward_ms, ".3f")),
         Column("x lowrank", 10, lambda r: _number(r.forward_backward_vs_lowrank, ".2f")),
-        Column("faults", 8, lambda r: _number(r.forward_backward_faults, ".0f")),
+        *faults_both,
         Column("x =params", 10, lambda r: _number(r.forward_vs_same_params, ".2f")),
         Column("bwd =params", 12, lambda r: _number(r.forward_backward_vs_same_params, ".2f")),
         Column("peak MiB", 10, lambda r: _number(r.peak_memory_mib, ".0f")),
@@ -117,7 +122,7 @@ def describe(info: dict[str, object]) -> str:
     if info["device"] == "cuda":
         where = f"{info['gpu']}, CUDA {info['cuda']}, float32 matmuls without TF32"
     else:
-        where = f"{info['cpu']}, {info['threads']} threads, heap {info.get('heap', 'unchanged')}"
+        where = f"{info['cpu']}, {info['threads']} threads, heap {info.get('heap', 'not recorded')}"
     copy = f"copy bandwidth {info['copy_gb_per_s']:.0f} GB/s ({info['copy_mib']} MiB, read + write)"
     return f"{where}, torch {info['torch']}; {copy}"
 

@@ -1,6 +1,7 @@
 """The benchmark script runs end to end (on tiny sizes on the CPU; timings are not asserted)."""
 
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -41,8 +42,8 @@ def test_speed_script_runs(speed_run) -> None:
         assert all(row[field] > 0 for row in rows), field
     assert "GB/s" in stdout and "GFLOP/s" in stdout
     assert all(row["forward_faults"] >= 0 and row["forward_backward_faults"] >= 0 for row in rows)
-    if platform.libc_ver()[0] == "glibc":
-        assert report["machine"]["heap"] == "glibc: no trimming, mmap from 32 MiB"
+    if platform.libc_ver()[0] == "glibc" and not os.environ.get("LD_PRELOAD"):
+        assert report["machine"]["heap"].startswith("glibc: no trimming, mmap from")
 
 
 # Three 15 MiB buffers written and freed, round after round, after one of 20 MiB: on the heap
@@ -58,7 +59,7 @@ if sys.argv[2] == "steady":
 page = int(sys.argv[3])
 def written(size):
     buffer = bytearray(size)
-    buffer[::page] = bytes(size // page)  # a write to every page
+    buffer[::page] = bytes(size // page)  # a write to every page (calloc may skip fresh ones)
     return buffer
 written(20 << 20)
 for _ in range(3):
@@ -70,6 +71,15 @@ print(after - before)
 """
 
 
+def glibc_defaults_in_force() -> bool:
+    """Whether glibc's own heap, at its default thresholds and on small pages, serves this host's
+    processes (no preloaded allocator, no tunables, transparent huge pages not always on)."""
+    if os.environ.get("LD_PRELOAD") or os.environ.get("GLIBC_TUNABLES"):
+        return False
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    return not (thp.exists() and "[always]" in thp.read_text())
+
+
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_steady_heap_keeps_freed_memory() -> None:
     def faults_of_last_round(heap: str) -> int:
@@ -79,7 +89,8 @@ def test_steady_heap_keeps_freed_memory() -> None:
 
     pages = 3 * (15 << 20) // resource.getpagesize()
     assert faults_of_last_round("steady") < pages // 100
-    assert faults_of_last_round("glibc") > pages // 2
+    if glibc_defaults_in_force():  # the case steady_heap exists for: every round faults afresh
+        assert faults_of_last_round("glibc") > pages // 2
 
 
 def test_speed_counts_bytes_and_flops(speed_run) -> None:
