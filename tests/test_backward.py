@@ -253,6 +253,20 @@ def test_kernel_computes_only_requested(mixing: str, dtype: torch.dtype, wanted:
             assert got[name] is None, f"{name} got a gradient it did not ask for"
 
 
+@pytest.mark.parametrize("mixing", ["scalar", "diagonal"])
+def test_gate_passes_together_match_apart(mixing: str) -> None:
+    """bfloat16's scalar and diagonal gates run their three backward passes at once where every
+    gradient is asked for (gate_tile::backward_passes), each alone otherwise: the same bits.
+    100 tokens: three whole passes of 32 and one of 4, its last group of 8 cut short."""
+    generator = torch.Generator().manual_seed(7)
+    case = make_case((100,), 8, 8, 16, 12, 24, mixing, torch.bfloat16, True, generator)
+    grad_out = torch.randn(100, 8 * 12, generator=generator).bfloat16()
+    together = grads_of(torch.ops.nanomoe.linear, case, grad_out)
+    for name in ("x", "mix", "up", "down"):
+        apart = grads_of(torch.ops.nanomoe.linear, case, grad_out, (name,))[name]
+        assert torch.equal(together[name], apart), f"grad of {name} ({mixing})"
+
+
 def test_kernel_reads_strided_inputs() -> None:
     case = make_case((200,), 2, 2, 16, 16, 8, "diagonal", torch.float32)
     wide = torch.randn(200, 64)

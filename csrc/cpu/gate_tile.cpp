@@ -781,6 +781,34 @@ void accumulate_grads_as(const GateRows<float>& g, const T* src, const T* grad_d
   }
 }
 
+// The three passes of passes_together, kGradTokens tokens at a time: hidden and grad_mixed
+// widened once, the weight gradients summed from them, then mixed and grad_hidden mixed from them
+// kGroupTokens at a time (the same groups as mix_tokens', so the same bits).
+template <int kVariant>
+NANOMOE_AVX512 void passes_together_as(const GateRows<float>& g, const GateRows<float>& g_t,
+                                       const uint16_t* hidden, const uint16_t* grad_mixed,
+                                       int64_t tokens, float* grad_mix, uint16_t* mixed,
+                                       uint16_t* grad_hidden) {
+  const int64_t hidden_row = g.src_blocks * g.rank, mixed_row = g.dst_blocks * g.rank;
+  thread_local std::vector<float> converted;  // as accumulate_grads_as's
+  float* hidden_float = thread_buffer(converted, kGradTokens * (hidden_row + mixed_row));
+  float* grad_float = hidden_float + kGradTokens * hidden_row;
+  for (int64_t t = 0; t < tokens; t += kGradTokens) {
+    const int64_t pass = std::min<int64_t>(kGradTokens, tokens - t);
+    const float* hidden_rows = as_float(hidden + t * hidden_row, pass * hidden_row, hidden_float);
+    const float* grad_rows = as_float(grad_mixed + t * mixed_row, pass * mixed_row, grad_float);
+    grads_of_group<kVariant>(g, hidden_rows, grad_rows, pass, PassDots{}, grad_mix, nullptr,
+                             nullptr);
+    for (int64_t u = 0; u < pass; u += kGroupTokens) {
+      const int64_t group = std::min<int64_t>(kGroupTokens, pass - u);
+      mix_group_of<kVariant>(group, g, hidden_rows + u * hidden_row, hidden_row, nullptr, nullptr,
+                             mixed + (t + u) * mixed_row, mixed_row);
+      mix_group_of<kVariant>(group, g_t, grad_rows + u * mixed_row, mixed_row, nullptr, nullptr,
+                             grad_hidden + (t + u) * hidden_row, hidden_row);
+    }
+  }
+}
+
 // Sums in mix's layout: grad_mix's, then for diagonal_outer grad_left's and grad_right's.
 template <typename T>
 void accumulate_in_mix_layout(const GateRows<float>& g, const T* src, const T* grad_dst,
@@ -829,6 +857,22 @@ void mix(const GateRows<float>& g, const uint16_t* src, uint16_t* dst, int64_t t
   with_variant(g.variant, [&](auto v) { mix_tokens<decltype(v)::value>(g, src, dst, tokens); });
 }
 
+bool passes_together(const GateRows<float>& g, const GateRows<float>& g_t) {
+  const bool here =
+      g.variant != 2 && !g.amx_gate && !g.mix_by_block && !g_t.amx_gate && !g_t.mix_by_block;
+  return here && grads_layout(g) == GradsLayout::kMix && !gate_amx::grads_chosen(g);
+}
+
+void backward_passes(const GateRows<float>& g, const GateRows<float>& g_t, const uint16_t* hidden,
+                     const uint16_t* grad_mixed, int64_t tokens, float* sums, uint16_t* mixed,
+                     uint16_t* grad_hidden) {
+  if (g.variant == 0) {
+    passes_together_as<0>(g, g_t, hidden, grad_mixed, tokens, sums, mixed, grad_hidden);
+  } else {
+    passes_together_as<1>(g, g_t, hidden, grad_mixed, tokens, sums, mixed, grad_hidden);
+  }
+}
+
 }  // namespace nanomoe::cpu::gate_tile
 
 #else  // not x86-64: projection::runs_float() is false, so this is never reached
@@ -846,6 +890,13 @@ void accumulate_grads(const GateRows<float>&, const uint16_t*, const uint16_t*, 
   std::abort();
 }
 void mix(const GateRows<float>&, const uint16_t*, uint16_t*, int64_t) {
+  std::abort();
+}
+bool passes_together(const GateRows<float>&, const GateRows<float>&) {
+  return false;
+}
+void backward_passes(const GateRows<float>&, const GateRows<float>&, const uint16_t*,
+                     const uint16_t*, int64_t, float*, uint16_t*, uint16_t*) {
   std::abort();
 }
 }  // namespace nanomoe::cpu::gate_tile

@@ -238,8 +238,19 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
     // while its inputs are still in L2: up's right after grad_mixed read the tile's grad_out (taken
     // last, it came back from memory: NOTES, version 60), down's after grad_hidden and grad_x.
     // up's sums are up[i] transposed: the narrow mixed is the side AMX transposes.
+    // bfloat16's elementwise gates, where all three of their passes run: at once, before up's
+    // weight gradient needs mixed (gate_tile::backward_passes).
+    bool together = false;
+    if constexpr (std::is_same_v<T, uint16_t>) {
+      together = elementwise_gate && gate_t && needs[kUp] &&
+                 gate_tile::passes_together(mix.gate->rows, gate_t->rows);
+      if (together) {
+        gate_tile::backward_passes(mix.gate->rows, gate_t->rows, h, gm, rows,
+                                   own_sums + at_sums.mix, mid, gh);
+      }
+    }
     if (needs[kUp]) {
-      mix(h, mid, rows);  // the forward's mixed, again
+      if (!together) mix(h, mid, rows);  // the forward's mixed, again
       float* bias_sums = needs[kBias] ? own_sums + at_sums.bias : nullptr;
       const auto grad_tile =
           token_tile(rows, d.out_features, go, grad_stride, grad_buffer, bias_sums);
@@ -254,7 +265,7 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
       projection::accumulate_columns(rows, d.out_features, go, grad_stride,
                                      own_sums + at_sums.bias);
     }
-    if (elementwise_gate) {
+    if (elementwise_gate && !together) {
       gate_tile::accumulate_grads(mix.gate->rows, h, gm, rows, own_sums + at_sums.mix);
     }
     if (need_gate && layer.dense_gate) {  // (i, a) x (j, b) sums, in mix's layout at the end
@@ -266,7 +277,7 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
     }
     if (need_grad_hidden) {
       if (gate_t) {
-        gate_tile::mix(gate_t->rows, gm, gh, rows);
+        if (!together) gate_tile::mix(gate_t->rows, gm, gh, rows);
       } else {
         projection::project_steps(rows, gm, mixed_row, dense_steps, hidden_row, mixed_row, gh,
                                   hidden_row);
