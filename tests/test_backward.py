@@ -254,13 +254,15 @@ def test_kernel_computes_only_requested(mixing: str, dtype: torch.dtype, wanted:
 
 
 @pytest.mark.parametrize("mixing", ["scalar", "diagonal"])
-def test_gate_passes_together_match_apart(mixing: str) -> None:
+@pytest.mark.parametrize("k_out, k_in", [(8, 8), (5, 3), (3, 7)])
+def test_gate_passes_together_match_apart(mixing: str, k_out: int, k_in: int) -> None:
     """bfloat16's scalar and diagonal gates run their three backward passes at once where every
     gradient is asked for (gate_tile::backward_passes), each alone otherwise: the same bits.
-    100 tokens: three whole passes of 32 and one of 4, its last group of 8 cut short."""
+    100 tokens end in a pass shorter than a group of 8; unequal block counts a side tell the
+    forward gate from the transposed one, and leave 1 to 3 destination blocks over."""
     generator = torch.Generator().manual_seed(7)
-    case = make_case((100,), 8, 8, 16, 12, 24, mixing, torch.bfloat16, True, generator)
-    grad_out = torch.randn(100, 8 * 12, generator=generator).bfloat16()
+    case = make_case((100,), k_out, k_in, 16, 12, 24, mixing, torch.bfloat16, True, generator)
+    grad_out = torch.randn(100, k_out * 12, generator=generator).bfloat16()
     together = grads_of(torch.ops.nanomoe.linear, case, grad_out)
     for name in ("x", "mix", "up", "down"):
         apart = grads_of(torch.ops.nanomoe.linear, case, grad_out, (name,))[name]

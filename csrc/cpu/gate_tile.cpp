@@ -783,14 +783,17 @@ void accumulate_grads_as(const GateRows<float>& g, const T* src, const T* grad_d
 
 // The three passes of passes_together, kGradTokens tokens at a time: hidden and grad_mixed
 // widened once, the weight gradients summed from them, then mixed and grad_hidden mixed from them
-// kGroupTokens at a time (the same groups as mix_tokens', so the same bits).
+// kGroupTokens at a time. The same bits as the passes apart: the same sums per pass, and each
+// token's mixed sums run over the source blocks in the same order whatever its group.
 template <int kVariant>
 NANOMOE_AVX512 void passes_together_as(const GateRows<float>& g, const GateRows<float>& g_t,
                                        const uint16_t* hidden, const uint16_t* grad_mixed,
                                        int64_t tokens, float* grad_mix, uint16_t* mixed,
                                        uint16_t* grad_hidden) {
   const int64_t hidden_row = g.src_blocks * g.rank, mixed_row = g.dst_blocks * g.rank;
-  thread_local std::vector<float> converted;  // as accumulate_grads_as's
+  static_assert(kGradTokens % kGroupTokens == 0, "a pass is whole groups");
+  // A pass's float32 rows (128 KiB at K = 8, r = 64), kept between calls.
+  thread_local std::vector<float> converted;
   float* hidden_float = thread_buffer(converted, kGradTokens * (hidden_row + mixed_row));
   float* grad_float = hidden_float + kGradTokens * hidden_row;
   for (int64_t t = 0; t < tokens; t += kGradTokens) {
@@ -858,9 +861,8 @@ void mix(const GateRows<float>& g, const uint16_t* src, uint16_t* dst, int64_t t
 }
 
 bool passes_together(const GateRows<float>& g, const GateRows<float>& g_t) {
-  const bool here =
-      g.variant != 2 && !g.amx_gate && !g.mix_by_block && !g_t.amx_gate && !g_t.mix_by_block;
-  return here && grads_layout(g) == GradsLayout::kMix && !gate_amx::grads_chosen(g);
+  // Without a layout for AMX or by block, the gradients are summed in mix's layout here too.
+  return g.variant != 2 && !g.amx_gate && !g.mix_by_block && !g_t.amx_gate && !g_t.mix_by_block;
 }
 
 void backward_passes(const GateRows<float>& g, const GateRows<float>& g_t, const uint16_t* hidden,

@@ -235,11 +235,11 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
     T* first_buffer = carve.take<T>(steps_size<T>(tile, std::max(hidden_row, mixed_row)));
     T* second_buffer = carve.take<T>(steps_size<T>(tile, std::max(hidden_row, mixed_row)));
     // The weight gradients (sums over the tile's tokens, the steps of each product) each taken
-    // while its inputs are still in L2: up's right after grad_mixed read the tile's grad_out (taken
+    // while its inputs are still in L2: up's soon after grad_mixed read the tile's grad_out (taken
     // last, it came back from memory: NOTES, version 60), down's after grad_hidden and grad_x.
     // up's sums are up[i] transposed: the narrow mixed is the side AMX transposes.
-    // bfloat16's elementwise gates, where all three of their passes run: at once, before up's
-    // weight gradient needs mixed (gate_tile::backward_passes).
+    // bfloat16's elementwise gates, where all three of their passes run, run them at once first
+    // (gate_tile::backward_passes): mixed for up's weight gradient, the gate's, grad_hidden.
     bool together = false;
     if constexpr (std::is_same_v<T, uint16_t>) {
       together = elementwise_gate && gate_t && needs[kUp] &&
