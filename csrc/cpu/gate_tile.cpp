@@ -729,9 +729,16 @@ NANOMOE_AVX512 void grads_of_group(const GateRows<float>& g, const float* src,
   if constexpr (kVariant == 2) outer_grads(g, src, grad_dst, tokens, dots, grad_left, grad_right);
 }
 
-template <int kVariant, typename T>
+// The weight gradients over `tokens` rows, kGradTokens at a time; after each pass, with its
+// float32 rows (the pass's first token, count, and its src and grad_dst rows),
+// after_pass(t, count, src_rows, grad_rows) runs (passes_together_as's mixing).
+struct NoMoreWork {
+  void operator()(int64_t, int64_t, const float*, const float*) const {}
+};
+template <int kVariant, typename T, typename AfterPass = NoMoreWork>
 void accumulate_grads_as(const GateRows<float>& g, const T* src, const T* grad_dst, int64_t tokens,
-                         float* grad_mix, float* grad_left, float* grad_right) {
+                         float* grad_mix, float* grad_left, float* grad_right,
+                         const AfterPass& after_pass = {}) {
   const int64_t src_row = g.src_blocks * g.rank, dst_row = g.dst_blocks * g.rank;
   constexpr bool kConvert = !std::is_same_v<T, float>;
   // float32 copies of a pass's bfloat16 rows (128 KiB at K = 8, r = 64: kept between calls, where
@@ -778,13 +785,15 @@ void accumulate_grads_as(const GateRows<float>& g, const T* src, const T* grad_d
       if (!made) pass = outer_dots(g, src_rows, grad_rows, group, dots);
     }
     grads_of_group<kVariant>(g, src_rows, grad_rows, group, pass, grad_mix, grad_left, grad_right);
+    after_pass(t, group, src_rows, grad_rows);
   }
 }
 
-// The three passes of passes_together, kGradTokens tokens at a time: hidden and grad_mixed
-// widened once, the weight gradients summed from them, then mixed and grad_hidden mixed from them
-// kGroupTokens at a time. The same bits as the passes apart: the same sums per pass, and each
-// token's mixed sums run over the source blocks in the same order whatever its group.
+// The three passes of passes_together: the weight gradients a pass of kGradTokens tokens at a
+// time (hidden and grad_mixed widened once, by accumulate_grads_as), then mixed and grad_hidden
+// mixed from the same float32 rows kGroupTokens at a time. The same bits as the passes apart: the
+// same sums per pass, and each token's mixed sums run over the source blocks in the same order
+// whatever its group.
 template <int kVariant>
 NANOMOE_AVX512 void passes_together_as(const GateRows<float>& g, const GateRows<float>& g_t,
                                        const uint16_t* hidden, const uint16_t* grad_mixed,
@@ -792,24 +801,18 @@ NANOMOE_AVX512 void passes_together_as(const GateRows<float>& g, const GateRows<
                                        uint16_t* grad_hidden) {
   const int64_t hidden_row = g.src_blocks * g.rank, mixed_row = g.dst_blocks * g.rank;
   static_assert(kGradTokens % kGroupTokens == 0, "a pass is whole groups");
-  // A pass's float32 rows (128 KiB at K = 8, r = 64), kept between calls.
-  thread_local std::vector<float> converted;
-  float* hidden_float = thread_buffer(converted, kGradTokens * (hidden_row + mixed_row));
-  float* grad_float = hidden_float + kGradTokens * hidden_row;
-  for (int64_t t = 0; t < tokens; t += kGradTokens) {
-    const int64_t pass = std::min<int64_t>(kGradTokens, tokens - t);
-    const float* hidden_rows = as_float(hidden + t * hidden_row, pass * hidden_row, hidden_float);
-    const float* grad_rows = as_float(grad_mixed + t * mixed_row, pass * mixed_row, grad_float);
-    grads_of_group<kVariant>(g, hidden_rows, grad_rows, pass, PassDots{}, grad_mix, nullptr,
-                             nullptr);
-    for (int64_t u = 0; u < pass; u += kGroupTokens) {
-      const int64_t group = std::min<int64_t>(kGroupTokens, pass - u);
+  const auto mix_pass = [&](int64_t t, int64_t count, const float* hidden_rows,
+                            const float* grad_rows) NANOMOE_AVX512 {
+    for (int64_t u = 0; u < count; u += kGroupTokens) {
+      const int64_t group = std::min<int64_t>(kGroupTokens, count - u);
       mix_group_of<kVariant>(group, g, hidden_rows + u * hidden_row, hidden_row, nullptr, nullptr,
                              mixed + (t + u) * mixed_row, mixed_row);
       mix_group_of<kVariant>(group, g_t, grad_rows + u * mixed_row, mixed_row, nullptr, nullptr,
                              grad_hidden + (t + u) * hidden_row, hidden_row);
     }
-  }
+  };
+  accumulate_grads_as<kVariant>(g, hidden, grad_mixed, tokens, grad_mix, nullptr, nullptr,
+                                mix_pass);
 }
 
 // Sums in mix's layout: grad_mix's, then for diagonal_outer grad_left's and grad_right's.
