@@ -188,7 +188,7 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
   const Tiling& tiling = backward_tiling<T>(d, at_sums.size);
   const TokenShares split = token_shares(d.tokens, tiling);
   const int64_t tile = split.largest_tile(tiling), slots = split.slots();
-  const int64_t chunk = chunk_tokens<T>(tile);
+  const int64_t chunk = chunk_tokens<T>();
   const bool elementwise_gate = need_gate && !layer.dense_gate;
   const int64_t scratch_bytes =
       2 * Carve::bytes<T>(tile * mixed_row) + Carve::bytes<T>(tile * hidden_row) +

@@ -191,7 +191,7 @@ void many_tokens(const Layer<scalar_t>& layer, const Weights& w, const Tensor& x
   // faster with 2 threads than with 1.
   const TokenShares split = token_shares(d.tokens, kPackedTiling);
   const int64_t tile = split.largest_tile(kPackedTiling);
-  const int64_t chunk = chunk_tokens<T>(tile);
+  const int64_t chunk = chunk_tokens<T>();
   const int64_t hidden_size = tile * layer.hidden_row();
   const Tensor scratch =
       at::empty({split.slots(), hidden_size + tile * layer.mixed_row()}, x_rows.options());

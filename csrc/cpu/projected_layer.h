@@ -26,16 +26,18 @@ namespace nanomoe::cpu {
 // different orders) whatever the thread count, so results stay bitwise the same for any count.
 constexpr int64_t kShareTokens = 48;
 
-// Off AMX, a token tile's products pass through every block this many tokens at a time (the narrow
-// register tile's count), so that each token's rows of the activations are read and written front
-// to back. Block by block over the whole tile, each block touched one cache line of every token's
-// row, each row in another 4 KiB page, where the prefetchers do not follow, and each output line
-// was a store miss of its own. AMX takes whole blocks of 16 and 32 tokens, so there the tile stays
-// whole. Measured in benchmarks/NOTES.md, version 29.
+// A token tile's products pass through every block a chunk of tokens at a time (off AMX, the
+// narrow register tile's 24; on AMX, one block of 32), so that each token's rows of the activations
+// are read and written front to back. Block by block over the whole tile, each block touched one
+// cache line of every token's row, each row in another 4 KiB page, where the prefetchers do not
+// follow, and each output line was a store miss of its own: NOTES, version 29 (the register tile)
+// and version 82 (AMX: at 2048 features, the backward 0.78x and the forward 0.85x its time with
+// whole tiles of 96 and 192 tokens; at 1024 features, 2 KiB rows, no change). Chunks are whole AMX
+// blocks, so the same tokens go to AMX as with whole tiles, and the results keep their bits.
 template <typename T>
-int64_t chunk_tokens(int64_t tile) {
+int64_t chunk_tokens() {
   constexpr int64_t kChunkTokens = 24;
-  return std::is_same_v<T, uint16_t> && amx::available() ? tile : kChunkTokens;
+  return std::is_same_v<T, uint16_t> && amx::available() ? amx::kTokens : kChunkTokens;
 }
 
 // bfloat16 on AMX: the tile unit held for a token tile, so that its products keep one configuration
