@@ -478,7 +478,16 @@ NANOMOE_AVX512 void mix_tokens(const GateRows<float>& g, const T* src, T* dst, i
 
 // ---- the gate's weight gradients ------------------------------------------------------------
 
-constexpr int kGradTokens = 32;  // tokens converted to float32 and summed per pass
+// Tokens converted to float32 and summed per pass: diagonal_outer's 32, one tile-unit product of
+// its dot products; the scalar and diagonal gates' one mixing group, so that a bfloat16 pass's
+// widened rows (8 tokens of hidden and grad_mixed: 32 KiB at K = 8, r = 64) stay in L1 for every
+// use (the weight gradients, and passes_together's mixing): with 32 tokens, 128 KiB, the backward
+// took 1.04x to 1.12x its time at 4096 tokens (NOTES, version 83).
+constexpr int kGradTokens = 32;
+template <int kVariant>
+constexpr int64_t pass_tokens() {
+  return kVariant == 2 ? kGradTokens : kGroupTokens;
+}
 // Blocks of destination x source blocks whose sums sit in registers at once: per token, 4 + 4 row
 // loads serve 16 multiply-adds, in 16 independent sums (enough to cover the FMA latency).
 constexpr int kGradDst = 4;
@@ -729,7 +738,7 @@ NANOMOE_AVX512 void grads_of_group(const GateRows<float>& g, const float* src,
   if constexpr (kVariant == 2) outer_grads(g, src, grad_dst, tokens, dots, grad_left, grad_right);
 }
 
-// The weight gradients over `tokens` rows, kGradTokens at a time; after each pass, with its
+// The weight gradients over `tokens` rows, pass_tokens at a time; after each pass, with its
 // float32 rows (the pass's first token, count, and its src and grad_dst rows),
 // after_pass(t, count, src_rows, grad_rows) runs (passes_together_as's mixing).
 struct NoMoreWork {
@@ -741,12 +750,12 @@ void accumulate_grads_as(const GateRows<float>& g, const T* src, const T* grad_d
                          const AfterPass& after_pass = {}) {
   const int64_t src_row = g.src_blocks * g.rank, dst_row = g.dst_blocks * g.rank;
   constexpr bool kConvert = !std::is_same_v<T, float>;
-  // float32 copies of a pass's bfloat16 rows (128 KiB at K = 8, r = 64: kept between calls, where
-  // allocating and zeroing them for each tile showed in profiles).
+  constexpr int64_t kPass = pass_tokens<kVariant>();
+  // float32 copies of a pass's bfloat16 rows (kept between calls, where allocating and zeroing
+  // them for each tile showed in profiles).
   thread_local std::vector<float> converted;
-  float* src_float =
-      kConvert ? thread_buffer(converted, kGradTokens * (src_row + dst_row)) : nullptr;
-  float* grad_float = kConvert ? src_float + kGradTokens * src_row : nullptr;
+  float* src_float = kConvert ? thread_buffer(converted, kPass * (src_row + dst_row)) : nullptr;
+  float* grad_float = kConvert ? src_float + kPass * src_row : nullptr;
   // diagonal_outer's dot products, a pass at a time: made on the tile unit where the gate has its
   // pairs (dots_on_amx), else by outer_dots into dots.
   static_assert(kGradTokens == kAmxTokens, "a pass's dot products are one product's");
@@ -767,8 +776,8 @@ void accumulate_grads_as(const GateRows<float>& g, const T* src, const T* grad_d
       dots = thread_buffer(dots_buffer, outer_dots_size(g));
     }
   }
-  for (int64_t t = 0; t < tokens; t += kGradTokens) {
-    const int64_t group = std::min<int64_t>(kGradTokens, tokens - t);
+  for (int64_t t = 0; t < tokens; t += kPass) {
+    const int64_t group = std::min<int64_t>(kPass, tokens - t);
     const float* src_rows = as_float(src + t * src_row, group * src_row, src_float);
     const float* grad_rows = as_float(grad_dst + t * dst_row, group * dst_row, grad_float);
     PassDots pass;
@@ -789,27 +798,23 @@ void accumulate_grads_as(const GateRows<float>& g, const T* src, const T* grad_d
   }
 }
 
-// The three passes of passes_together: the weight gradients a pass of kGradTokens tokens at a
-// time (hidden and grad_mixed widened once, by accumulate_grads_as), then mixed and grad_hidden
-// mixed from the same float32 rows kGroupTokens at a time. The same bits as the passes apart: the
-// same sums per pass, and each token's mixed sums run over the source blocks in the same order
-// whatever its group.
+// The three passes of passes_together: the weight gradients a pass (one mixing group) at a time
+// (hidden and grad_mixed widened once, by accumulate_grads_as), then mixed and grad_hidden mixed
+// from the same float32 rows. The same bits as the passes apart: the same sums per pass, and each
+// token's mixed sums run over the source blocks in the same order whatever its group.
 template <int kVariant>
 NANOMOE_AVX512 void passes_together_as(const GateRows<float>& g, const GateRows<float>& g_t,
                                        const uint16_t* hidden, const uint16_t* grad_mixed,
                                        int64_t tokens, float* grad_mix, uint16_t* mixed,
                                        uint16_t* grad_hidden) {
   const int64_t hidden_row = g.src_blocks * g.rank, mixed_row = g.dst_blocks * g.rank;
-  static_assert(kGradTokens % kGroupTokens == 0, "a pass is whole groups");
+  static_assert(pass_tokens<kVariant>() == kGroupTokens, "a pass is one group");
   const auto mix_pass = [&](int64_t t, int64_t count, const float* hidden_rows,
                             const float* grad_rows) NANOMOE_AVX512 {
-    for (int64_t u = 0; u < count; u += kGroupTokens) {
-      const int64_t group = std::min<int64_t>(kGroupTokens, count - u);
-      mix_group_of<kVariant>(group, g, hidden_rows + u * hidden_row, hidden_row, nullptr, nullptr,
-                             mixed + (t + u) * mixed_row, mixed_row);
-      mix_group_of<kVariant>(group, g_t, grad_rows + u * mixed_row, mixed_row, nullptr, nullptr,
-                             grad_hidden + (t + u) * hidden_row, hidden_row);
-    }
+    mix_group_of<kVariant>(count, g, hidden_rows, hidden_row, nullptr, nullptr,
+                           mixed + t * mixed_row, mixed_row);
+    mix_group_of<kVariant>(count, g_t, grad_rows, mixed_row, nullptr, nullptr,
+                           grad_hidden + t * hidden_row, hidden_row);
   };
   accumulate_grads_as<kVariant>(g, hidden, grad_mixed, tokens, grad_mix, nullptr, nullptr,
                                 mix_pass);
