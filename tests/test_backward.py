@@ -253,18 +253,21 @@ def test_kernel_computes_only_requested(mixing: str, dtype: torch.dtype, wanted:
             assert got[name] is None, f"{name} got a gradient it did not ask for"
 
 
-@pytest.mark.parametrize("mixing", ["scalar", "diagonal"])
+@pytest.mark.parametrize("mixing", ["scalar", "diagonal", "diagonal_outer"])
 @pytest.mark.parametrize("k_out, k_in", [(8, 8), (5, 3), (3, 7)])
 def test_gate_passes_together_match_apart(mixing: str, k_out: int, k_in: int) -> None:
-    """bfloat16's scalar and diagonal gates run their three backward passes at once where every
-    gradient is asked for (gate_tile::backward_passes), each alone otherwise: the same bits.
-    100 tokens end in a pass shorter than a group of 8; unequal block counts a side tell the
-    forward gate from the transposed one, and leave 1 to 3 destination blocks over."""
+    """bfloat16's elementwise gates run their three backward passes at once where every gradient
+    is asked for (gate_tile::backward_passes; diagonal_outer where its dot products are on AMX,
+    from 32 tokens), each alone otherwise: the same bits. 100 tokens end in a group shorter than
+    8 (and diagonal_outer's last pass of dot products, 4 tokens, short of 32); unequal block
+    counts a side tell the forward gate from the transposed one, and leave 1 to 3 destination
+    blocks over."""
     generator = torch.Generator().manual_seed(7)
     case = make_case((100,), k_out, k_in, 16, 12, 24, mixing, torch.bfloat16, True, generator)
     grad_out = torch.randn(100, k_out * 12, generator=generator).bfloat16()
     together = grads_of(torch.ops.nanomoe.linear, case, grad_out)
-    for name in ("x", "mix", "up", "down"):
+    outer = ("mix_left", "mix_right") if mixing == "diagonal_outer" else ()
+    for name in ("x", "mix", "up", "down", *outer):
         apart = grads_of(torch.ops.nanomoe.linear, case, grad_out, (name,))[name]
         assert torch.equal(together[name], apart), f"grad of {name} ({mixing})"
 

@@ -478,16 +478,14 @@ NANOMOE_AVX512 void mix_tokens(const GateRows<float>& g, const T* src, T* dst, i
 
 // ---- the gate's weight gradients ------------------------------------------------------------
 
-// Tokens converted to float32 and summed per pass: diagonal_outer's 32, one tile-unit product of
-// its dot products; the scalar and diagonal gates' one mixing group, so that a bfloat16 pass's
-// widened rows (8 tokens of hidden and grad_mixed: 32 KiB at K = 8, r = 64) stay in L1 for every
-// use (the weight gradients, and passes_together's mixing): with 32 tokens, 128 KiB, the backward
-// took 1.04x to 1.12x its time at 4096 tokens (NOTES, version 83).
+// Tokens whose dot products (diagonal_outer's) are one tile-unit product: a pass. Each pass's
+// tokens are then converted to float32 and summed one mixing group (kGroupTokens) at a time
+// (except where diagonal_outer's dot products are not on the tile unit: accumulate_grads_as), so
+// that a bfloat16 group's widened rows (8 tokens of hidden and grad_mixed: 32 KiB at K = 8,
+// r = 64) stay in L1 for every use (the weight gradients, and passes_together's mixing): widened
+// 32 at a time, 128 KiB, the backward took 1.04x to 1.12x its time at 4096 tokens (NOTES,
+// version 83).
 constexpr int kGradTokens = 32;
-template <int kVariant>
-constexpr int64_t pass_tokens() {
-  return kVariant == 2 ? kGradTokens : kGroupTokens;
-}
 // Blocks of destination x source blocks whose sums sit in registers at once: per token, 4 + 4 row
 // loads serve 16 multiply-adds, in 16 independent sums (enough to cover the FMA latency).
 constexpr int kGradDst = 4;
@@ -738,11 +736,12 @@ NANOMOE_AVX512 void grads_of_group(const GateRows<float>& g, const float* src,
   if constexpr (kVariant == 2) outer_grads(g, src, grad_dst, tokens, dots, grad_left, grad_right);
 }
 
-// The weight gradients over `tokens` rows, pass_tokens at a time; after each pass, with its
-// float32 rows (the pass's first token, count, and its src and grad_dst rows),
-// after_pass(t, count, src_rows, grad_rows) runs (passes_together_as's mixing).
+// The weight gradients over `tokens` rows, a pass of kGradTokens at a time (diagonal_outer's dot
+// products for the pass, then its groups); after each group, with its float32 rows and dot
+// products (the group's first token, count, its src and grad_dst rows, and the dots from its first
+// token), after_pass(t, count, src_rows, grad_rows, dots) runs (passes_together_as's mixing).
 struct NoMoreWork {
-  void operator()(int64_t, int64_t, const float*, const float*) const {}
+  void operator()(int64_t, int64_t, const float*, const float*, const PassDots&) const {}
 };
 template <int kVariant, typename T, typename AfterPass = NoMoreWork>
 void accumulate_grads_as(const GateRows<float>& g, const T* src, const T* grad_dst, int64_t tokens,
@@ -750,14 +749,15 @@ void accumulate_grads_as(const GateRows<float>& g, const T* src, const T* grad_d
                          const AfterPass& after_pass = {}) {
   const int64_t src_row = g.src_blocks * g.rank, dst_row = g.dst_blocks * g.rank;
   constexpr bool kConvert = !std::is_same_v<T, float>;
-  constexpr int64_t kPass = pass_tokens<kVariant>();
-  // float32 copies of a pass's bfloat16 rows (kept between calls, where allocating and zeroing
+  // float32 copies of a group's bfloat16 rows (kept between calls, where allocating and zeroing
   // them for each tile showed in profiles).
   thread_local std::vector<float> converted;
-  float* src_float = kConvert ? thread_buffer(converted, kPass * (src_row + dst_row)) : nullptr;
-  float* grad_float = kConvert ? src_float + kPass * src_row : nullptr;
-  // diagonal_outer's dot products, a pass at a time: made on the tile unit where the gate has its
-  // pairs (dots_on_amx), else by outer_dots into dots.
+  const int64_t most = kVariant == 2 ? kGradTokens : kGroupTokens;
+  float* src_float = kConvert ? thread_buffer(converted, most * (src_row + dst_row)) : nullptr;
+  float* grad_float = kConvert ? src_float + most * src_row : nullptr;
+  // diagonal_outer's dot products: made on the tile unit for a pass where the gate has its pairs
+  // (dots_on_amx), else by outer_dots for the pass's rows into dots (16 tokens a vector, so there
+  // a group is the whole pass: in groups of 8, float32's forward+backward took 1.04x its time).
   static_assert(kGradTokens == kAmxTokens, "a pass's dot products are one product's");
   float* made = nullptr;
   float* dots = nullptr;
@@ -776,48 +776,60 @@ void accumulate_grads_as(const GateRows<float>& g, const T* src, const T* grad_d
       dots = thread_buffer(dots_buffer, outer_dots_size(g));
     }
   }
-  for (int64_t t = 0; t < tokens; t += kPass) {
-    const int64_t group = std::min<int64_t>(kPass, tokens - t);
-    const float* src_rows = as_float(src + t * src_row, group * src_row, src_float);
-    const float* grad_rows = as_float(grad_dst + t * dst_row, group * dst_row, grad_float);
-    PassDots pass;
-    if constexpr (kVariant == 2) {
-      if constexpr (std::is_same_v<T, uint16_t>) {
-        if (made) {
-          dots_by_amx(g.right_pairs, g.right_cols, g.src_blocks, g.rank, src + t * src_row, src_row,
-                      group, padded, made);
-          dots_by_amx(g.left_pairs, g.left_cols, g.dst_blocks, g.rank, grad_dst + t * dst_row,
-                      dst_row, group, padded, made + right_size);
-          pass = PassDots{made, made + right_size, g.src_blocks, g.dst_blocks, true};
-        }
+  const int64_t group_tokens = kVariant == 2 && !made ? kGradTokens : kGroupTokens;
+  for (int64_t t0 = 0; t0 < tokens; t0 += kGradTokens) {
+    const int64_t in_pass = std::min<int64_t>(kGradTokens, tokens - t0);
+    if constexpr (kVariant == 2 && std::is_same_v<T, uint16_t>) {
+      if (made) {
+        dots_by_amx(g.right_pairs, g.right_cols, g.src_blocks, g.rank, src + t0 * src_row, src_row,
+                    in_pass, padded, made);
+        dots_by_amx(g.left_pairs, g.left_cols, g.dst_blocks, g.rank, grad_dst + t0 * dst_row,
+                    dst_row, in_pass, padded, made + right_size);
       }
-      if (!made) pass = outer_dots(g, src_rows, grad_rows, group, dots);
     }
-    grads_of_group<kVariant>(g, src_rows, grad_rows, group, pass, grad_mix, grad_left, grad_right);
-    after_pass(t, group, src_rows, grad_rows);
+    for (int64_t t = t0; t < t0 + in_pass; t += group_tokens) {
+      const int64_t group = std::min<int64_t>(group_tokens, t0 + in_pass - t);
+      const float* src_rows = as_float(src + t * src_row, group * src_row, src_float);
+      const float* grad_rows = as_float(grad_dst + t * dst_row, group * dst_row, grad_float);
+      PassDots pass;
+      if constexpr (kVariant == 2) {
+        const int64_t from = (t - t0) * kAmxCols;  // the group's first token in the pass's dots
+        pass =
+            made ? PassDots{made + from, made + right_size + from, g.src_blocks, g.dst_blocks, true}
+                 : outer_dots(g, src_rows, grad_rows, group, dots);
+      }
+      grads_of_group<kVariant>(g, src_rows, grad_rows, group, pass, grad_mix, grad_left,
+                               grad_right);
+      after_pass(t, group, src_rows, grad_rows, pass);
+    }
   }
 }
 
-// The three passes of passes_together: the weight gradients a pass (one mixing group) at a time
-// (hidden and grad_mixed widened once, by accumulate_grads_as), then mixed and grad_hidden mixed
-// from the same float32 rows. The same bits as the passes apart: the same sums per pass, and each
-// token's mixed sums run over the source blocks in the same order whatever its group.
+// The three passes of passes_together: the weight gradients a group at a time (hidden and
+// grad_mixed widened once, by accumulate_grads_as), then mixed and grad_hidden mixed from the same
+// float32 rows; diagonal_outer's with the weight gradients' dot products, <right_ds, hidden_ts>
+// for mixed and <left_ds, grad_mixed_td> for grad_hidden (the transposed gate's right is left).
+// The same bits as the passes apart: the same sums per group, the same dot products (one
+// tile-unit product per 32 tokens either way), and each token's mixed sums run over the source
+// blocks in the same order whatever its group.
 template <int kVariant>
 NANOMOE_AVX512 void passes_together_as(const GateRows<float>& g, const GateRows<float>& g_t,
                                        const uint16_t* hidden, const uint16_t* grad_mixed,
-                                       int64_t tokens, float* grad_mix, uint16_t* mixed,
+                                       int64_t tokens, float* sums, uint16_t* mixed,
                                        uint16_t* grad_hidden) {
   const int64_t hidden_row = g.src_blocks * g.rank, mixed_row = g.dst_blocks * g.rank;
-  static_assert(pass_tokens<kVariant>() == kGroupTokens, "a pass is one group");
-  const auto mix_pass = [&](int64_t t, int64_t count, const float* hidden_rows,
-                            const float* grad_rows) NANOMOE_AVX512 {
-    mix_group_of<kVariant>(count, g, hidden_rows, hidden_row, nullptr, nullptr,
+  const int64_t numel = mix_numel(g);
+  float* grad_left = kVariant == 2 ? sums + numel : nullptr;
+  float* grad_right = kVariant == 2 ? sums + 2 * numel : nullptr;
+  const auto mix_group_pass = [&](int64_t t, int64_t count, const float* hidden_rows,
+                                  const float* grad_rows, const PassDots& dots) NANOMOE_AVX512 {
+    mix_group_of<kVariant>(count, g, hidden_rows, hidden_row, nullptr, dots.right,
                            mixed + t * mixed_row, mixed_row);
-    mix_group_of<kVariant>(count, g_t, grad_rows, mixed_row, nullptr, nullptr,
+    mix_group_of<kVariant>(count, g_t, grad_rows, mixed_row, nullptr, dots.left,
                            grad_hidden + t * hidden_row, hidden_row);
   };
-  accumulate_grads_as<kVariant>(g, hidden, grad_mixed, tokens, grad_mix, nullptr, nullptr,
-                                mix_pass);
+  accumulate_grads_as<kVariant>(g, hidden, grad_mixed, tokens, sums, grad_left, grad_right,
+                                mix_group_pass);
 }
 
 // Sums in mix's layout: grad_mix's, then for diagonal_outer grad_left's and grad_right's.
@@ -869,18 +881,20 @@ void mix(const GateRows<float>& g, const uint16_t* src, uint16_t* dst, int64_t t
 }
 
 bool passes_together(const GateRows<float>& g, const GateRows<float>& g_t) {
-  // Without a layout for AMX or by block, the gradients are summed in mix's layout here too.
-  return g.variant != 2 && !g.amx_gate && !g.mix_by_block && !g_t.amx_gate && !g_t.mix_by_block;
+  // Without a layout for AMX or by block, the gradients are summed in mix's layout here too;
+  // diagonal_outer's dot products must be on the tile unit each way (its mixing takes them in
+  // that layout).
+  const bool dots_shared = g.variant != 2 || (g.left_pairs && g_t.right_pairs);
+  return dots_shared && !g.amx_gate && !g.mix_by_block && !g_t.amx_gate && !g_t.mix_by_block;
 }
 
 void backward_passes(const GateRows<float>& g, const GateRows<float>& g_t, const uint16_t* hidden,
                      const uint16_t* grad_mixed, int64_t tokens, float* sums, uint16_t* mixed,
                      uint16_t* grad_hidden) {
-  if (g.variant == 0) {
-    passes_together_as<0>(g, g_t, hidden, grad_mixed, tokens, sums, mixed, grad_hidden);
-  } else {
-    passes_together_as<1>(g, g_t, hidden, grad_mixed, tokens, sums, mixed, grad_hidden);
-  }
+  with_variant(g.variant, [&](auto v) {
+    passes_together_as<decltype(v)::value>(g, g_t, hidden, grad_mixed, tokens, sums, mixed,
+                                           grad_hidden);
+  });
 }
 
 }  // namespace nanomoe::cpu::gate_tile

@@ -45,11 +45,13 @@ void grads_to_mix(const GateRows<float>& g, const float* sums, float* grad_mix, 
                   float* grad_right);
 
 // A bfloat16 backward tile's three gate passes at once, where passes_together(g, g_t) says (g the
-// forward gate, g_t the transposed one: scalar and diagonal mixed here, the gradients in mix's
-// layout): per 32 tokens, hidden and grad_mixed widened to float32 once, then the weight gradients
-// added to sums (as accumulate_grads), mixed = G hidden (as mix) and grad_hidden = G^T grad_mixed
-// from them. Apart, each pass widened the rows it read: 0.976 to 0.989 the backward's time
-// (NOTES, version 81). The same bits as the three passes.
+// forward gate, g_t the transposed one, mixed here, the gradients in mix's layout; diagonal_outer's
+// dot products on the tile unit both ways): per 8 tokens, hidden and grad_mixed widened to float32
+// once, then the weight gradients added to sums (as accumulate_grads), mixed = G hidden (as mix)
+// and grad_hidden = G^T grad_mixed from them; diagonal_outer's dot products made once per 32
+// tokens for the gradients and the mixing both. Apart, each pass widened the rows it read:
+// 0.976 to 0.989 the backward's time (NOTES, version 81; diagonal_outer, version 84). The same
+// bits as the three passes.
 bool passes_together(const GateRows<float>& g, const GateRows<float>& g_t);
 void backward_passes(const GateRows<float>& g, const GateRows<float>& g_t, const uint16_t* hidden,
                      const uint16_t* grad_mixed, int64_t tokens, float* sums, uint16_t* mixed,
