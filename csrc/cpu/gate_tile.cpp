@@ -11,6 +11,7 @@
 #include "gate_tile.h"
 
 #include <algorithm>
+#include <cassert>
 #include <cstring>
 
 #include "amx.h"
@@ -401,6 +402,7 @@ template <int kVariant, int kTokens = kGroupTokens, typename T>
 NANOMOE_AVX512 void mix_group_of(int64_t tokens, const GateRows<float>& g, const float* x,
                                  int64_t x_row, float* dots, const float* amx_dots, T* y,
                                  int64_t y_row) {
+  assert(tokens <= kTokens && "a group is at most kGroupTokens tokens");
   if constexpr (kTokens > 1) {
     if (tokens < kTokens)
       return mix_group_of<kVariant, kTokens - 1>(tokens, g, x, x_row, dots, amx_dots, y, y_row);
@@ -749,12 +751,6 @@ void accumulate_grads_as(const GateRows<float>& g, const T* src, const T* grad_d
                          const AfterPass& after_pass = {}) {
   const int64_t src_row = g.src_blocks * g.rank, dst_row = g.dst_blocks * g.rank;
   constexpr bool kConvert = !std::is_same_v<T, float>;
-  // float32 copies of a group's bfloat16 rows (kept between calls, where allocating and zeroing
-  // them for each tile showed in profiles).
-  thread_local std::vector<float> converted;
-  const int64_t most = kVariant == 2 ? kGradTokens : kGroupTokens;
-  float* src_float = kConvert ? thread_buffer(converted, most * (src_row + dst_row)) : nullptr;
-  float* grad_float = kConvert ? src_float + most * src_row : nullptr;
   // diagonal_outer's dot products: made on the tile unit for a pass where the gate has its pairs
   // (dots_on_amx), else by outer_dots for the pass's rows into dots (16 tokens a vector, so there
   // a group is the whole pass: in groups of 8, float32's forward+backward took 1.04x its time).
@@ -777,6 +773,12 @@ void accumulate_grads_as(const GateRows<float>& g, const T* src, const T* grad_d
     }
   }
   const int64_t group_tokens = kVariant == 2 && !made ? kGradTokens : kGroupTokens;
+  // float32 copies of a group's bfloat16 rows (kept between calls, where allocating and zeroing
+  // them for each tile showed in profiles).
+  thread_local std::vector<float> converted;
+  float* src_float =
+      kConvert ? thread_buffer(converted, group_tokens * (src_row + dst_row)) : nullptr;
+  float* grad_float = kConvert ? src_float + group_tokens * src_row : nullptr;
   for (int64_t t0 = 0; t0 < tokens; t0 += kGradTokens) {
     const int64_t in_pass = std::min<int64_t>(kGradTokens, tokens - t0);
     if constexpr (kVariant == 2 && std::is_same_v<T, uint16_t>) {
@@ -823,6 +825,8 @@ NANOMOE_AVX512 void passes_together_as(const GateRows<float>& g, const GateRows<
   float* grad_right = kVariant == 2 ? sums + 2 * numel : nullptr;
   const auto mix_group_pass = [&](int64_t t, int64_t count, const float* hidden_rows,
                                   const float* grad_rows, const PassDots& dots) NANOMOE_AVX512 {
+    // diagonal_outer's mixing reads its dot products in the tile unit's layout (passes_together).
+    assert((kVariant != 2 || dots.on_amx) && "diagonal_outer together needs its dots on AMX");
     mix_group_of<kVariant>(count, g, hidden_rows, hidden_row, nullptr, dots.right,
                            mixed + t * mixed_row, mixed_row);
     mix_group_of<kVariant>(count, g_t, grad_rows, mixed_row, nullptr, dots.left,
@@ -881,9 +885,10 @@ void mix(const GateRows<float>& g, const uint16_t* src, uint16_t* dst, int64_t t
 }
 
 bool passes_together(const GateRows<float>& g, const GateRows<float>& g_t) {
-  // Without a layout for AMX or by block, the gradients are summed in mix's layout here too;
-  // diagonal_outer's dot products must be on the tile unit each way (its mixing takes them in
-  // that layout).
+  // Without a layout for AMX or by block, the gradients are summed in mix's layout here too.
+  // diagonal_outer's dot products must be on the tile unit for the weight gradients (g.left_pairs:
+  // its mixing takes theirs, in that layout), and for the transposed gate apart (g_t.right_pairs,
+  // never read here: with its dot products summed by FMAs, apart would have other bits).
   const bool dots_shared = g.variant != 2 || (g.left_pairs && g_t.right_pairs);
   return dots_shared && !g.amx_gate && !g.mix_by_block && !g_t.amx_gate && !g_t.mix_by_block;
 }
