@@ -276,15 +276,19 @@ def test_gate_passes_together_match_apart(mixing: str, k_out: int, k_in: int) ->
         assert torch.equal(together[name], apart), f"grad of {name} ({mixing})"
 
 
-def test_kernel_reads_strided_inputs() -> None:
-    case = make_case((200,), 2, 2, 16, 16, 8, "diagonal", torch.float32)
-    wide = torch.randn(200, 64)
+@pytest.mark.parametrize("tokens", [200, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_kernel_reads_strided_inputs(tokens: int, dtype: torch.dtype) -> None:
+    """The tile loop (float32, 200 tokens), and ATen's products with the weight gradients as one
+    batched product over the blocks (16 tokens, or float64)."""
+    case = make_case((tokens,), 2, 2, 16, 16, 8, "diagonal", dtype)
+    wide = torch.randn(tokens, 64, dtype=dtype)
     case.x = wide[:, ::2]  # rows 64 apart, elements 2 apart
-    grad_out = torch.randn(32, 200).t()  # column-major
+    grad_out = torch.randn(32, tokens, dtype=dtype).t()  # column-major
     got = grads_of(torch.ops.nanomoe.linear, case, grad_out)
     expected = grads_of(nanomoe_linear_reference, case.map(torch.Tensor.double), grad_out.double())
     for name, grad in got.items():
-        assert_close_to(grad, expected[name], torch.float32, f"grad of {name}")
+        assert_close_to(grad, expected[name], dtype, f"grad of {name}")
 
 
 @pytest.mark.parametrize("mixing", MIXINGS)
