@@ -741,14 +741,14 @@ NANOMOE_AVX512 void grads_of_group(const GateRows<float>& g, const float* src,
 // The weight gradients over `tokens` rows, a pass of kGradTokens at a time (diagonal_outer's dot
 // products for the pass, then its groups); after each group, with its float32 rows and dot
 // products (the group's first token, count, its src and grad_dst rows, and the dots from its first
-// token), after_pass(t, count, src_rows, grad_rows, dots) runs (passes_together_as's mixing).
+// token), after_group(t, count, src_rows, grad_rows, dots) runs (passes_together_as's mixing).
 struct NoMoreWork {
   void operator()(int64_t, int64_t, const float*, const float*, const PassDots&) const {}
 };
-template <int kVariant, typename T, typename AfterPass = NoMoreWork>
+template <int kVariant, typename T, typename AfterGroup = NoMoreWork>
 void accumulate_grads_as(const GateRows<float>& g, const T* src, const T* grad_dst, int64_t tokens,
                          float* grad_mix, float* grad_left, float* grad_right,
-                         const AfterPass& after_pass = {}) {
+                         const AfterGroup& after_group = {}) {
   const int64_t src_row = g.src_blocks * g.rank, dst_row = g.dst_blocks * g.rank;
   constexpr bool kConvert = !std::is_same_v<T, float>;
   // diagonal_outer's dot products: made on the tile unit for a pass where the gate has its pairs
@@ -802,7 +802,7 @@ void accumulate_grads_as(const GateRows<float>& g, const T* src, const T* grad_d
       }
       grads_of_group<kVariant>(g, src_rows, grad_rows, group, pass, grad_mix, grad_left,
                                grad_right);
-      after_pass(t, group, src_rows, grad_rows, pass);
+      after_group(t, group, src_rows, grad_rows, pass);
     }
   }
 }
