@@ -207,7 +207,9 @@ def test_grouped_down_projections(tokens: int, mixing: str) -> None:
         assert_close_to(run(case), reference64(case), torch.bfloat16, label, scale)
 
 
-@pytest.mark.parametrize("value", [float("inf"), float("nan")], ids=["inf", "nan"])
+@pytest.mark.parametrize(
+    "value", [float("inf"), -float("inf"), float("nan")], ids=["inf", "-inf", "nan"]
+)
 def test_grouped_down_projections_keep_non_finite_inputs_in_their_block(value: float) -> None:
     # In a block-diagonal product 0 * Inf is NaN: an Inf in block 0's features must still leave
     # the hidden of the group's other blocks as the reference has it (the tile is redone per block).

@@ -231,10 +231,14 @@ void many_tokens(const Layer<scalar_t>& layer, const Weights& w, const Tensor& x
                                    down_groups.block(g), group * r, group * d.in_block, nullptr,
                                    hid + g * group * r, layer.hidden_row());
       }
-      // Token by token, so that which tokens are redone does not depend on the tiling.
-      for (int64_t t = 0; t < rows; ++t) {
-        if (!projection::all_finite(layer.hidden_row(), hid + t * layer.hidden_row())) {
-          down_by_blocks(t, 1);
+      // The tile's rows checked at once (token by token, the checks took 3% of the forward at
+      // K = 64, r = 16); then, only where one is not finite, token by token, so that which tokens
+      // are redone does not depend on the tiling.
+      if (!projection::all_finite(rows * layer.hidden_row(), hid)) {
+        for (int64_t t = 0; t < rows; ++t) {
+          if (!projection::all_finite(layer.hidden_row(), hid + t * layer.hidden_row())) {
+            down_by_blocks(t, 1);
+          }
         }
       }
     }

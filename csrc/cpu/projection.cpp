@@ -760,14 +760,25 @@ void project_rows(int64_t tokens, const uint16_t* packed, const uint16_t* in, in
   project_rows_on_amx(tokens, packed, in, in_stride, w, bias, out, out_stride);
 }
 
+// The largest magnitude (a value's bits without its sign, as an unsigned integer) against Inf's:
+// NaNs lie above it. One max per 32 values and one test at the end (testing each 32 for the
+// exponent's ones, with a branch each, took 5% of the bfloat16 forward at K = 64, r = 16).
 NANOMOE_AVX512 bool all_finite(int64_t count, const uint16_t* data) {
-  const __m512i exponent = _mm512_set1_epi16(0x7F80);  // all ones: Inf or NaN
-  for (int64_t c = 0; c < count; c += 32) {
-    const __mmask32 lanes = first_lanes32(count - c);
-    const __m512i value = _mm512_maskz_loadu_epi16(lanes, data + c);
-    if (_mm512_cmpeq_epi16_mask(_mm512_and_si512(value, exponent), exponent)) return false;
+  const __m512i magnitude = _mm512_set1_epi16(0x7FFF);
+  __m512i largest[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
+  int64_t c = 0;
+  for (; c + 64 <= count; c += 64) {
+    for (int i = 0; i < 2; ++i) {
+      const __m512i value = _mm512_loadu_si512(data + c + 32 * i);
+      largest[i] = _mm512_max_epu16(largest[i], _mm512_and_si512(value, magnitude));
+    }
   }
-  return true;
+  for (; c < count; c += 32) {
+    const __m512i value = _mm512_maskz_loadu_epi16(first_lanes32(count - c), data + c);
+    largest[0] = _mm512_max_epu16(largest[0], _mm512_and_si512(value, magnitude));
+  }
+  const __m512i both = _mm512_max_epu16(largest[0], largest[1]);
+  return _mm512_cmpge_epu16_mask(both, _mm512_set1_epi16(0x7F80)) == 0;
 }
 
 }  // namespace nanomoe::cpu::projection
