@@ -358,6 +358,43 @@ def test_gate_tiles(tokens: int, mixing: str, dtype: torch.dtype) -> None:
     assert_grads_match_reference(tokens, mixing, dtype, shapes)
 
 
+@pytest.mark.parametrize("tokens", [17, 131])
+@pytest.mark.parametrize("mixing", MIXINGS)
+def test_grouped_grad_mixed(tokens: int, mixing: str) -> None:
+    """bfloat16 on AMX, a rank of 8 or less: grad_mixed's products of 32 / r blocks run as one with
+    their block-diagonal up (projected_backward.cpp, grad_mixed_group). Block counts that are and
+    are not multiples of the group, blocks of 3 to 32 outputs, ranks 2 to 8."""
+    generator = torch.Generator().manual_seed(tokens)
+    for k_out, m_b, rank in [(8, 16, 4), (4, 32, 8), (16, 3, 2), (12, 5, 8), (6, 7, 4)]:
+        case = make_case((tokens,), k_out, 2, 8, m_b, rank, mixing, torch.bfloat16, True, generator)
+        grad_out = torch.randn(tokens, k_out * m_b, generator=generator, dtype=torch.float64)
+        label = f"{mixing} tokens={tokens} K_out={k_out} rank={rank} m_b={m_b}"
+        assert_kernel_grads_match(case, grad_out, torch.bfloat16, label)
+
+
+def test_grouped_grad_mixed_keeps_non_finite_gradients_in_their_block() -> None:
+    """An Inf in one token's grad_out of output block 0 makes grad_mixed's block 0 of that token
+    non-finite, but not block 1, its partner in the block-diagonal product (r = 4: 8 blocks a
+    group; 0 * Inf there would be NaN): so the gate's gradient of output block 1 stays finite and
+    matches the reference. The same bits on 1 and 2 threads."""
+    case = make_case((200,), 8, 2, 8, 4, 4, "diagonal", torch.bfloat16)
+    grad_out = torch.randn(200, 32, dtype=torch.float64)
+    grad_out[101, 2] = float("inf")
+    threads = torch.get_num_threads()
+    try:
+        got = {}
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            got[count] = grads_of(torch.ops.nanomoe.linear, case, grad_out.bfloat16(), ("mix",))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(got[1]["mix"].view(torch.int16), got[2]["mix"].view(torch.int16))
+    expected = grads_of(nanomoe_linear_reference, case.map(torch.Tensor.double), grad_out, ("mix",))
+    scale = grads_of(nanomoe_linear_reference, magnitude(case), grad_out.abs(), ("mix",))
+    assert not got[1]["mix"][0].isfinite().all()
+    assert_close_to(got[1]["mix"][1:], expected["mix"][1:], torch.bfloat16, "", scale["mix"][1:])
+
+
 @pytest.mark.parametrize("tokens", [40, 131])
 @pytest.mark.parametrize("mixing", ["scalar", "diagonal_outer"])
 def test_sixteen_column_products(tokens: int, mixing: str) -> None:

@@ -233,6 +233,48 @@ def test_grouped_down_projections_keep_non_finite_inputs_in_their_block(value: f
     torch.testing.assert_close(hidden[1].double()[finite], expected[finite], rtol=1e-2, atol=1e-2)
 
 
+# bfloat16 on AMX, a rank dividing 32 and at most 16 outputs a block: the up-projections of 32 / r
+# blocks run as one product with their block-diagonal weight too (projected_forward.cpp, up_group).
+# Block counts that are and are not multiples of the group, outputs that leave a 16-column tile
+# part empty, ranks 2 to 16, 17 outputs (never grouped).
+GROUPED_UP_SHAPES = [(32, 8, 16), (16, 16, 5), (12, 8, 9), (6, 16, 16), (16, 2, 3), (4, 16, 17)]
+
+
+@pytest.mark.parametrize("tokens", [17, 131])
+@pytest.mark.parametrize("mixing", MIXINGS)
+def test_grouped_up_projections(tokens: int, mixing: str) -> None:
+    for k_out, rank, m_b in GROUPED_UP_SHAPES:
+        case = make_case((tokens,), k_out, 2, 8, m_b, rank, mixing, torch.bfloat16)
+        scale = reference64(magnitude(case))
+        label = f"{mixing} tokens={tokens} K_out={k_out} rank={rank} m_b={m_b}"
+        assert_close_to(run(case), reference64(case), torch.bfloat16, label, scale)
+
+
+def test_grouped_up_projections_keep_non_finite_mixed_in_its_block() -> None:
+    # Output block 0's gate rows are huge, so one token's mixed overflows to Inf in block 0 only:
+    # block 1, its partner in the block-diagonal product (r = 16), must still match the reference
+    # (0 * Inf there would be NaN), and every other token every block. The token is redone alone,
+    # whatever the tiling: the same bits on 1 and 2 threads.
+    case = make_case((200,), 2, 2, 8, 16, 16, "diagonal", torch.bfloat16)
+    case.mix[0] = 1e36
+    case.x[101] *= 1000  # its hidden 1000x larger: mixed block 0 beyond bfloat16's range
+    threads = torch.get_num_threads()
+    try:
+        out = {}
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            out[count] = run(case)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(out[1].view(torch.int16), out[2].view(torch.int16))  # NaN included
+    expected = reference64(case)
+    scale = reference64(magnitude(case))
+    others = torch.arange(200) != 101
+    assert not out[1][101, :16].isfinite().all()
+    assert_close_to(out[1][101, 16:], expected[101, 16:], torch.bfloat16, "partner", scale[101, 16:])
+    assert_close_to(out[1][others], expected[others], torch.bfloat16, "others", scale[others])
+
+
 # bfloat16 on AMX, 16 blocks or more each way: the scalar gate is the tile unit's product of the
 # (K_out, K_in) gate with the (K_in, tokens x rank) activations, 128 columns a chunk, 32 a product;
 # the diagonal gate one product per rank position with the (K_in, tokens) activations, 32 tokens a

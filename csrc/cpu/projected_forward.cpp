@@ -42,40 +42,37 @@ constexpr int64_t kRowsPerTask = 16;
 constexpr int64_t kDotsMaxRank = 8;
 constexpr int64_t kDotsMinDepth = 64;
 
-// bfloat16 on AMX, a rank dividing 32 (the AMX block's columns): the down-projections of 32 / r
-// consecutive blocks run as one product with their block-diagonal weight. Block by block, r
-// columns of each 32 were filled and each block's sums stored and rounded apart. Measured at 4096
-// tokens, in = out = 1024, the two alternating in one process (minimum times): the forward 8%
-// faster at r = 8, K = 32 (one thread or two), 17% at r = 4, K = 64, 2% at r = 16; the products
-// are as many (the zeros are multiplied too). The zeros add exact zeros (a block whose features
-// straddle the 32-deep steps otherwise may round its sums differently), but for an Inf or NaN in
-// x: 0 * Inf would put NaN in the group's other blocks, so a token whose hidden is not all finite
-// is projected again block by block. Returns 1 where not grouped.
+// bfloat16 on AMX (block_group): the down-projections of 32 / r consecutive blocks as one product.
+// Block by block, r columns of each 32 were filled and each block's sums stored and rounded apart.
+// Measured at 4096 tokens, in = out = 1024, the two alternating in one process (minimum times): the
+// forward 8% faster at r = 8, K = 32 (one thread or two), 17% at r = 4, K = 64, 2% at r = 16.
 int64_t down_group(const LinearDims& d, at::ScalarType dtype, bool by_dots) {
-  constexpr int64_t kColumns = 32;
-  const int64_t r = d.rank, group = kColumns / r;
-  const bool groups = dtype == at::kBFloat16 && !by_dots && r < kColumns && kColumns % r == 0 &&
-                      d.in_blocks % group == 0 && amx::available();
-  return groups ? group : 1;
+  return by_dots ? 1 : block_group(d.rank, d.in_blocks, dtype);
 }
 
-// The packed block-diagonal weights of down_group's groups.
+// Likewise the up-projections, where a block has at most kUpGroupMaxOutputs outputs: block by
+// block, each product was one 16-column tile (r deep) and each row of mixed gave it 2 r bytes.
+// Measured (4096 tokens, 1024 features, two threads, alternating in one process, medians): the
+// forward 0.74x its time at r = 4, K = 128, 0.87x at r = 4, K = 64, 0.88x at r = 8, K = 64, 0.89x
+// to 0.96x at r = 16, K = 64; with 32 outputs a block or more 1.04x to 1.09x slower (the weight
+// tiles' zero halves are loaded too).
+constexpr int64_t kUpGroupMaxOutputs = 16;
+int64_t up_group(const LinearDims& d, at::ScalarType dtype) {
+  return d.out_block <= kUpGroupMaxOutputs ? block_group(d.rank, d.out_blocks, dtype) : 1;
+}
+
+// The packed weights of block_diagonal(weight, group)'s groups.
 template <typename T>
-Packed<T> pack_down_groups(const LinearDims& d, const at::Tensor& down, int64_t group) {
-  const int64_t r = d.rank, n_b = d.in_block, groups = d.in_blocks / group;
-  const at::Tensor diagonal = at::zeros({groups, group * r, group * n_b}, down.options());
-  const at::Tensor by_group = down.view({groups, group, r, n_b});
-  for (int64_t k = 0; k < group; ++k) {
-    diagonal.narrow(1, k * r, r).narrow(2, k * n_b, n_b).copy_(by_group.select(1, k));
-  }
+Packed<T> pack_groups(const at::Tensor& weight, int64_t group) {
+  const at::Tensor diagonal = block_diagonal(weight, group);
+  const int64_t rows = diagonal.size(1), depth = diagonal.size(2);
   const T* data = reinterpret_cast<const T*>(diagonal.const_data_ptr());
   return pack_blocks<T>(
-      groups,
+      diagonal.size(0),
       [&](int64_t g) {
-        return projection::WeightRows<T>{
-            data + g * group * r * group * n_b, group * r, 1, group * n_b, group * n_b, 0};
+        return projection::WeightRows<T>{data + g * rows * depth, rows, 1, depth, depth, 0};
       },
-      down.scalar_type());
+      weight.scalar_type());
 }
 
 template <typename T>
@@ -175,14 +172,20 @@ void many_tokens(const Layer<scalar_t>& layer, const Weights& w, const Tensor& x
   const int64_t r = d.rank, x_stride = x_rows.stride(0);
   const at::ScalarType dtype = x_rows.scalar_type();
   const bool down_by_dots = r <= kDotsMaxRank && d.in_block >= kDotsMinDepth;
-  const int64_t group = down_group(d, dtype, down_by_dots);
+  const int64_t down_per_group = down_group(d, dtype, down_by_dots),
+                up_per_group = up_group(d, dtype);
   // Grouped, the blocks are projected one by one only for a token with an Inf or NaN (by dots).
   const auto down =
-      down_by_dots || group > 1
+      down_by_dots || down_per_group > 1
           ? Packed<T>{}
           : pack_blocks<T>(d.in_blocks, [&](int64_t j) { return layer.down_rows(j); }, dtype);
-  const auto down_groups = group > 1 ? pack_down_groups<T>(d, w.down, group) : Packed<T>{};
-  const auto up = pack_blocks<T>(d.out_blocks, [&](int64_t i) { return layer.up_rows(i); }, dtype);
+  const auto down_groups =
+      down_per_group > 1 ? pack_groups<T>(w.down, down_per_group) : Packed<T>{};
+  const auto up =
+      up_per_group > 1
+          ? Packed<T>{}
+          : pack_blocks<T>(d.out_blocks, [&](int64_t i) { return layer.up_rows(i); }, dtype);
+  const auto up_groups = up_per_group > 1 ? pack_groups<T>(w.up, up_per_group) : Packed<T>{};
   const PackedMixing<scalar_t> mix(layer, w, dtype);
   const T* x = Layer<scalar_t>::data(x_rows);
   T* y = Layer<scalar_t>::data(out);
@@ -213,7 +216,7 @@ void many_tokens(const Layer<scalar_t>& layer, const Weights& w, const Tensor& x
         const T* x_first = x + (begin + c0) * x_stride;
         T* hid_first = hid + c0 * layer.hidden_row();
         for (int64_t j = 0; j < d.in_blocks; ++j) {
-          if (down_by_dots || group > 1) {
+          if (down_by_dots || down_per_group > 1) {
             projection::project_rows(n, x_first + j * d.in_block, x_stride, layer.down_rows(j),
                                      nullptr, hid_first + j * r, layer.hidden_row());
           } else {
@@ -223,34 +226,50 @@ void many_tokens(const Layer<scalar_t>& layer, const Weights& w, const Tensor& x
         }
       });
     };
-    if (group == 1) {
-      down_by_blocks(0, rows);
-    } else if constexpr (std::is_same_v<T, uint16_t>) {
-      for (int64_t g = 0; g < d.in_blocks / group; ++g) {
-        projection::project_packed(rows, x + begin * x_stride + g * group * d.in_block, x_stride,
-                                   down_groups.block(g), group * r, group * d.in_block, nullptr,
-                                   hid + g * group * r, layer.hidden_row());
-      }
-      // The tile's rows checked at once (token by token, the checks took 3% of the forward at
-      // K = 64, r = 16); then, only where one is not finite, token by token, so that which tokens
-      // are redone does not depend on the tiling.
-      if (!projection::all_finite(rows * layer.hidden_row(), hid)) {
-        for (int64_t t = 0; t < rows; ++t) {
-          if (!projection::all_finite(layer.hidden_row(), hid + t * layer.hidden_row())) {
-            down_by_blocks(t, 1);
+    const auto up_by_blocks = [&](int64_t first, int64_t count) {
+      for_each_chunk(first, first + count, chunk, [&](int64_t c0, int64_t n) {
+        const T* mid_first = mid + c0 * layer.mixed_row();
+        T* y_first = y + (begin + c0) * d.out_features;
+        for (int64_t i = 0; i < d.out_blocks; ++i) {
+          const float* bias_i = bias ? bias + i * d.out_block : nullptr;
+          if (up_per_group > 1) {
+            projection::project_rows(n, mid_first + i * r, layer.mixed_row(), layer.up_rows(i),
+                                     bias_i, y_first + i * d.out_block, d.out_features);
+          } else {
+            projection::project_packed(n, mid_first + i * r, layer.mixed_row(), up.block(i),
+                                       d.out_block, r, bias_i, y_first + i * d.out_block,
+                                       d.out_features);
           }
         }
+      });
+    };
+    if (down_per_group == 1) {
+      down_by_blocks(0, rows);
+    } else if constexpr (std::is_same_v<T, uint16_t>) {
+      for (int64_t g = 0; g < d.in_blocks / down_per_group; ++g) {
+        projection::project_packed(rows, x + begin * x_stride + g * down_per_group * d.in_block,
+                                   x_stride, down_groups.block(g), down_per_group * r,
+                                   down_per_group * d.in_block, nullptr,
+                                   hid + g * down_per_group * r, layer.hidden_row());
       }
+      for_each_non_finite_row(rows, layer.hidden_row(), hid,
+                              [&](int64_t t) { down_by_blocks(t, 1); });
     }
     mix(hid, mid, rows);
-    for_each_chunk(0, rows, chunk, [&](int64_t c0, int64_t n) {
-      for (int64_t i = 0; i < d.out_blocks; ++i) {
-        projection::project_packed(
-            n, mid + c0 * layer.mixed_row() + i * r, layer.mixed_row(), up.block(i), d.out_block, r,
-            bias ? bias + i * d.out_block : nullptr,
-            y + (begin + c0) * d.out_features + i * d.out_block, d.out_features);
-      }
-    });
+    if (up_per_group == 1) {
+      up_by_blocks(0, rows);
+    } else if constexpr (std::is_same_v<T, uint16_t>) {
+      const int64_t outputs = up_per_group * d.out_block;
+      for_each_chunk(0, rows, chunk, [&](int64_t c0, int64_t n) {
+        for (int64_t g = 0; g < d.out_blocks / up_per_group; ++g) {
+          projection::project_packed(
+              n, mid + c0 * layer.mixed_row() + g * up_per_group * r, layer.mixed_row(),
+              up_groups.block(g), outputs, up_per_group * r, bias ? bias + g * outputs : nullptr,
+              y + (begin + c0) * d.out_features + g * outputs, d.out_features);
+        }
+      });
+      for_each_non_finite_row(rows, layer.mixed_row(), mid, [&](int64_t t) { up_by_blocks(t, 1); });
+    }
   });
 }
 

@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 
 #include <algorithm>
@@ -53,6 +54,47 @@ void hold_tile_unit(std::optional<amx::Tiles>& unit) {
 template <typename F>
 void for_each_chunk(int64_t begin, int64_t end, int64_t chunk, const F& fn) {
   for (int64_t first = begin; first < end; first += chunk) fn(first, std::min(chunk, end - first));
+}
+
+// bfloat16 on AMX, a rank dividing 32 (the AMX block's columns, and one 32-deep step): 32 / r
+// consecutive blocks' products with the rank on one side (the down-projections and grad_mixed: r
+// columns; the up-projections: r deep) may run as one product with their block-diagonal weight
+// (block_diagonal), where the callers' measurements say. The products are as many (the zeros are
+// multiplied too) and the zeros add exact zeros, but for an Inf or NaN in the input: 0 * Inf would
+// put NaN in the group's other blocks, so a token with one where the group's product reads or
+// writes its rank-side rows is projected again block by block (for_each_non_finite_row). Returns 1
+// where not grouped.
+inline int64_t block_group(int64_t rank, int64_t blocks, at::ScalarType dtype) {
+  constexpr int64_t kColumns = 32;
+  const int64_t group = kColumns / rank;
+  const bool groups = dtype == at::kBFloat16 && rank < kColumns && kColumns % rank == 0 &&
+                      blocks % group == 0 && amx::available();
+  return groups ? group : 1;
+}
+
+// Groups of `group` consecutive blocks of a (blocks, rows, cols) weight as (blocks / group, group
+// rows, group cols) block-diagonal matrices: block g * group + k at rows and columns k, zeros
+// elsewhere.
+inline at::Tensor block_diagonal(const at::Tensor& weight, int64_t group) {
+  const int64_t rows = weight.size(1), cols = weight.size(2), groups = weight.size(0) / group;
+  const at::Tensor diagonal = at::zeros({groups, group * rows, group * cols}, weight.options());
+  const at::Tensor by_group = weight.view({groups, group, rows, cols});
+  for (int64_t k = 0; k < group; ++k) {
+    diagonal.narrow(1, k * rows, rows).narrow(2, k * cols, cols).copy_(by_group.select(1, k));
+  }
+  return diagonal;
+}
+
+// fn(t) for each of `rows` contiguous rows of `row` bfloat16 values at data that holds an Inf or a
+// NaN: the rows checked at once first (row by row, the checks took 3% of the forward at K = 64,
+// r = 16), then, only where one is not finite, row by row, so that which tokens are redone does
+// not depend on the tiling.
+template <typename Fn>
+void for_each_non_finite_row(int64_t rows, int64_t row, const uint16_t* data, const Fn& fn) {
+  if (projection::all_finite(rows * row, data)) return;
+  for (int64_t t = 0; t < rows; ++t) {
+    if (!projection::all_finite(row, data + t * row)) fn(t);
+  }
 }
 
 // The layer's weights as the projections read them, and its intermediates' row lengths.
