@@ -246,12 +246,15 @@ void many_tokens(const Layer<scalar_t>& layer, const Weights& w, const Tensor& x
     if (down_per_group == 1) {
       down_by_blocks(0, rows);
     } else if constexpr (std::is_same_v<T, uint16_t>) {
-      for (int64_t g = 0; g < d.in_blocks / down_per_group; ++g) {
-        projection::project_packed(rows, x + begin * x_stride + g * down_per_group * d.in_block,
-                                   x_stride, down_groups.block(g), down_per_group * r,
-                                   down_per_group * d.in_block, nullptr,
-                                   hid + g * down_per_group * r, layer.hidden_row());
-      }
+      for_each_chunk(0, rows, chunk, [&](int64_t c0, int64_t n) {
+        for (int64_t g = 0; g < d.in_blocks / down_per_group; ++g) {
+          const int64_t first = g * down_per_group;
+          projection::project_packed(n, x + (begin + c0) * x_stride + first * d.in_block, x_stride,
+                                     down_groups.block(g), down_per_group * r,
+                                     down_per_group * d.in_block, nullptr,
+                                     hid + c0 * layer.hidden_row() + first * r, layer.hidden_row());
+        }
+      });
       for_each_non_finite_row(rows, layer.hidden_row(), hid,
                               [&](int64_t t) { down_by_blocks(t, 1); });
     }
