@@ -235,9 +235,18 @@ def test_grouped_down_projections_keep_non_finite_inputs_in_their_block(value: f
 
 # bfloat16 on AMX, a rank dividing 32 and at most 16 outputs a block: the up-projections of 32 / r
 # blocks run as one product with their block-diagonal weight too (projected_forward.cpp, up_group).
-# Block counts that are and are not multiples of the group, outputs that leave a 16-column tile
-# part empty, ranks 2 to 16, 17 outputs (never grouped).
-GROUPED_UP_SHAPES = [(32, 8, 16), (16, 16, 5), (12, 8, 9), (6, 16, 16), (16, 2, 3), (4, 16, 17)]
+# Groups of 2 to 32 blocks (ranks 16 to 1), outputs that leave a 16-column tile part empty; not
+# grouped: 6 blocks at r = 8 (not a multiple of the group of 4) and 17 outputs.
+GROUPED_UP_SHAPES = [
+    (32, 8, 16),
+    (16, 16, 5),
+    (12, 8, 9),
+    (6, 16, 16),
+    (16, 2, 3),
+    (32, 1, 4),
+    (6, 8, 16),
+    (4, 16, 17),
+]
 
 
 @pytest.mark.parametrize("tokens", [17, 131])
@@ -258,6 +267,7 @@ def test_grouped_up_projections_keep_non_finite_mixed_in_its_block() -> None:
     case = make_case((200,), 2, 2, 8, 16, 16, "diagonal", torch.bfloat16)
     case.mix[0] = 1e36
     case.x[101] *= 1000  # its hidden 1000x larger: mixed block 0 beyond bfloat16's range
+    case.bias[16:] = 1e4  # the redone block's bias, which the partner's comparison must see
     threads = torch.get_num_threads()
     try:
         out = {}

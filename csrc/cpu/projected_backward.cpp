@@ -174,9 +174,10 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
   const Tensor up_groups = up_per_group > 1 ? block_diagonal(w.up, up_per_group) : Tensor();
   const bool dense_t_needed = layer.dense_gate && need_grad_hidden;
   const int64_t up_size = steps_size<T>(m_b, r), down_size = steps_size<T>(r, n_b);
-  const int64_t up_group_size = steps_size<T>(up_per_group * m_b, up_per_group * r);
+  const int64_t up_group_size =
+      up_per_group > 1 ? steps_size<T>(up_per_group * m_b, up_per_group * r) : 0;
   const int64_t dense_size = dense_t_needed ? steps_size<T>(mixed_row, hidden_row) : 0;
-  const int64_t groups_size = up_per_group > 1 ? d.out_blocks / up_per_group * up_group_size : 0;
+  const int64_t groups_size = d.out_blocks / up_per_group * up_group_size;
   Tensor paired =
       at::empty({d.out_blocks * up_size + d.in_blocks * down_size + groups_size + dense_size},
                 x_rows.options());
@@ -245,10 +246,10 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
     hold_tile_unit<T>(tile_unit);
 
     T* gm = carve.take<T>(tile * mixed_row);
-    // Tokens [first, first + count) of the tile, chunk by chunk, block by block (group by group
-    // where grouped).
-    const auto grad_mixed_by = [&](int64_t per_group, const std::vector<Steps<T>>& steps,
-                                   int64_t first, int64_t count) {
+    // Tokens [first, first + count) of the tile, chunk by chunk, per_group blocks at a time (1 or
+    // up_per_group).
+    const auto grad_mixed_by = [&](int64_t per_group, int64_t first, int64_t count) {
+      const std::vector<Steps<T>>& steps = per_group > 1 ? up_group_steps : up_steps;
       for_each_chunk(first, first + count, chunk, [&](int64_t c0, int64_t n) {
         for (int64_t i = 0; i < d.out_blocks; i += per_group) {
           projection::project_steps(n, go + c0 * grad_stride + i * m_b, grad_stride,
@@ -258,11 +259,10 @@ Grads backward_as(const LinearDims& d, const Tensor& grad_rows, const Tensor& x_
       });
     };
     if (need_grad_mixed) {
-      grad_mixed_by(up_per_group, up_per_group > 1 ? up_group_steps : up_steps, 0, rows);
+      grad_mixed_by(up_per_group, 0, rows);
       if constexpr (std::is_same_v<T, uint16_t>) {
         if (up_per_group > 1) {
-          for_each_non_finite_row(rows, mixed_row, gm,
-                                  [&](int64_t t) { grad_mixed_by(1, up_steps, t, 1); });
+          for_each_non_finite_row(rows, mixed_row, gm, [&](int64_t t) { grad_mixed_by(1, t, 1); });
         }
       }
     }

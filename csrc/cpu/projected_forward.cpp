@@ -8,7 +8,6 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 
 #include <optional>
 #include <type_traits>
@@ -164,6 +163,24 @@ void few_tokens(const Layer<scalar_t>& layer, const std::optional<Gate<scalar_t>
                     {y, d.out_block, d.out_features});
 }
 
+// bfloat16: `rows` tokens through every group of per_group blocks, `chunk` tokens at a time: group
+// g's product (weights groups.block(g), per_group blocks deep and wide) reads in's columns from
+// g * per_group * in_block and writes out's from g * per_group * out_block (bias likewise).
+inline void project_groups(int64_t rows, int64_t chunk, int64_t per_group, int64_t groups_count,
+                           const Packed<uint16_t>& groups, const uint16_t* in, int64_t in_stride,
+                           int64_t in_block, const float* bias, uint16_t* out, int64_t out_stride,
+                           int64_t out_block) {
+  for_each_chunk(0, rows, chunk, [&](int64_t c0, int64_t n) {
+    for (int64_t g = 0; g < groups_count; ++g) {
+      const int64_t first = g * per_group;
+      projection::project_packed(n, in + c0 * in_stride + first * in_block, in_stride,
+                                 groups.block(g), per_group * out_block, per_group * in_block,
+                                 bias ? bias + first * out_block : nullptr,
+                                 out + c0 * out_stride + first * out_block, out_stride);
+    }
+  });
+}
+
 template <typename scalar_t>
 void many_tokens(const Layer<scalar_t>& layer, const Weights& w, const Tensor& x_rows,
                  const float* bias, const Tensor& hidden_all, Tensor& out) {
@@ -174,7 +191,8 @@ void many_tokens(const Layer<scalar_t>& layer, const Weights& w, const Tensor& x
   const bool down_by_dots = r <= kDotsMaxRank && d.in_block >= kDotsMinDepth;
   const int64_t down_per_group = down_group(d, dtype, down_by_dots),
                 up_per_group = up_group(d, dtype);
-  // Grouped, the blocks are projected one by one only for a token with an Inf or NaN (by dots).
+  // Grouped, a side's blocks are projected one by one only for a token with an Inf or NaN (by
+  // project_rows, their weights in place).
   const auto down =
       down_by_dots || down_per_group > 1
           ? Packed<T>{}
@@ -246,15 +264,9 @@ void many_tokens(const Layer<scalar_t>& layer, const Weights& w, const Tensor& x
     if (down_per_group == 1) {
       down_by_blocks(0, rows);
     } else if constexpr (std::is_same_v<T, uint16_t>) {
-      for_each_chunk(0, rows, chunk, [&](int64_t c0, int64_t n) {
-        for (int64_t g = 0; g < d.in_blocks / down_per_group; ++g) {
-          const int64_t first = g * down_per_group;
-          projection::project_packed(n, x + (begin + c0) * x_stride + first * d.in_block, x_stride,
-                                     down_groups.block(g), down_per_group * r,
-                                     down_per_group * d.in_block, nullptr,
-                                     hid + c0 * layer.hidden_row() + first * r, layer.hidden_row());
-        }
-      });
+      project_groups(rows, chunk, down_per_group, d.in_blocks / down_per_group, down_groups,
+                     x + begin * x_stride, x_stride, d.in_block, nullptr, hid, layer.hidden_row(),
+                     r);
       for_each_non_finite_row(rows, layer.hidden_row(), hid,
                               [&](int64_t t) { down_by_blocks(t, 1); });
     }
@@ -262,15 +274,9 @@ void many_tokens(const Layer<scalar_t>& layer, const Weights& w, const Tensor& x
     if (up_per_group == 1) {
       up_by_blocks(0, rows);
     } else if constexpr (std::is_same_v<T, uint16_t>) {
-      const int64_t outputs = up_per_group * d.out_block;
-      for_each_chunk(0, rows, chunk, [&](int64_t c0, int64_t n) {
-        for (int64_t g = 0; g < d.out_blocks / up_per_group; ++g) {
-          projection::project_packed(
-              n, mid + c0 * layer.mixed_row() + g * up_per_group * r, layer.mixed_row(),
-              up_groups.block(g), outputs, up_per_group * r, bias ? bias + g * outputs : nullptr,
-              y + (begin + c0) * d.out_features + g * outputs, d.out_features);
-        }
-      });
+      project_groups(rows, chunk, up_per_group, d.out_blocks / up_per_group, up_groups, mid,
+                     layer.mixed_row(), r, bias, y + begin * d.out_features, d.out_features,
+                     d.out_block);
       for_each_non_finite_row(rows, layer.mixed_row(), mid, [&](int64_t t) { up_by_blocks(t, 1); });
     }
   });

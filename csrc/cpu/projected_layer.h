@@ -62,8 +62,10 @@ void for_each_chunk(int64_t begin, int64_t end, int64_t chunk, const F& fn) {
 // (block_diagonal), where the callers' measurements say. The products are as many (the zeros are
 // multiplied too) and the zeros add exact zeros, but for an Inf or NaN in the input: 0 * Inf would
 // put NaN in the group's other blocks, so a token with one where the group's product reads or
-// writes its rank-side rows is projected again block by block (for_each_non_finite_row). Returns 1
-// where not grouped.
+// writes its rank-side rows is projected again block by block (for_each_non_finite_row). Where the
+// check reads the product's output, a non-finite weight makes every token's row non-finite, and
+// every token is then projected again, one at a time: slower, still right. Returns 1 where not
+// grouped.
 inline int64_t block_group(int64_t rank, int64_t blocks, at::ScalarType dtype) {
   constexpr int64_t kColumns = 32;
   const int64_t group = kColumns / rank;
