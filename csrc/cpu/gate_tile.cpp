@@ -807,6 +807,19 @@ void accumulate_grads_as(const GateRows<float>& g, const T* src, const T* grad_d
   }
 }
 
+// Where sums in mix's layout keep each gradient: grad_mix's, then (diagonal_outer only, else
+// null) grad_left's and grad_right's.
+struct MixLayoutSums {
+  float* mix;
+  float* left;
+  float* right;
+};
+MixLayoutSums in_mix_layout(const GateRows<float>& g, float* sums) {
+  const int64_t numel = mix_numel(g);
+  const bool outer = g.variant == 2;
+  return {sums, outer ? sums + numel : nullptr, outer ? sums + 2 * numel : nullptr};
+}
+
 // The three passes of passes_together: the weight gradients a group at a time (hidden and
 // grad_mixed widened once, by accumulate_grads_as), then mixed and grad_hidden mixed from the same
 // float32 rows; diagonal_outer's with the weight gradients' dot products, <right_ds, hidden_ts>
@@ -820,9 +833,7 @@ NANOMOE_AVX512 void passes_together_as(const GateRows<float>& g, const GateRows<
                                        int64_t tokens, float* sums, uint16_t* mixed,
                                        uint16_t* grad_hidden) {
   const int64_t hidden_row = g.src_blocks * g.rank, mixed_row = g.dst_blocks * g.rank;
-  const int64_t numel = mix_numel(g);
-  float* grad_left = kVariant == 2 ? sums + numel : nullptr;
-  float* grad_right = kVariant == 2 ? sums + 2 * numel : nullptr;
+  const MixLayoutSums grads = in_mix_layout(g, sums);
   const auto mix_group_pass = [&](int64_t t, int64_t count, const float* hidden_rows,
                                   const float* grad_rows, const PassDots& dots) NANOMOE_AVX512 {
     // diagonal_outer's mixing reads its dot products in the tile unit's layout (passes_together).
@@ -832,7 +843,7 @@ NANOMOE_AVX512 void passes_together_as(const GateRows<float>& g, const GateRows<
     mix_group_of<kVariant>(count, g_t, grad_rows, mixed_row, nullptr, dots.left,
                            grad_hidden + t * hidden_row, hidden_row);
   };
-  accumulate_grads_as<kVariant>(g, hidden, grad_mixed, tokens, sums, grad_left, grad_right,
+  accumulate_grads_as<kVariant>(g, hidden, grad_mixed, tokens, grads.mix, grads.left, grads.right,
                                 mix_group_pass);
 }
 
@@ -840,11 +851,10 @@ NANOMOE_AVX512 void passes_together_as(const GateRows<float>& g, const GateRows<
 template <typename T>
 void accumulate_in_mix_layout(const GateRows<float>& g, const T* src, const T* grad_dst,
                               int64_t tokens, float* sums) {
-  const int64_t numel = mix_numel(g);
-  float* grad_left = g.variant == 2 ? sums + numel : nullptr;
-  float* grad_right = g.variant == 2 ? sums + 2 * numel : nullptr;
+  const MixLayoutSums grads = in_mix_layout(g, sums);
   with_variant(g.variant, [&](auto v) {
-    accumulate_grads_as<decltype(v)::value>(g, src, grad_dst, tokens, sums, grad_left, grad_right);
+    accumulate_grads_as<decltype(v)::value>(g, src, grad_dst, tokens, grads.mix, grads.left,
+                                            grads.right);
   });
 }
 
