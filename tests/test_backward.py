@@ -352,8 +352,11 @@ def test_gate_tiles(tokens: int, mixing: str, dtype: torch.dtype) -> None:
     or more (32 tokens a product; an odd rank keeps the float32 sums) and the diagonal and
     diagonal_outer gates' gradients (32 tokens a product, an odd count's last partner zero).
     diagonal_outer's rank-one gradients take 4 pairs of blocks by 64 lanes at once: 9 and 5
-    blocks leave partial sets of pairs, ranks 80 and 100 a second set of lanes, full or masked."""
+    blocks leave partial sets of pairs, ranks 80 and 100 a second set of lanes, full or masked. On
+    AMX its grad_left and grad_right sums take 16-column tiles past a multiple of 32: ranks 12, 16
+    and 40."""
     shapes = [(6, 7, 17), (5, 18, 33), (17, 33, 24), (33, 16, 16), (16, 17, 17), (17, 33, 40)]
+    shapes += [(16, 20, 12)]
     shapes += [(9, 2, 80), (3, 5, 100)]
     assert_grads_match_reference(tokens, mixing, dtype, shapes)
 

@@ -231,11 +231,18 @@ void product(int64_t tokens, const uint16_t* in, int64_t in_stride, const uint16
 }
 
 void add_product(int64_t tokens, const uint16_t* in, int64_t in_stride, const uint16_t* weights,
-                 int64_t pair_stride, int64_t depth, float* sums, int64_t sums_stride) {
-  if (tokens == kTokens) {
-    product_rows<2, 2, true>(in, in_stride, weights, pair_stride, depth, sums, sums_stride);
+                 int64_t pair_stride, int64_t depth, float* sums, int64_t sums_stride,
+                 int64_t cols) {
+  if (cols == kCols) {
+    if (tokens == kTokens) {
+      product_rows<2, 2, true>(in, in_stride, weights, pair_stride, depth, sums, sums_stride);
+    } else {
+      product_rows<1, 2, true>(in, in_stride, weights, pair_stride, depth, sums, sums_stride);
+    }
+  } else if (tokens == kTokens) {
+    product_rows<2, 1, true>(in, in_stride, weights, pair_stride, depth, sums, sums_stride);
   } else {
-    product_rows<1, 2, true>(in, in_stride, weights, pair_stride, depth, sums, sums_stride);
+    product_rows<1, 1, true>(in, in_stride, weights, pair_stride, depth, sums, sums_stride);
   }
 }
 
@@ -258,7 +265,7 @@ void product(int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t, int64_
   std::abort();
 }
 void add_product(int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, float*,
-                 int64_t) {
+                 int64_t, int64_t) {
   std::abort();
 }
 }  // namespace nanomoe::cpu::amx

@@ -42,10 +42,11 @@ class Tiles {
 void product(int64_t tokens, const uint16_t* in, int64_t in_stride, const uint16_t* weights,
              int64_t pair_stride, int64_t depth, float* sums, int64_t cols = kCols);
 
-// sums[t * sums_stride + c] += the same sum, for t < tokens (16 or 32) and c < kCols: sums kept in
-// memory across calls (a weight gradient's, over many chunks of tokens), loaded into the tiles
-// before the steps and stored after them.
+// sums[t * sums_stride + c] += the same sum, for t < tokens (16 or 32) and c < cols (kCols or 16,
+// as product's): sums kept in memory across calls (a weight gradient's, over many chunks of
+// tokens), loaded into the tiles before the steps and stored after them.
 void add_product(int64_t tokens, const uint16_t* in, int64_t in_stride, const uint16_t* weights,
-                 int64_t pair_stride, int64_t depth, float* sums, int64_t sums_stride);
+                 int64_t pair_stride, int64_t depth, float* sums, int64_t sums_stride,
+                 int64_t cols = kCols);
 
 }  // namespace nanomoe::cpu::amx

@@ -486,7 +486,7 @@ NANOMOE_AVX512 void accumulate_scalar_grads(const GateRows<float>& g, const uint
 struct GradTiles {
   int64_t src_cols;   // K_src rounded up to a product's 32 columns
   int64_t src_rows;   // K_src rounded up to 16-row tiles
-  int64_t rank_cols;  // r rounded up to a product's 32 columns
+  int64_t rank_cols;  // r rounded up to whole 16-column tiles
   // grad_mix's (a, d, s) sum at (a * padded_rows + d) * src_cols + s; grad_left's (d, s, a) at
   // left_at + (d * src_rows + s) * rank_cols + a; grad_right's (s, d, b) at right_at + (s *
   // padded_rows + d) * rank_cols + b.
@@ -497,7 +497,7 @@ GradTiles grad_tiles(const GateRows<float>& g) {
   GradTiles at{};
   at.src_cols = round_up(g.src_blocks, amx::kCols);
   at.src_rows = padded_src(g);
-  at.rank_cols = rank_depth(g.rank);
+  at.rank_cols = round_up(g.rank, kLanes);
   at.left_at = g.rank * padded_rows(g) * at.src_cols;
   at.right_at = at.left_at + (g.variant == 2 ? g.dst_blocks * at.src_rows * at.rank_cols : 0);
   at.size = at.right_at + (g.variant == 2 ? g.src_blocks * padded_rows(g) * at.rank_cols : 0);
@@ -573,7 +573,7 @@ NANOMOE_AVX512 void add_left_grads(const GateRows<float>& g, const TokenChunk& c
         amx::add_product(rows, dots + (d * at.src_rows + s0) * kTokenColumns, kTokenColumns,
                          chunk.grad_pairs + 2 * (d * r + a0), 2 * k_dst * r, chunk.count,
                          sums + at.left_at + (d * at.src_rows + s0) * at.rank_cols + a0,
-                         at.rank_cols);
+                         at.rank_cols, std::min(amx::kCols, at.rank_cols - a0));
       }
     }
   }
@@ -605,8 +605,8 @@ NANOMOE_AVX512 void add_right_grads(const GateRows<float>& g, const TokenChunk& 
       for (int64_t b0 = 0; b0 < r; b0 += amx::kCols) {
         amx::add_product(rows, u + (s * dst_rows + d0) * kTokenColumns, kTokenColumns,
                          chunk.src_pairs + 2 * (s * r + b0), 2 * k_src * r, chunk.count,
-                         sums + at.right_at + (s * dst_rows + d0) * at.rank_cols + b0,
-                         at.rank_cols);
+                         sums + at.right_at + (s * dst_rows + d0) * at.rank_cols + b0, at.rank_cols,
+                         std::min(amx::kCols, at.rank_cols - b0));
       }
     }
   }
