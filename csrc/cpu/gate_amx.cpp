@@ -362,21 +362,54 @@ NANOMOE_AVX512 void store_by_token(const SumRows<kOuter>& sum_at, int64_t tokens
   }
 }
 
+// For the products of rank positions [c0, c0 + lanes) (lanes at most 16): blocks 2p and 2p + 1 of
+// `count` (at most 32) tokens' (K_src, r) rows at src, paired per rank position and transposed in
+// one pass, position c's (block 2p, block 2p + 1) pairs of the tokens at by_rank + 2 * c *
+// rank_pairs (an odd K_src's last partner zero, zeros past count in the first 16 columns, the
+// second 16 left stale where count is 16 or less).
+NANOMOE_AVX512 void pair_blocks_by_rank(const uint16_t* src, int64_t k_src, int64_t r, int64_t p,
+                                        int64_t c0, int64_t lanes, int64_t count, uint16_t* by_rank,
+                                        int64_t rank_pairs) {
+  // Element 2i: position i of block 2p (the vector's low half), 2i + 1: of block 2p + 1.
+  const __m512i interleave =
+      _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                       21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __mmask16 in_lanes = first_lanes(lanes);
+  const bool partner = 2 * p + 1 < k_src;
+  for (int64_t half = 0; half < count; half += kLanes) {
+    __m512i rows[kLanes];  // rows[i]: token half + i's pairs, one per rank position
+    for (int64_t i = 0; i < kLanes; ++i) {
+      const int64_t t = half + i;
+      if (t >= count) {
+        rows[i] = _mm512_setzero_si512();
+        continue;
+      }
+      const uint16_t* first = src + (t * k_src + 2 * p) * r + c0;
+      const __m256i even = _mm256_maskz_loadu_epi16(in_lanes, first);
+      const __m256i odd =
+          partner ? _mm256_maskz_loadu_epi16(in_lanes, first + r) : _mm256_setzero_si256();
+      rows[i] = _mm512_permutexvar_epi16(interleave,
+                                         _mm512_inserti64x4(_mm512_castsi256_si512(even), odd, 1));
+    }
+    transpose16(rows);
+    for (int64_t c = 0; c < lanes; ++c) {
+      _mm512_storeu_si512(by_rank + 2 * (c * rank_pairs + half), rows[c]);
+    }
+  }
+}
+
 template <bool kOuter>
 NANOMOE_AVX512 void mix_diagonal(const GateRows<float>& g, const uint16_t* src, uint16_t* dst,
                                  int64_t tokens) {
   const int64_t r = g.rank, k_src = g.src_blocks, k_dst = g.dst_blocks;
   const int64_t pairs = (k_src + 1) / 2, dst_rows = padded_rows(g), rank_rows = padded_rank(g);
-  // by_token: (token, pair, rank) 32-bit pairs; by_rank: (rank of the 16, pair, token), as each
-  // product's second operand; sums: (rank of the 16, destination block, token), each of the three
-  // kSetPad longer per token or rank position; rank_one: diagonal_outer's rank-one part,
-  // (destination block, rank, token).
-  thread_local std::vector<uint32_t> by_token_buffer, by_rank_buffer;
+  // by_rank: (rank of the 16, pair, token), as each product's second operand; sums: (rank of the
+  // 16, destination block, token), both kSetPad longer per rank position; rank_one:
+  // diagonal_outer's rank-one part, (destination block, rank, token).
+  thread_local std::vector<uint32_t> by_rank_buffer;
   thread_local std::vector<float> sums_buffer, rank_one_buffer;
-  const int64_t token_pairs = pairs * r + kSetPad, rank_pairs = pairs * kTokenColumns + kSetPad;
+  const int64_t rank_pairs = pairs * kTokenColumns + kSetPad;
   const int64_t sums_row = dst_rows * kTokenColumns + kSetPad;
-  uint16_t* by_token =
-      reinterpret_cast<uint16_t*>(thread_buffer(by_token_buffer, kTokenColumns * token_pairs));
   uint16_t* by_rank =
       reinterpret_cast<uint16_t*>(thread_buffer(by_rank_buffer, kLanes * rank_pairs));
   float* sums = thread_buffer(sums_buffer, kLanes * sums_row);
@@ -388,16 +421,12 @@ NANOMOE_AVX512 void mix_diagonal(const GateRows<float>& g, const uint16_t* src, 
   for (int64_t t0 = 0; t0 < tokens; t0 += kTokenColumns) {
     const int64_t count = std::min(kTokenColumns, tokens - t0);
     if constexpr (kOuter) rank_one_sums(g, src + t0 * k_src * r, count, src_by_rank, rank_one);
-    for (int64_t t = 0; t < count; ++t) {
-      projection::pair_steps(k_src, r, src + (t0 + t) * k_src * r, r,
-                             by_token + 2 * t * token_pairs, 2 * r);
-    }
     for (int64_t c0 = 0; c0 < r; c0 += kLanes) {
       const int64_t lanes = std::min(kLanes, r - c0);
-      // Past count tokens the columns hold stale pairs, whose sums are never stored.
+      // Past count tokens the columns hold zeros or stale pairs, whose sums are never stored.
       for (int64_t p = 0; p < pairs; ++p) {
-        projection::transpose_pairs(count, lanes, by_token + 2 * (p * r + c0), 2 * token_pairs,
-                                    by_rank + 2 * p * kTokenColumns, 2 * rank_pairs);
+        pair_blocks_by_rank(src + t0 * k_src * r, k_src, r, p, c0, lanes, count,
+                            by_rank + 2 * p * kTokenColumns, rank_pairs);
       }
       for (int64_t c = 0; c < lanes; ++c) {
         const uint16_t* gate = g.amx_gate + (c0 + c) * dst_rows * k_src;
