@@ -200,6 +200,25 @@ NANOMOE_AMX void product_rows(const uint16_t* in, int64_t in_stride, const uint1
   if constexpr (kTwoRows && kTwoCols) _tile_stored(3, second_sums + kTileRows, sums_bytes);
 }
 
+// The product_rows for a block of `tokens` (16 or 32) by `cols` (16 or kCols).
+template <bool kAdd>
+void product_block(int64_t tokens, int64_t cols, const uint16_t* in, int64_t in_stride,
+                   const uint16_t* weights, int64_t pair_stride, int64_t depth, float* sums,
+                   int64_t sums_stride) {
+  const bool two_rows = tokens == kTokens;
+  if (cols == kCols) {
+    if (two_rows) {
+      product_rows<2, 2, kAdd>(in, in_stride, weights, pair_stride, depth, sums, sums_stride);
+    } else {
+      product_rows<1, 2, kAdd>(in, in_stride, weights, pair_stride, depth, sums, sums_stride);
+    }
+  } else if (two_rows) {
+    product_rows<2, 1, kAdd>(in, in_stride, weights, pair_stride, depth, sums, sums_stride);
+  } else {
+    product_rows<1, 1, kAdd>(in, in_stride, weights, pair_stride, depth, sums, sums_stride);
+  }
+}
+
 }  // namespace
 
 bool available() {
@@ -217,33 +236,13 @@ Tiles::~Tiles() {
 
 void product(int64_t tokens, const uint16_t* in, int64_t in_stride, const uint16_t* weights,
              int64_t pair_stride, int64_t depth, float* sums, int64_t cols) {
-  if (cols == kCols) {
-    if (tokens == kTokens) {
-      product_rows<2, 2, false>(in, in_stride, weights, pair_stride, depth, sums, kCols);
-    } else {
-      product_rows<1, 2, false>(in, in_stride, weights, pair_stride, depth, sums, kCols);
-    }
-  } else if (tokens == kTokens) {
-    product_rows<2, 1, false>(in, in_stride, weights, pair_stride, depth, sums, kCols);
-  } else {
-    product_rows<1, 1, false>(in, in_stride, weights, pair_stride, depth, sums, kCols);
-  }
+  product_block<false>(tokens, cols, in, in_stride, weights, pair_stride, depth, sums, kCols);
 }
 
 void add_product(int64_t tokens, const uint16_t* in, int64_t in_stride, const uint16_t* weights,
                  int64_t pair_stride, int64_t depth, float* sums, int64_t sums_stride,
                  int64_t cols) {
-  if (cols == kCols) {
-    if (tokens == kTokens) {
-      product_rows<2, 2, true>(in, in_stride, weights, pair_stride, depth, sums, sums_stride);
-    } else {
-      product_rows<1, 2, true>(in, in_stride, weights, pair_stride, depth, sums, sums_stride);
-    }
-  } else if (tokens == kTokens) {
-    product_rows<2, 1, true>(in, in_stride, weights, pair_stride, depth, sums, sums_stride);
-  } else {
-    product_rows<1, 1, true>(in, in_stride, weights, pair_stride, depth, sums, sums_stride);
-  }
+  product_block<true>(tokens, cols, in, in_stride, weights, pair_stride, depth, sums, sums_stride);
 }
 
 }  // namespace nanomoe::cpu::amx
