@@ -362,38 +362,42 @@ NANOMOE_AVX512 void store_by_token(const SumRows<kOuter>& sum_at, int64_t tokens
   }
 }
 
-// For the products of rank positions [c0, c0 + lanes) (lanes at most 16): blocks 2p and 2p + 1 of
-// `count` (at most 32) tokens' (K_src, r) rows at src, paired per rank position and transposed in
-// one pass, position c's (block 2p, block 2p + 1) pairs of the tokens at by_rank + 2 * c *
-// rank_pairs (an odd K_src's last partner zero, zeros past count in the first 16 columns, the
-// second 16 left stale where count is 16 or less).
-NANOMOE_AVX512 void pair_blocks_by_rank(const uint16_t* src, int64_t k_src, int64_t r, int64_t p,
-                                        int64_t c0, int64_t lanes, int64_t count, uint16_t* by_rank,
-                                        int64_t rank_pairs) {
-  // Element 2i: position i of block 2p (the vector's low half), 2i + 1: of block 2p + 1.
+// `rows` (at most 16) rows of `lanes` (at most 16 kGroups) bfloat16 values at first + i *
+// row_stride, each interleaved with its partner row at + partner (zeros for rows i >= partners) and
+// transposed in registers, 16 columns at a time: column c's 16 pairs (row i's in 32-bit lane i,
+// zeros past `rows`) at out + c * out_stride. Pairing rows into a buffer and transposing the
+// buffer after took a third more (NOTES, version 94). Two groups read 32 columns, a whole line of
+// each row where rows lie 4 KiB apart (version 97).
+template <int kGroups>
+NANOMOE_AVX512 void pair_and_transpose(const uint16_t* first, int64_t row_stride, int64_t partner,
+                                       int64_t rows, int64_t partners, int64_t lanes, uint16_t* out,
+                                       int64_t out_stride) {
+  static_assert(kGroups == 1 || kGroups == 2, "16 or 32 columns");
+  // Element 2i: column i of the row (the vector's low half), 2i + 1: of its partner.
   const __m512i interleave =
       _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
                        21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  const __mmask16 in_lanes = first_lanes(lanes);
-  const bool partner = 2 * p + 1 < k_src;
-  for (int64_t half = 0; half < count; half += kLanes) {
-    __m512i rows[kLanes];  // rows[i]: token half + i's pairs, one per rank position
-    for (int64_t i = 0; i < kLanes; ++i) {
-      const int64_t t = half + i;
-      if (t >= count) {
-        rows[i] = _mm512_setzero_si512();
-        continue;
-      }
-      const uint16_t* first = src + (t * k_src + 2 * p) * r + c0;
-      const __m256i even = _mm256_maskz_loadu_epi16(in_lanes, first);
-      const __m256i odd =
-          partner ? _mm256_maskz_loadu_epi16(in_lanes, first + r) : _mm256_setzero_si256();
-      rows[i] = _mm512_permutexvar_epi16(interleave,
-                                         _mm512_inserti64x4(_mm512_castsi256_si512(even), odd, 1));
+  const __mmask32 in_lanes = first_lanes32(lanes);
+  __m512i pairs[kGroups][kLanes];  // pairs[g][i]: row i's pairs of columns [16 g, 16 g + 16)
+  for (int64_t i = 0; i < kLanes; ++i) {
+    if (i >= rows) {
+      for (int g = 0; g < kGroups; ++g) pairs[g][i] = _mm512_setzero_si512();
+      continue;
     }
-    transpose16(rows);
-    for (int64_t c = 0; c < lanes; ++c) {
-      _mm512_storeu_si512(by_rank + 2 * (c * rank_pairs + half), rows[c]);
+    const uint16_t* row = first + i * row_stride;
+    const __m512i even = _mm512_maskz_loadu_epi16(in_lanes, row);
+    const __m512i odd =
+        i < partners ? _mm512_maskz_loadu_epi16(in_lanes, row + partner) : _mm512_setzero_si512();
+    // Each group's 16 columns of the row, then of its partner, in one vector.
+    pairs[0][i] = _mm512_permutexvar_epi16(interleave, _mm512_shuffle_i64x2(even, odd, 0x44));
+    if constexpr (kGroups == 2) {
+      pairs[1][i] = _mm512_permutexvar_epi16(interleave, _mm512_shuffle_i64x2(even, odd, 0xEE));
+    }
+  }
+  for (int g = 0; g < kGroups; ++g) {
+    transpose16(pairs[g]);
+    for (int64_t c = 0; c < std::min<int64_t>(kLanes, lanes - 16 * g); ++c) {
+      _mm512_storeu_si512(out + (16 * g + c) * out_stride, pairs[g][c]);
     }
   }
 }
@@ -423,10 +427,16 @@ NANOMOE_AVX512 void mix_diagonal(const GateRows<float>& g, const uint16_t* src, 
     if constexpr (kOuter) rank_one_sums(g, src + t0 * k_src * r, count, src_by_rank, rank_one);
     for (int64_t c0 = 0; c0 < r; c0 += kLanes) {
       const int64_t lanes = std::min(kLanes, r - c0);
-      // Past count tokens the columns hold zeros or stale pairs, whose sums are never stored.
+      // Blocks 2p and 2p + 1 paired per rank position, 16 tokens at a time (an odd K_src's last
+      // partner zero). Past count the columns hold zeros or stale pairs, whose sums are never
+      // stored.
       for (int64_t p = 0; p < pairs; ++p) {
-        pair_blocks_by_rank(src + t0 * k_src * r, k_src, r, p, c0, lanes, count,
-                            by_rank + 2 * p * kTokenColumns, rank_pairs);
+        const int64_t partners = 2 * p + 1 < k_src ? kLanes : 0;
+        for (int64_t half = 0; half < count; half += kLanes) {
+          pair_and_transpose<1>(src + ((t0 + half) * k_src + 2 * p) * r + c0, k_src * r, r,
+                                std::min(kLanes, count - half), partners, lanes,
+                                by_rank + 2 * (p * kTokenColumns + half), 2 * rank_pairs);
+        }
       }
       for (int64_t c = 0; c < lanes; ++c) {
         const uint16_t* gate = g.amx_gate + (c0 + c) * dst_rows * k_src;
@@ -539,31 +549,41 @@ NANOMOE_AVX512 void store_rounded_row(const float* row, uint16_t* out) {
   _mm512_storeu_si512(out, (__m512i)both);
 }
 
-// A chunk of up to 32 tokens of the gradients' inputs, with their rows paired over tokens (rows 2p
-// and 2p + 1 side by side, an odd count's last partner zero) as the second operand of products
-// that sum over the tokens; a product's columns of slack after the last pair row, as the columns
-// past a block (never summed) read on.
+// A chunk of up to 32 tokens of the gradients' inputs; for diagonal_outer's rank-one gradients
+// also with their rows paired over tokens (rows 2p and 2p + 1 side by side, an odd count's last
+// partner zero) as the second operand of products that sum over the tokens, with a product's
+// columns of slack after the last pair row, as the columns past a block (never summed) read on.
 struct TokenChunk {
   const uint16_t* src;       // (count, K_src, r) rows
   const uint16_t* grad_dst;  // (count, K_dst, r) rows
   int64_t count;
-  uint16_t* src_pairs;   // (token pair, s, r), pair rows 2 K_src r apart
-  uint16_t* grad_pairs;  // (token pair, d, r), pair rows 2 K_dst r apart
+  uint16_t* src_pairs;   // (token pair, s, r), pair rows 2 K_src r apart (diagonal_outer)
+  uint16_t* grad_pairs;  // (token pair, d, r), pair rows 2 K_dst r apart (diagonal_outer)
 };
 
 // grad_mix's tiles += the chunk's sums: per rank position a, grad_dst's (K_dst x tokens) rows at a
 // (grad_by_row: row (d, a), the tokens in pairs) by src's (tokens x K_src) columns at a
-// (src_by_position: (token pair, a, s)).
+// (src_by_position: (token pair, a, s)), both paired and transposed from the chunk's rows.
 void add_mix_grads(const GateRows<float>& g, const TokenChunk& chunk, uint16_t* grad_by_row,
                    uint16_t* src_by_position, float* sums) {
   const int64_t r = g.rank, k_src = g.src_blocks, k_dst = g.dst_blocks;
+  const int64_t src_row = k_src * r, dst_row = k_dst * r;
   const int64_t dst_rows = padded_rows(g), src_cols = grad_tiles(g).src_cols;
-  const int64_t token_pairs = (chunk.count + 1) / 2;
-  projection::transpose_pairs(token_pairs, k_dst * r, chunk.grad_pairs, 2 * k_dst * r, grad_by_row,
-                              kTokenColumns);
+  const int64_t token_pairs = (chunk.count + 1) / 2, partners = chunk.count / 2;
+  for (int64_t j0 = 0; j0 < dst_row; j0 += 2 * kLanes) {
+    pair_and_transpose<2>(chunk.grad_dst + j0, 2 * dst_row, dst_row, token_pairs, partners,
+                          std::min(2 * kLanes, dst_row - j0), grad_by_row + j0 * kTokenColumns,
+                          kTokenColumns);
+  }
   for (int64_t p = 0; p < token_pairs; ++p) {
-    projection::transpose_pairs(k_src, r, chunk.src_pairs + 2 * p * k_src * r, 2 * r,
-                                src_by_position + 2 * p * r * src_cols, 2 * src_cols);
+    for (int64_t s0 = 0; s0 < k_src; s0 += kLanes) {
+      for (int64_t a0 = 0; a0 < r; a0 += kLanes) {
+        pair_and_transpose<1>(chunk.src + 2 * p * src_row + s0 * r + a0, r, src_row,
+                              std::min(kLanes, k_src - s0), p < partners ? kLanes : 0,
+                              std::min(kLanes, r - a0),
+                              src_by_position + 2 * ((p * r + a0) * src_cols + s0), 2 * src_cols);
+      }
+    }
   }
   for (int64_t a = 0; a < r; ++a) {
     for (int64_t d0 = 0; d0 < k_dst; d0 += kProductRows) {
@@ -654,9 +674,10 @@ NANOMOE_AVX512 void accumulate_diagonal_grads(const GateRows<float>& g, const ui
   thread_local std::vector<uint16_t> src_pairs, grad_pairs, grad_by_row_buffer,
       src_by_position_buffer, padded, src_by_rank_storage, grad_by_rank_storage, dots_buffer,
       u_buffer;
-  TokenChunk chunk{src, grad_dst, 0,
-                   thread_buffer(src_pairs, 2 * (kChunkPairs * src_row + amx::kCols)),
-                   thread_buffer(grad_pairs, 2 * (kChunkPairs * dst_row + amx::kCols))};
+  TokenChunk chunk{
+      src, grad_dst, 0,
+      kOuter ? thread_buffer(src_pairs, 2 * (kChunkPairs * src_row + amx::kCols)) : nullptr,
+      kOuter ? thread_buffer(grad_pairs, 2 * (kChunkPairs * dst_row + amx::kCols)) : nullptr};
   uint16_t* grad_by_row = thread_buffer(grad_by_row_buffer, padded_rows(g) * r * kTokenColumns);
   uint16_t* src_by_position =
       thread_buffer(src_by_position_buffer, 2 * kChunkPairs * r * at.src_cols);
@@ -670,11 +691,12 @@ NANOMOE_AVX512 void accumulate_diagonal_grads(const GateRows<float>& g, const ui
     chunk.src = src + t0 * src_row;
     chunk.grad_dst = grad_dst + t0 * dst_row;
     chunk.count = std::min(kTokenColumns, tokens - t0);
-    projection::pair_steps(chunk.count, src_row, chunk.src, src_row, chunk.src_pairs, 2 * src_row);
-    projection::pair_steps(chunk.count, dst_row, chunk.grad_dst, dst_row, chunk.grad_pairs,
-                           2 * dst_row);
     add_mix_grads(g, chunk, grad_by_row, src_by_position, sums);
     if constexpr (kOuter) {
+      projection::pair_steps(chunk.count, src_row, chunk.src, src_row, chunk.src_pairs,
+                             2 * src_row);
+      projection::pair_steps(chunk.count, dst_row, chunk.grad_dst, dst_row, chunk.grad_pairs,
+                             2 * dst_row);
       add_left_grads(g, chunk, src_by_rank, dots, sums);
       add_right_grads(g, chunk, grad_by_rank, u, sums);
     }
