@@ -7,10 +7,11 @@
 // go back to (token, block, rank) order, rounded once.
 //
 // Diagonal: a (K_dst x K_src) gate per rank position c, so per c one product of that gate with the
-// (K_src, tokens) activations at c. Per 32 tokens, each token's blocks are paired as above, the
-// (token, rank) pairs transposed to (rank, token) 16 x 16 at a time, one product per rank position
-// and 32 destination blocks, and the (rank, token) sums rounded once, two rank positions at a time,
-// and transposed back into (token, block, rank) rows.
+// (K_src, tokens) activations at c. Per 32 tokens, each token's blocks are paired as above and the
+// (token, rank) pairs transposed to (rank, token) 16 x 16 at a time, in one pass
+// (pair_and_transpose), then one product per rank position and 32 destination blocks, and the
+// (rank, token) sums rounded once, two rank positions at a time, and transposed back into (token,
+// block, rank) rows.
 //
 // diagonal_outer: the diagonal part as above, plus the rank-one part dst[t, d] += left_ds
 // <right_ds, src[t, s]> summed over s, in two kinds of product per 32 tokens. First the dot
@@ -364,7 +365,7 @@ NANOMOE_AVX512 void store_by_token(const SumRows<kOuter>& sum_at, int64_t tokens
 
 // `rows` (at most 16) rows of `lanes` (at most 16 kGroups) bfloat16 values at first + i *
 // row_stride, each interleaved with its partner row at + partner (zeros for rows i >= partners) and
-// transposed in registers, 16 columns at a time: column c's 16 pairs (row i's in 32-bit lane i,
+// transposed in registers, kLanes columns at a time: column c's 16 pairs (row i's in 32-bit lane i,
 // zeros past `rows`) at out + c * out_stride. Pairing rows into a buffer and transposing the
 // buffer after took a third more (NOTES, version 94). Two groups read 32 columns, a whole line of
 // each row where rows lie 4 KiB apart (version 97).
@@ -396,8 +397,8 @@ NANOMOE_AVX512 void pair_and_transpose(const uint16_t* first, int64_t row_stride
   }
   for (int g = 0; g < kGroups; ++g) {
     transpose16(pairs[g]);
-    for (int64_t c = 0; c < std::min<int64_t>(kLanes, lanes - 16 * g); ++c) {
-      _mm512_storeu_si512(out + (16 * g + c) * out_stride, pairs[g][c]);
+    for (int64_t c = 0; c < std::min(kLanes, lanes - kLanes * g); ++c) {
+      _mm512_storeu_si512(out + (kLanes * g + c) * out_stride, pairs[g][c]);
     }
   }
 }
