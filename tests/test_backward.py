@@ -174,14 +174,15 @@ def test_diagonal_outer_as_dense_matrix(tokens: int, dtype: torch.dtype, threads
 
 
 # bfloat16 diagonal_outer mixing with rank positions as the lanes takes its dot products <right,
-# hidden> (and the transposed gate's and the gate gradients' <left, grad_mixed>) on AMX from 32
-# tokens on, 32 tokens per product, the rows past a multiple of 16 padded (csrc/cpu/gate_tile.cpp,
-# dots_by_amx); below 32 tokens, AVX-512 FMAs. Both sum exact products in float32, so each token's
-# output and grad_x must agree with the same token run alone to within a rare rounding flip: 1e-3
-# relative, where leaving out one rank position of the dot products measured 0.1 and over. The
-# gate's gradients, whose bfloat16 rounding alone is 3e-3 here, are held to 1e-2 of the float64
-# reference (plain relative error): the same omission measured 0.9 and over. Without AMX it
-# compares the AVX-512 path with itself.
+# hidden> (and the transposed gate's and the gate gradients' <left, grad_mixed>) from bfloat16
+# pairs from 32 tokens on (csrc/cpu/gate_tile.cpp, pair_dots): on AMX 32 tokens per product, the
+# rows past a multiple of 16 padded; without AMX by vdpbf16ps, 8 tokens at a time, the lanes two
+# pairs of rank positions per block where a side has 8 blocks or fewer. Below 32 tokens, AVX-512
+# FMAs on widened rows. All sum exact products in float32, so each token's output and grad_x must
+# agree with the same token run alone to within a rare rounding flip: 1e-3 relative, where leaving
+# out one rank position of the dot products measured 0.1 and over. The gate's gradients, whose
+# bfloat16 rounding alone is 3e-3 here, are held to 1e-2 of the float64 reference (plain relative
+# error): the same omission measured 0.9 and over.
 @pytest.mark.parametrize("tokens", [32, 50, 100])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_diagonal_outer_dots_match_per_token(tokens: int, threads: int) -> None:
@@ -257,15 +258,13 @@ def test_kernel_computes_only_requested(mixing: str, dtype: torch.dtype, wanted:
 @pytest.mark.parametrize("k_out, k_in", [(8, 8), (5, 3), (3, 7)])
 def test_gate_passes_together_match_apart(mixing: str, k_out: int, k_in: int) -> None:
     """bfloat16's elementwise gates run their three backward passes at once where every gradient
-    is asked for (gate_tile::backward_passes; diagonal_outer where its dot products are on AMX,
-    from 32 tokens), each alone otherwise: the same bits. 100 tokens end in a group shorter than
-    8; diagonal_outer's 123 end in a 27-token pass of dot products (groups of 8, 8, 8 and 3), at
-    a rank (72) where the tile unit's dot products and the FMAs' differ in their bits, so that
-    taking them from the other source would show. Unequal block counts a side tell the forward
-    gate from the transposed one, and leave 1 to 3 destination blocks over."""
+    is asked for (gate_tile::backward_passes; diagonal_outer where its dot products come from
+    bfloat16 pairs, from 32 tokens), each alone otherwise: the same bits. 100 tokens end in a
+    group shorter than 8; diagonal_outer's 123 end in a 27-token pass of dot products (groups of
+    8, 8, 8 and 3), at a rank (72) where the dot products from pairs and the FMAs' differ in their
+    bits, so that taking them from the other source would show. Unequal block counts a side tell
+    the forward gate from the transposed one, and leave 1 to 3 destination blocks over."""
     outer = mixing == "diagonal_outer"
-    if outer and "amx_bf16" not in torch.ops.nanomoe.cpu_features():
-        pytest.skip("diagonal_outer runs its passes together only with its dot products on AMX")
     tokens, rank = (123, 72) if outer else (100, 24)
     generator = torch.Generator().manual_seed(7)
     case = make_case((tokens,), k_out, k_in, 16, 12, rank, mixing, torch.bfloat16, True, generator)

@@ -89,11 +89,11 @@ struct Gate {
     }
     // On AMX, mix takes bfloat16's gates from there, and so do the gradients that gate_amx sums
     // (the rest keep the layouts above).
-    // Else diagonal_outer's dot products may run there (gate_tile::dots_on_amx).
+    // Else diagonal_outer's dot products may come from bfloat16 pairs (gate_tile::dots_from_pairs).
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
       if (for_kernels && gate_amx::chosen(g.rows)) {
         g.lay_out_for_amx(w.mix);
-      } else if (for_kernels && gate_tile::dots_on_amx(g.rows, dims.tokens)) {
+      } else if (for_kernels && gate_tile::dots_from_pairs(g.rows, dims.tokens)) {
         const bool with_left = !transposed;  // for the weight gradients
         g.dot_pairs = at::empty({gate_tile::dot_pairs_size(g.rows, with_left)}, w.mix.options());
         gate_tile::lay_out_dot_pairs(g.rows, with_left,

@@ -26,8 +26,8 @@ struct GateRows {
   int64_t dst_lanes;
   // The gate in bfloat16 for gate_amx.h, set where gate_amx::chosen says (else null).
   const uint16_t* amx_gate;
-  // diagonal_outer's right and left in bfloat16 for its dot products on the tile unit, set where
-  // gate_tile::dots_on_amx says (else null): right as block s's (rank x dst) matrix by pairs of
+  // diagonal_outer's right and left in bfloat16 for its dot products from pairs, set where
+  // gate_tile::dots_from_pairs says (else null): right as block s's (rank x dst) matrix by pairs of
   // rank positions, pair p's entry for destination block d at
   // right_pairs + (s * ((rank + 1) / 2) + p) * 2 * right_cols + 2 * d (zeros from d = dst_blocks);
   // left (for the weight gradients' <left_ds, grad_dst[t, d]>) the same with the roles of d and s

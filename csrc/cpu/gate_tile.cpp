@@ -6,7 +6,8 @@
 // Where the gate is laid out by block (gate_layout.h, mixes_by_block), gate_by_block.cpp mixes, and
 // where bfloat16's gates are laid out for AMX (gate_amx::chosen), gate_amx.cpp.
 // Their source rows (converted to float32 once when they are bfloat16) and the gate stay in L1.
-// bfloat16's diagonal_outer takes its dot products from AMX products here where dots_on_amx says.
+// bfloat16's diagonal_outer takes its dot products from products of bfloat16 pairs (on AMX, else by
+// vdpbf16ps) where dots_from_pairs says.
 // The weight gradients are summed in the layout of whichever of these kernels sums them.
 #include "gate_tile.h"
 
@@ -49,12 +50,11 @@ int64_t grads_size(const GateRows<float>& g) {
   }
 }
 
-bool dots_on_amx(const GateRows<float>& g, int64_t tokens) {
+bool dots_from_pairs(const GateRows<float>& g, int64_t tokens) {
   // One product's tokens: at 16 tokens (4096 features, K = 8, r = 256) laying out the pairs cost
   // more than the products saved (forward 0.97x / 1.19x the time, minimum / median; NOTES 55).
   constexpr int64_t kMinTokens = amx::kTokens;
-  return g.variant == 2 && !g.mix_by_block && !g.amx_gate && tokens >= kMinTokens &&
-         amx::available();
+  return g.variant == 2 && !g.mix_by_block && !g.amx_gate && tokens >= kMinTokens;
 }
 
 namespace {
@@ -364,8 +364,8 @@ NANOMOE_AVX512 void mix_shared_group(const GateRows<float>& g, const float* x, i
   if (d0 < g.dst_blocks) mix_shared_blocks<kVariant, kTokens, 1>(g, x, x_row, y, y_row, d0);
 }
 
-// Tokens per product of the dot products on the tile unit, and the row of its sums (dots_by_amx's
-// layout, below).
+// Tokens per product of the dot products from pairs, and the row of its sums (dots_by_amx's
+// layout, below, which dots_by_dpbf16 writes too).
 constexpr int64_t kAmxTokens = amx::kTokens;
 constexpr int64_t kAmxCols = amx::kCols;
 
@@ -410,11 +410,11 @@ NANOMOE_AVX512 void mix_group_of(int64_t tokens, const GateRows<float>& g, const
   mix_group<kVariant, kTokens>(g, x, x_row, dots, amx_dots, y, y_row);
 }
 
-// diagonal_outer's dot products on the tile unit (dots_on_amx) for `tokens` (at most kAmxTokens)
-// bfloat16 rows at rows + t * row_stride, each `blocks` blocks of `rank`: block a's product with
-// its (rank x cols) matrix at pairs (GateRows::right_pairs or left_pairs), 32 columns at a time,
-// into sums as amx_dot_at says, amx_dots_size floats.
-// Rows past a multiple of 16 are copied into padded (kAmxTokens rows) first, zeros after them.
+// diagonal_outer's dot products on the tile unit (dots_from_pairs, with AMX) for `tokens` (at most
+// kAmxTokens) bfloat16 rows at rows + t * row_stride, each `blocks` blocks of `rank`: block a's
+// product with its (rank x cols) matrix at pairs (GateRows::right_pairs or left_pairs), 32 columns
+// at a time, into sums as amx_dot_at says, amx_dots_size floats. Rows past a multiple of 16 are
+// copied into padded (kAmxTokens rows) first, zeros after them.
 int64_t amx_dots_size(int64_t blocks, int64_t cols) {
   return (cols + kAmxCols - 1) / kAmxCols * blocks * kAmxTokens * kAmxCols;
 }
@@ -436,6 +436,100 @@ NANOMOE_AVX512 void dots_by_amx(const uint16_t* pairs, int64_t cols, int64_t blo
   }
 }
 
+// Tokens whose dot products dots_by_dpbf16 sums at once, each in one vector.
+constexpr int64_t kDpbf16Tokens = 8;
+
+// dots_by_amx's sums by vdpbf16ps, where there is no tile unit: per source block a, 16 columns and
+// kDpbf16Tokens tokens, each token's sums in one vector, every step adding a pair of its rank
+// positions (broadcast) times the columns' pairs. With 8 columns or fewer (kTwoPairs) the lanes are
+// (column b, j) for pairs 2q + j, so that a step adds two pairs, not one with half the lanes zero;
+// the two lanes' sums are added at the end. Rows come whole, kDpbf16Tokens at a time (a call's last
+// ones copied into padded first, zeros after them).
+template <bool kTwoPairs>
+NANOMOE_AVX512 void dots_by_dpbf16(const uint16_t* pairs, int64_t cols, int64_t blocks,
+                                   int64_t rank, const uint16_t* rows, int64_t row_stride,
+                                   float* sums) {
+  const int64_t pair_rows = (rank + 1) / 2;
+  // (b, j) at lane 2b + j: pair row j's column b.
+  const __m512i interleave =
+      _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i even_lanes =
+      _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 2, 4, 6, 8, 10, 12, 14);
+  for (int64_t a = 0; a < blocks; ++a) {
+    const uint16_t* block_pairs = pairs + a * pair_rows * cols * 2;
+    for (int64_t b0 = 0; b0 < (kTwoPairs ? 16 : cols); b0 += 16) {
+      __m512 acc[kDpbf16Tokens];
+#pragma GCC unroll 8
+      for (int t = 0; t < kDpbf16Tokens; ++t) acc[t] = _mm512_setzero_ps();
+      const uint16_t* in = rows + a * rank;
+      if constexpr (kTwoPairs) {
+        for (int64_t p = 0; p < pair_rows; p += 2) {
+          const __m512i first = _mm512_loadu_si512(block_pairs + p * cols * 2);
+          const __m512i second = p + 1 < pair_rows
+                                     ? _mm512_loadu_si512(block_pairs + (p + 1) * cols * 2)
+                                     : _mm512_setzero_si512();
+          const __m512bh weights = (__m512bh)_mm512_permutex2var_epi32(first, interleave, second);
+          // Rank positions 2p to 2p + 3, those past the block's end read as zeros.
+          const __mmask8 present = __mmask8((1u << std::min<int64_t>(4, rank - 2 * p)) - 1);
+#pragma GCC unroll 8
+          for (int t = 0; t < kDpbf16Tokens; ++t) {
+            const __m128i four = _mm_maskz_loadu_epi16(present, in + t * row_stride + 2 * p);
+            acc[t] = _mm512_dpbf16_ps(acc[t], (__m512bh)_mm512_broadcast_i32x2(four), weights);
+          }
+        }
+      } else {
+        for (int64_t p = 0; p < pair_rows; ++p) {
+          const __m512bh weights = (__m512bh)_mm512_loadu_si512(block_pairs + (p * cols + b0) * 2);
+          const bool whole = 2 * p + 1 < rank;  // an odd rank's last pair has no partner
+#pragma GCC unroll 8
+          for (int t = 0; t < kDpbf16Tokens; ++t) {
+            const uint16_t* at = in + t * row_stride + 2 * p;
+            uint32_t pair = at[0];
+            if (whole) std::memcpy(&pair, at, sizeof pair);
+            acc[t] = _mm512_dpbf16_ps(acc[t], (__m512bh)_mm512_set1_epi32(int(pair)), weights);
+          }
+        }
+      }
+#pragma GCC unroll 8
+      for (int t = 0; t < kDpbf16Tokens; ++t) {
+        float* out = sums + amx_dot_at(blocks, a, b0) + t * kAmxCols;
+        if constexpr (kTwoPairs) {
+          const __m512 both = _mm512_add_ps(acc[t], _mm512_permute_ps(acc[t], 0xB1));
+          _mm256_storeu_ps(out, _mm512_castps512_ps256(_mm512_permutexvar_ps(even_lanes, both)));
+        } else {
+          _mm512_storeu_ps(out, acc[t]);
+        }
+      }
+    }
+  }
+}
+
+// diagonal_outer's dot products from their bfloat16 pairs for `tokens` (at most kAmxTokens) rows,
+// into sums in dots_by_amx's layout: on the tile unit where it runs, else by vdpbf16ps; `used` of
+// the layout's cols columns are blocks (the rest are zeros).
+NANOMOE_AVX512 void pair_dots(const uint16_t* pairs, int64_t cols, int64_t used, int64_t blocks,
+                              int64_t rank, const uint16_t* rows, int64_t row_stride,
+                              int64_t tokens, uint16_t* padded, float* sums) {
+  if (amx::available()) {
+    return dots_by_amx(pairs, cols, blocks, rank, rows, row_stride, tokens, padded, sums);
+  }
+  for (int64_t t0 = 0; t0 < tokens; t0 += kDpbf16Tokens) {
+    const uint16_t* in = rows + t0 * row_stride;
+    if (tokens - t0 < kDpbf16Tokens) {
+      std::copy_n(in, (tokens - t0) * row_stride, padded);
+      std::fill_n(padded + (tokens - t0) * row_stride, (kDpbf16Tokens - tokens + t0) * row_stride,
+                  uint16_t(0));
+      in = padded;
+    }
+    float* out = sums + t0 * kAmxCols;
+    if (used <= 8) {
+      dots_by_dpbf16<true>(pairs, cols, blocks, rank, in, row_stride, out);
+    } else {
+      dots_by_dpbf16<false>(pairs, cols, blocks, rank, in, row_stride, out);
+    }
+  }
+}
+
 template <int kVariant, typename T>
 NANOMOE_AVX512 void mix_tokens(const GateRows<float>& g, const T* src, T* dst, int64_t tokens) {
   const int64_t r = g.rank, src_row = g.src_blocks * r, dst_row = g.dst_blocks * r;
@@ -446,7 +540,7 @@ NANOMOE_AVX512 void mix_tokens(const GateRows<float>& g, const T* src, T* dst, i
   const int64_t dots_size = kVariant == 2 ? kGroupTokens * g.src_blocks : 0;
   float* dots = thread_buffer(buffer, (kConvert ? kGroupTokens * src_row : 0) + dots_size);
   float* converted = dots + dots_size;
-  // The dot products on the tile unit: kAmxTokens tokens at a time, their groups mixed after.
+  // The dot products from pairs: kAmxTokens tokens at a time, their groups mixed after.
   float* amx_dots = nullptr;
   uint16_t* padded = nullptr;
   std::optional<amx::Tiles> tiles;
@@ -456,7 +550,7 @@ NANOMOE_AVX512 void mix_tokens(const GateRows<float>& g, const T* src, T* dst, i
       thread_local std::vector<uint16_t> padded_buffer;
       amx_dots = thread_buffer(sums_buffer, amx_dots_size(g.src_blocks, g.right_cols));
       padded = thread_buffer(padded_buffer, kAmxTokens * src_row);
-      tiles.emplace();
+      if (amx::available()) tiles.emplace();
     }
   }
   const int64_t chunk = amx_dots ? kAmxTokens : kGroupTokens;
@@ -464,8 +558,8 @@ NANOMOE_AVX512 void mix_tokens(const GateRows<float>& g, const T* src, T* dst, i
     const int64_t in_chunk = std::min(chunk, tokens - t0);
     if constexpr (std::is_same_v<T, uint16_t>) {
       if (amx_dots) {
-        dots_by_amx(g.right_pairs, g.right_cols, g.src_blocks, r, src + t0 * src_row, src_row,
-                    in_chunk, padded, amx_dots);
+        pair_dots(g.right_pairs, g.right_cols, g.dst_blocks, g.src_blocks, r, src + t0 * src_row,
+                  src_row, in_chunk, padded, amx_dots);
       }
     }
     for (int64_t t = t0; t < t0 + in_chunk; t += kGroupTokens) {
@@ -480,9 +574,9 @@ NANOMOE_AVX512 void mix_tokens(const GateRows<float>& g, const T* src, T* dst, i
 
 // ---- the gate's weight gradients ------------------------------------------------------------
 
-// Tokens whose dot products (diagonal_outer's) are one tile-unit product: a pass. Each pass's
+// Tokens whose dot products (diagonal_outer's) are one product from pairs: a pass. Each pass's
 // tokens are then converted to float32 and summed one mixing group (kGroupTokens) at a time
-// (except where diagonal_outer's dot products are not on the tile unit: accumulate_grads_as), so
+// (except where diagonal_outer's dot products are not from pairs: accumulate_grads_as), so
 // that a bfloat16 group's widened rows (8 tokens of hidden and grad_mixed: 32 KiB at K = 8,
 // r = 64) stay in L1 for every use (the weight gradients, and passes_together's mixing): widened
 // 32 at a time, 128 KiB, the backward took 1.04x to 1.12x its time at 4096 tokens (NOTES,
@@ -570,22 +664,22 @@ NANOMOE_AVX512 void mix_grads_of(int64_t dst_count, int64_t src_count, const Gat
 }
 
 // diagonal_outer's dot products over a pass of tokens: right's <right_ds, x_ts> at right_at(s, d)[t
-// * per_token()] and left's <left_ds, gy_td> at left_at(d, s)[t * per_token()]. Made on the tile
-// unit (dots_by_amx's layout) where the gate has its pairs, else by outer_dots in rows of
+// * per_token()] and left's <left_ds, gy_td> at left_at(d, s)[t * per_token()]. Made from pairs
+// (pair_dots, in dots_by_amx's layout) where the gate has its pairs, else by outer_dots in rows of
 // kGradTokens, one per pair of blocks.
 struct PassDots {
   float* right = nullptr;
   float* left = nullptr;
   int64_t src_blocks = 0, dst_blocks = 0;
-  bool on_amx = false;
+  bool paired = false;
 
   float* right_at(int64_t s, int64_t d) const {
-    return right + (on_amx ? amx_dot_at(src_blocks, s, d) : (s * dst_blocks + d) * kGradTokens);
+    return right + (paired ? amx_dot_at(src_blocks, s, d) : (s * dst_blocks + d) * kGradTokens);
   }
   float* left_at(int64_t d, int64_t s) const {
-    return left + (on_amx ? amx_dot_at(dst_blocks, d, s) : (d * src_blocks + s) * kGradTokens);
+    return left + (paired ? amx_dot_at(dst_blocks, d, s) : (d * src_blocks + s) * kGradTokens);
   }
-  int64_t per_token() const { return on_amx ? kAmxCols : 1; }
+  int64_t per_token() const { return paired ? kAmxCols : 1; }
 };
 
 // Floats outer_dots writes.
@@ -751,9 +845,10 @@ void accumulate_grads_as(const GateRows<float>& g, const T* src, const T* grad_d
                          const AfterGroup& after_group = {}) {
   const int64_t src_row = g.src_blocks * g.rank, dst_row = g.dst_blocks * g.rank;
   constexpr bool kConvert = !std::is_same_v<T, float>;
-  // diagonal_outer's dot products: made on the tile unit for a pass where the gate has its pairs
-  // (dots_on_amx), else by outer_dots for the pass's rows into dots (16 tokens a vector, so there
-  // a group is the whole pass: in groups of 8, float32's forward+backward took 1.04x its time).
+  // diagonal_outer's dot products: made from pairs for a pass where the gate has them
+  // (dots_from_pairs), else by outer_dots for the pass's rows into dots (16 tokens a vector, so
+  // there a group is the whole pass: in groups of 8, float32's forward+backward took 1.04x its
+  // time).
   static_assert(kGradTokens == kAmxTokens, "a pass's dot products are one product's");
   float* made = nullptr;
   float* dots = nullptr;
@@ -766,7 +861,7 @@ void accumulate_grads_as(const GateRows<float>& g, const T* src, const T* grad_d
       thread_local std::vector<uint16_t> padded_buffer;
       made = thread_buffer(sums_buffer, right_size + amx_dots_size(g.dst_blocks, g.left_cols));
       padded = thread_buffer(padded_buffer, kAmxTokens * std::max(src_row, dst_row));
-      tiles.emplace();
+      if (amx::available()) tiles.emplace();
     } else {
       thread_local std::vector<float> dots_buffer;
       dots = thread_buffer(dots_buffer, outer_dots_size(g));
@@ -783,10 +878,10 @@ void accumulate_grads_as(const GateRows<float>& g, const T* src, const T* grad_d
     const int64_t in_pass = std::min<int64_t>(kGradTokens, tokens - t0);
     if constexpr (kVariant == 2 && std::is_same_v<T, uint16_t>) {
       if (made) {
-        dots_by_amx(g.right_pairs, g.right_cols, g.src_blocks, g.rank, src + t0 * src_row, src_row,
-                    in_pass, padded, made);
-        dots_by_amx(g.left_pairs, g.left_cols, g.dst_blocks, g.rank, grad_dst + t0 * dst_row,
-                    dst_row, in_pass, padded, made + right_size);
+        pair_dots(g.right_pairs, g.right_cols, g.dst_blocks, g.src_blocks, g.rank,
+                  src + t0 * src_row, src_row, in_pass, padded, made);
+        pair_dots(g.left_pairs, g.left_cols, g.src_blocks, g.dst_blocks, g.rank,
+                  grad_dst + t0 * dst_row, dst_row, in_pass, padded, made + right_size);
       }
     }
     for (int64_t t = t0; t < t0 + in_pass; t += group_tokens) {
@@ -836,8 +931,8 @@ NANOMOE_AVX512 void passes_together_as(const GateRows<float>& g, const GateRows<
   const MixLayoutSums grads = in_mix_layout(g, sums);
   const auto mix_group_pass = [&](int64_t t, int64_t count, const float* hidden_rows,
                                   const float* grad_rows, const PassDots& dots) NANOMOE_AVX512 {
-    // diagonal_outer's mixing reads its dot products in the tile unit's layout (passes_together).
-    assert((kVariant != 2 || dots.on_amx) && "diagonal_outer together needs its dots on AMX");
+    // diagonal_outer's mixing reads its dot products in the paired layout (passes_together).
+    assert((kVariant != 2 || dots.paired) && "diagonal_outer together needs its dots from pairs");
     mix_group_of<kVariant>(count, g, hidden_rows, hidden_row, nullptr, dots.right,
                            mixed + t * mixed_row, mixed_row);
     mix_group_of<kVariant>(count, g_t, grad_rows, mixed_row, nullptr, dots.left,
@@ -896,7 +991,7 @@ void mix(const GateRows<float>& g, const uint16_t* src, uint16_t* dst, int64_t t
 
 bool passes_together(const GateRows<float>& g, const GateRows<float>& g_t) {
   // Without a layout for AMX or by block, the gradients are summed in mix's layout here too.
-  // diagonal_outer's dot products must be on the tile unit for the weight gradients (g.left_pairs:
+  // diagonal_outer's dot products must come from pairs for the weight gradients (g.left_pairs:
   // its mixing takes theirs, in that layout), and for the transposed gate apart (g_t.right_pairs,
   // never read here: with its dot products summed by FMAs, apart would have other bits).
   const bool dots_shared = g.variant != 2 || (g.left_pairs && g_t.right_pairs);

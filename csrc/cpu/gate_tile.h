@@ -2,7 +2,7 @@
 // projected_forward.h and projected_backward.h (raw pointers only, like projection.h, for the same
 // reason). A gate laid out by block (GateRows::mix_by_block set) is handed to gate_by_block.h, and
 // bfloat16's gates laid out for AMX (GateRows::amx_gate set) to gate_amx.h; bfloat16's
-// diagonal_outer takes its dot products from AMX products where dots_on_amx says.
+// diagonal_outer takes its dot products from products of bfloat16 pairs where dots_from_pairs says.
 #pragma once
 
 #include <cstdint>
@@ -18,14 +18,15 @@ void mix(const GateRows<float>& g, const float* src, float* dst, int64_t tokens)
 void mix(const GateRows<float>& g, const uint16_t* src, uint16_t* dst, int64_t tokens);
 
 // Whether bfloat16's gate g, in a call of `tokens` tokens, takes diagonal_outer's dot products
-// <right_ds, src[t, s]> on the tile unit: per 32 tokens, source block s and 32 destination blocks,
-// one product of the tokens' rows (read in place) with block s's right, into float32 sums. Where
-// mix runs its own kernel here (g laid out neither by block nor for gate_amx), AMX runs and the
-// call has 32 tokens or more; accumulate_grads takes its <left_ds, grad_dst[t, d]> there too.
+// <right_ds, src[t, s]> from bfloat16 pairs: per 32 tokens and source block s, the tokens' rows
+// (read in place) by block s's right, into float32 sums; on the tile unit where AMX runs, else by
+// vdpbf16ps (the float32 FMAs on widened rows took 1.1x the forward's time: NOTES, version 98).
+// Where mix runs its own kernel here (g laid out neither by block nor for gate_amx) and the call
+// has 32 tokens or more; accumulate_grads takes its <left_ds, grad_dst[t, d]> there too.
 // lay_out_dot_pairs writes dot_pairs_size(g, with_left) elements: g.right as GateRows::right_pairs
 // and, with_left (a forward gate, whose weight gradients may be summed), g.left as left_pairs, and
 // points g at them.
-bool dots_on_amx(const GateRows<float>& g, int64_t tokens);
+bool dots_from_pairs(const GateRows<float>& g, int64_t tokens);
 int64_t dot_pairs_size(const GateRows<float>& g, bool with_left);
 void lay_out_dot_pairs(GateRows<float>& g, bool with_left, uint16_t* pairs);
 
@@ -46,7 +47,7 @@ void grads_to_mix(const GateRows<float>& g, const float* sums, float* grad_mix, 
 
 // A bfloat16 backward tile's three gate passes at once, where passes_together(g, g_t) says (g the
 // forward gate, g_t the transposed one, mixed here, the gradients in mix's layout; diagonal_outer's
-// dot products on the tile unit both ways): per 8 tokens, hidden and grad_mixed widened to float32
+// dot products from pairs both ways): per 8 tokens, hidden and grad_mixed widened to float32
 // once, then the weight gradients added to sums (as accumulate_grads), mixed = G hidden (as mix)
 // and grad_hidden = G^T grad_mixed from them; diagonal_outer's dot products made once per 32
 // tokens for the gradients and the mixing both. Apart, each pass widened the rows it read:
