@@ -15,12 +15,14 @@
 
 #include "../checks.h"
 #include "../operator_io.h"
+#include "block_grads.h"
 #include "gate.h"
 #include "matmul.h"
 #include "operands.h"
 #include "parallel.h"
 #include "projected_backward.h"
 #include "projected_forward.h"
+#include "projection.h"
 
 namespace nanomoe::cpu {
 namespace {
@@ -83,6 +85,10 @@ Grads linear_backward_cpu(const Tensor& grad_out_in, const Tensor& x_in, const T
         // blocks in parallel, 1.09x).
         const bool batched = tokens > 1 && tokens <= kBlasTiling.sequential_tokens;
         const bool batched_tile = batched && x_in.scalar_type() == at::kBFloat16;
+        // bfloat16's weight gradients of one sequential tile on AVX-512 where it runs: ATen's
+        // batched product copies its operands and takes scratch (block_grads.h).
+        const bool own_grads = x_in.scalar_type() == at::kBFloat16 && projection::runs_bfloat16() &&
+                               tokens <= kBlasTiling.sequential_tokens;
         for_each_token_tile(tokens, kBlasTiling, [&](int64_t begin, int64_t end) {
           const int64_t rows = end - begin;
           const Tensor grad_tile = grad_rows.narrow(0, begin, rows);
@@ -134,7 +140,14 @@ Grads linear_backward_cpu(const Tensor& grad_out_in, const Tensor& x_in, const T
         grad_mixed.reset();
         if (needs[kDown]) {
           grad_down = at::empty_like(down);
-          if (batched) {
+          if (own_grads) {
+            for_each_block(dims.in_blocks, [&](int64_t j) {
+              block_grads::block_outer_sums(j, tokens, elements<c10::BFloat16>(grad_hidden),
+                                            dims.in_blocks * r, r, elements<c10::BFloat16>(x_rows),
+                                            x_rows.stride(0), n_b,
+                                            mutable_elements<c10::BFloat16>(grad_down));
+            });
+          } else if (batched) {
             at::bmm_out(grad_down, grad_hidden.permute({1, 2, 0}),
                         x_rows.view({tokens, dims.in_blocks, n_b}).transpose(0, 1));
           } else {
@@ -147,7 +160,14 @@ Grads linear_backward_cpu(const Tensor& grad_out_in, const Tensor& x_in, const T
         grad_hidden.reset();
         if (needs[kUp]) {
           grad_up = at::empty_like(up);
-          if (batched) {
+          if (own_grads) {
+            for_each_block(dims.out_blocks, [&](int64_t i) {
+              block_grads::block_outer_sums(i, tokens, elements<c10::BFloat16>(grad_rows),
+                                            grad_rows.stride(0), m_b,
+                                            elements<c10::BFloat16>(mixed), dims.out_blocks * r, r,
+                                            mutable_elements<c10::BFloat16>(grad_up));
+            });
+          } else if (batched) {
             at::bmm_out(grad_up, grad_rows.view({tokens, dims.out_blocks, m_b}).permute({1, 2, 0}),
                         mixed.transpose(0, 1));
           } else {
