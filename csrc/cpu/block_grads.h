@@ -11,7 +11,7 @@ namespace nanomoe::cpu::block_grads {
 
 // out[i, p, q] = sum_{t < tokens} a[t * a_row + i * rows + p] * b[t * b_row + i * cols + q] for the
 // block i, p < rows and q < cols; bfloat16 as its bits, out contiguous (blocks, rows, cols). The
-// block's rows of a and b are widened to float32 into this thread's scratch first.
+// block's rows of a and b are interleaved into pairs of tokens in this thread's scratch first.
 // Callers check projection::runs_bfloat16() first.
 void block_outer_sums(int64_t i, int64_t tokens, const uint16_t* a, int64_t a_row, int64_t rows,
                       const uint16_t* b, int64_t b_row, int64_t cols, uint16_t* out);
