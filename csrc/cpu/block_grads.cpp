@@ -20,26 +20,6 @@ namespace {
 constexpr int kRows = 4;
 constexpr int kVectors = 4;
 
-// count elements of `tokens` rows (row stride `row`) as pairs of tokens: pairs[u * count + q] holds
-// row 2u's element q in its low half and row 2u + 1's (zero past the last row) in its high half.
-NANOMOE_AVX512 void pair_tokens(int64_t tokens, const uint16_t* rows, int64_t row, int64_t count,
-                                uint32_t* pairs) {
-  for (int64_t t = 0; t < tokens; t += 2) {
-    const uint16_t* first = rows + t * row;
-    const uint16_t* second = first + row;
-    const bool partner = t + 1 < tokens;
-    uint32_t* to = pairs + t / 2 * count;
-    for (int64_t q = 0; q < count; q += 16) {
-      const __mmask16 lanes = first_lanes(count - q);
-      const __m512i low = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, first + q));
-      const __m512i high = partner
-                               ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, second + q))
-                               : _mm512_setzero_si512();
-      _mm512_mask_storeu_epi32(to + q, lanes, _mm512_or_si512(low, _mm512_slli_epi32(high, 16)));
-    }
-  }
-}
-
 // Rows [p0, p0 + kCount) of the block's sums, from the token pairs of a (pairs x rows) and b
 // (pairs x cols).
 template <int kCount>
@@ -88,8 +68,11 @@ NANOMOE_AVX512 void block_outer_sums(int64_t i, int64_t tokens, const uint16_t* 
   const int64_t pairs = (tokens + 1) / 2;
   uint32_t* a_pairs = thread_buffer(buffer, pairs * (rows + cols));
   uint32_t* b_pairs = a_pairs + pairs * rows;
-  pair_tokens(tokens, a + i * rows, a_row, rows, a_pairs);
-  pair_tokens(tokens, b + i * cols, b_row, cols, b_pairs);
+  // Token 2u's element low in pair u, token 2u + 1's high (zero past the last token).
+  pair_rows<false>(tokens, rows, a + i * rows, a_row, reinterpret_cast<uint16_t*>(a_pairs),
+                   2 * rows);
+  pair_rows<false>(tokens, cols, b + i * cols, b_row, reinterpret_cast<uint16_t*>(b_pairs),
+                   2 * cols);
   out += i * rows * cols;
   int64_t p = 0;
   for (; p + kRows <= rows; p += kRows)

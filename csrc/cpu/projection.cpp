@@ -593,34 +593,6 @@ void accumulate_steps(int64_t depth, Steps<T> a, int64_t a_cols, Steps<T> b, int
                         Accumulate{sums, sums_stride}, amx_rows_of(depth, a, a_cols, b_cols));
 }
 
-// Rows k and k + 1 of src side by side, one 32-bit pair per column: the first row's bits low; pair
-// row k / 2 at dst + k / 2 * pair_stride. kSum: each row also added into the float32 column sums,
-// in order (a bfloat16's bits shifted up 16 are its float32).
-template <bool kSum>
-NANOMOE_AVX512 void pair_rows(int64_t steps, int64_t cols, const uint16_t* src, int64_t src_stride,
-                              uint16_t* dst, int64_t pair_stride, float* sums = nullptr) {
-  for (int64_t k = 0; k < steps; k += 2) {
-    const uint16_t* first = src + k * src_stride;
-    const uint16_t* second = k + 1 < steps ? first + src_stride : nullptr;
-    uint16_t* pairs = dst + k / 2 * pair_stride;
-    for (int64_t c = 0; c < cols; c += 16) {
-      const __mmask16 lanes = first_lanes(cols - c);
-      const __m512i low = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, first + c));
-      const __m512i high = second
-                               ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, second + c))
-                               : _mm512_setzero_si512();
-      const __m512i high_up = _mm512_slli_epi32(high, 16);
-      _mm512_mask_storeu_epi32(pairs + 2 * c, lanes, _mm512_or_si512(low, high_up));
-      if constexpr (kSum) {
-        __m512 sum = _mm512_add_ps(_mm512_maskz_loadu_ps(lanes, sums + c),
-                                   _mm512_castsi512_ps(_mm512_slli_epi32(low, 16)));
-        if (second) sum = _mm512_add_ps(sum, _mm512_castsi512_ps(high_up));
-        _mm512_mask_storeu_ps(sums + c, lanes, sum);
-      }
-    }
-  }
-}
-
 // Each column summed over the tokens in order; kColumnVectors vectors of columns at a time, so that
 // as many additions are in flight (one column's chain alone waits out the adder's latency at every
 // token).
