@@ -410,6 +410,16 @@ NANOMOE_AVX512 void mix_group_of(int64_t tokens, const GateRows<float>& g, const
   mix_group<kVariant, kTokens>(g, x, x_row, dots, amx_dots, y, y_row);
 }
 
+// rows (`tokens` of them, row_stride apart) as `count` rows: in place where count is tokens, else
+// copied into padded with zero rows after them.
+const uint16_t* padded_to(const uint16_t* rows, int64_t row_stride, int64_t tokens, int64_t count,
+                          uint16_t* padded) {
+  if (count == tokens) return rows;
+  std::copy_n(rows, tokens * row_stride, padded);
+  std::fill_n(padded + tokens * row_stride, (count - tokens) * row_stride, uint16_t(0));
+  return padded;
+}
+
 // diagonal_outer's dot products on the tile unit (dots_from_pairs, with AMX) for `tokens` (at most
 // kAmxTokens) bfloat16 rows at rows + t * row_stride, each `blocks` blocks of `rank`: block a's
 // product with its (rank x cols) matrix at pairs (GateRows::right_pairs or left_pairs), 32 columns
@@ -422,11 +432,7 @@ NANOMOE_AVX512 void dots_by_amx(const uint16_t* pairs, int64_t cols, int64_t blo
                                 const uint16_t* rows, int64_t row_stride, int64_t tokens,
                                 uint16_t* padded, float* sums) {
   const int64_t padded_rows = (tokens + 15) / 16 * 16, pair_rows = (rank + 1) / 2;
-  if (padded_rows != tokens) {
-    std::copy_n(rows, tokens * row_stride, padded);
-    std::fill_n(padded + tokens * row_stride, (padded_rows - tokens) * row_stride, uint16_t(0));
-    rows = padded;
-  }
+  rows = padded_to(rows, row_stride, tokens, padded_rows, padded);
   for (int64_t b0 = 0; b0 < cols; b0 += kAmxCols) {
     for (int64_t a = 0; a < blocks; ++a) {
       amx::product(padded_rows, rows + a * rank, row_stride,
@@ -514,13 +520,8 @@ NANOMOE_AVX512 void pair_dots(const uint16_t* pairs, int64_t cols, int64_t used,
     return dots_by_amx(pairs, cols, blocks, rank, rows, row_stride, tokens, padded, sums);
   }
   for (int64_t t0 = 0; t0 < tokens; t0 += kDpbf16Tokens) {
-    const uint16_t* in = rows + t0 * row_stride;
-    if (tokens - t0 < kDpbf16Tokens) {
-      std::copy_n(in, (tokens - t0) * row_stride, padded);
-      std::fill_n(padded + (tokens - t0) * row_stride, (kDpbf16Tokens - tokens + t0) * row_stride,
-                  uint16_t(0));
-      in = padded;
-    }
+    const uint16_t* in = padded_to(rows + t0 * row_stride, row_stride,
+                                   std::min(kDpbf16Tokens, tokens - t0), kDpbf16Tokens, padded);
     float* out = sums + t0 * kAmxCols;
     if (used <= 8) {
       dots_by_dpbf16<true>(pairs, cols, blocks, rank, in, row_stride, out);
