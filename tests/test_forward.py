@@ -175,7 +175,9 @@ def test_bitwise_same_for_one_and_two_threads(tokens: int, mixing: str, dtype: t
 # the full gate is one (K_out r, K_in r) product. diagonal_outer also where blocks and rank fill the
 # lanes equally, up to rank 32: (16, 32, 16), (32, 16, 32) and (16, 23, 16); it sums over its
 # source blocks in passes sized to L1, two at (64, 64, 4), (64, 32, 15) and (32, 16, 32) and a
-# shorter last one at (16, 23, 16): 12 then 11.
+# shorter last one at (16, 23, 16): 12 then 11. bfloat16 mixes there by vdpbf16ps on pairs of
+# source blocks (odd K_in: the last partner zero), diagonal_outer at even ranks only (rank 15 keeps
+# the float32 FMAs), its dot products over pairs of rank positions.
 BY_BLOCK_SHAPES = [(64, 64, 4), (20, 36, 3), (36, 20, 1), (17, 5, 2), (64, 32, 15), (8, 8, 4)]
 
 

@@ -1,5 +1,5 @@
 // Small AVX-512 helpers shared by the kernels' translation units (projection.cpp, gate_tile.cpp,
-// gate_by_block.cpp, gate_amx.cpp).
+// gate_by_block.cpp, gate_amx.cpp, block_grads.cpp).
 // Every function carries the target attribute itself and sits in an unnamed namespace, so each
 // includer gets its own copy and no other translation unit can end up calling an AVX-512 one.
 #pragma once
@@ -118,6 +118,15 @@ NANOMOE_AVX512 inline const float* as_float(const T* src, int64_t count, float* 
     }
     return buffer;
   }
+}
+
+// The bfloat16 pairs (low[i], high[i]) of two vectors of float32, each rounded to nearest even:
+// 16-bit lane 2i low[i], 2i + 1 high[i].
+NANOMOE_AVX512 inline __m512i pair_rounded(__m512 low, __m512 high) {
+  const __m512i interleave =
+      _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                       21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  return _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(high, low));
 }
 
 // Rows k and k + 1 of src side by side, one 32-bit pair per column: the first row's bits low; pair

@@ -18,6 +18,7 @@
 
 #include "../checks.h"
 #include "gate_amx.h"
+#include "gate_by_block.h"
 #include "gate_rows.h"
 #include "gate_tile.h"
 #include "matmul.h"
@@ -42,6 +43,7 @@ struct Gate {
   Mixing mixing;
   at::Tensor mix, left, right;  // acc_t copies (the weights themselves when scalar_t is acc_t)
   at::Tensor mix_by_block, left_by_block, right_by_block;  // see GateRows, when used
+  at::Tensor mix_pairs, left_pairs, right_pairs;           // likewise (the pairs by block)
   at::Tensor amx_gate, dot_pairs;                          // likewise
   GateRows<acc_t> rows;                                    // scalar, diagonal, diagonal_outer
   // full: one (K_dst r, K_src r) matrix, permuted once per call; or, for fewer tokens than the
@@ -89,10 +91,13 @@ struct Gate {
     }
     // On AMX, mix takes bfloat16's gates from there, and so do the gradients that gate_amx sums
     // (the rest keep the layouts above).
-    // Else diagonal_outer's dot products may come from bfloat16 pairs (gate_tile::dots_from_pairs).
+    // Else a gate laid out by block mixes in pairs where gate_by_block::mixes_in_pairs says, and
+    // diagonal_outer's dot products may come from bfloat16 pairs (gate_tile::dots_from_pairs).
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
       if (for_kernels && gate_amx::chosen(g.rows)) {
         g.lay_out_for_amx(w.mix);
+      } else if (g.rows.mix_by_block && gate_by_block::mixes_in_pairs(g.rows)) {
+        g.lay_out_pairs_by_block();
       } else if (for_kernels && gate_tile::dots_from_pairs(g.rows, dims.tokens)) {
         const bool with_left = !transposed;  // for the weight gradients
         g.dot_pairs = at::empty({gate_tile::dot_pairs_size(g.rows, with_left)}, w.mix.options());
@@ -110,6 +115,36 @@ struct Gate {
     uint16_t* gate = reinterpret_cast<uint16_t*>(amx_gate.mutable_data_ptr());
     gate_amx::lay_out(rows, reinterpret_cast<const uint16_t*>(mix_weight.const_data_ptr()), gate);
     rows.amx_gate = gate;
+  }
+
+  // The layouts by block again in pairs of bfloat16 (GateRows::mix_pairs_by_block), exactly: the
+  // float32 copies hold bfloat16 values.
+  void lay_out_pairs_by_block() {
+    const int64_t sources = rows.src_blocks, steps = rows.steps(), lanes = rows.dst_lanes;
+    const auto bits = [](const at::Tensor& t) {
+      return reinterpret_cast<const uint32_t*>(t.const_data_ptr());
+    };
+    // (s, c, d) -> (s / 2, c, d, s % 2), an odd count's last partner zero.
+    const auto over_sources = [&](const at::Tensor& by_block) {
+      const at::Tensor even =
+          at::constant_pad_nd(by_block.view({sources, steps * lanes}), {0, 0, 0, sources % 2});
+      return even.view({(sources + 1) / 2, 2, steps, lanes})
+          .permute({0, 2, 3, 1})
+          .to(at::kBFloat16)
+          .contiguous();
+    };
+    mix_pairs = over_sources(mix_by_block);
+    rows.mix_pairs_by_block = bits(mix_pairs);
+    if (left_by_block.defined()) {
+      left_pairs = over_sources(left_by_block);
+      // (s, c, d) -> (s, c / 2, d, c % 2); mixes_in_pairs holds the rank even.
+      right_pairs = right_by_block.view({sources, rows.rank / 2, 2, lanes})
+                        .permute({0, 1, 3, 2})
+                        .to(at::kBFloat16)
+                        .contiguous();
+      rows.left_pairs_by_block = bits(left_pairs);
+      rows.right_pairs_by_block = bits(right_pairs);
+    }
   }
 
   // mix, left and right again with the destination block innermost (GateRows::mix_by_block).

@@ -242,11 +242,7 @@ void right_dots(const GateRows<float>& g, const RankPairsByBlock& src_by_rank, i
 
 // bfloat16 pairs (even[i], odd[i]) of two rows of 16 float32 sums, rounded to nearest even.
 NANOMOE_AVX512 __m512i round_in_pairs(const float* even, const float* odd) {
-  const __m512i interleave =
-      _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
-                       21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  const __m512bh both = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(odd), _mm512_loadu_ps(even));
-  return _mm512_permutexvar_epi16(interleave, (__m512i)both);
+  return pair_rounded(_mm512_loadu_ps(even), _mm512_loadu_ps(odd));
 }
 
 // diagonal_outer's rank-one part of `count` (at most 32) tokens from src (tokens, K_src, r):
@@ -319,16 +315,8 @@ struct SumRows {
 template <bool kOuter>
 NANOMOE_AVX512 void store_by_token(const SumRows<kOuter>& sum_at, int64_t tokens, __mmask16 lanes,
                                    uint16_t* out, int64_t out_row) {
-  // Element 2i of the interleaved pair: token i of the even position (the rounding's low half),
-  // 2i + 1: token i of the odd one.
-  const __m512i interleave =
-      _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
-                       21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   __m512i pairs[8];  // pairs[p], lane t: token t's positions 2p and 2p + 1
-  for (int p = 0; p < 8; ++p) {
-    const __m512i rounded = (__m512i)_mm512_cvtne2ps_pbh(sum_at(2 * p + 1), sum_at(2 * p));
-    pairs[p] = _mm512_permutexvar_epi16(interleave, rounded);
-  }
+  for (int p = 0; p < 8; ++p) pairs[p] = pair_rounded(sum_at(2 * p), sum_at(2 * p + 1));
   // by_pairs[i], 128-bit lane L: tokens 4L + {0, 1} (even i) or {2, 3} (odd i) of pairs 2j, 2j + 1
   // interleaved, for i in {2j, 2j + 1}.
   __m512i by_pairs[8];

@@ -2,9 +2,10 @@
 // c, 16 (or 32) destination blocks of 12 tokens are the product of the gate's slice at c with
 // the tokens' (K_src x 12) activations at c: one GEMM-shaped step, each load of the gate serving
 // 12 broadcast activations (the group's activations transposed once, so that the 12 lie side by
-// side), every lane doing useful work however small the rank. The sums land in a staging area
-// (rank position major) and are gathered from there into dst's (block, rank) order. The weight
-// gradients are summed in the gate's own layout by block, whole vectors at a time.
+// side), every lane doing useful work however small the rank. bfloat16 does the same on pairs of
+// source blocks (vdpbf16ps) where the gate is laid out in pairs too. The sums land in a staging
+// area (rank position major) and are gathered from there into dst's (block, rank) order. The
+// weight gradients are summed in the gate's own layout by block, whole vectors at a time.
 #include "gate_by_block.h"
 
 namespace nanomoe::cpu::gate_by_block {
@@ -57,18 +58,47 @@ constexpr int kTokens = static_cast<int>(kByBlockTokens);
 constexpr int64_t kLanes = kGateLanes;
 static_assert(kTokens <= 16, "to_columns transposes 16 tokens at a time");
 
-// The group's activations as float32 with its tokens innermost: element (t, e) of its (kTokens,
-// row) rows at columns[e * kTokens + t], rows past count zeros. A broadcast of each token at one
-// column then reads the next kTokens floats, where reading the rows in place touched a cache line
-// per token and kept twelve row offsets in registers (or spilled them).
-template <typename T>
-NANOMOE_AVX512 void to_columns(const T* x, int64_t row, int64_t count, float* columns) {
+// The vector operations of the mixing, per element type of its operands: float32 lanes (FMA), or
+// 32-bit pairs of bfloat16 (vdpbf16ps: two multiply-adds a lane, summed in float32).
+template <typename E>
+struct Lanes;
+
+template <>
+struct Lanes<float> {
+  using Vec = __m512;
+  NANOMOE_AVX512 static Vec load(const float* p) { return _mm512_loadu_ps(p); }
+  NANOMOE_AVX512 static Vec broadcast(float e) { return _mm512_set1_ps(e); }
+  NANOMOE_AVX512 static __m512 madd(__m512 acc, Vec a, Vec b) { return _mm512_fmadd_ps(a, b, acc); }
+};
+
+template <>
+struct Lanes<uint32_t> {
+  using Vec = __m512bh;
+  NANOMOE_AVX512 static Vec load(const uint32_t* p) { return (Vec)_mm512_loadu_si512(p); }
+  NANOMOE_AVX512 static Vec broadcast(uint32_t e) { return (Vec)_mm512_set1_epi32(int(e)); }
+  NANOMOE_AVX512 static __m512 madd(__m512 acc, Vec a, Vec b) {
+    return _mm512_dpbf16_ps(acc, a, b);
+  }
+};
+
+// The group's rows (count of them, `row` elements each) with its tokens innermost: element (t, e)
+// at columns[e * kTokens + t], rows past count zeros. A broadcast of each token at one column then
+// reads the next kTokens elements, where reading the rows in place touched a cache line per token
+// and kept twelve row offsets in registers (or spilled them). float32 columns from float32 or
+// bfloat16 rows (widened); 32-bit columns from 32-bit rows, as they are.
+template <typename T, typename E>
+NANOMOE_AVX512 void to_columns(const T* x, int64_t row, int64_t count, E* columns) {
   for (int64_t e0 = 0; e0 < row; e0 += 16) {
     const __mmask16 lanes = first_lanes(row - e0);
     __m512i block[16];
     for (int t = 0; t < 16; ++t) {
-      block[t] = t < count ? _mm512_castps_si512(load_as_float(lanes, x + t * row + e0))
-                           : _mm512_setzero_si512();
+      if (t >= count) {
+        block[t] = _mm512_setzero_si512();
+      } else if constexpr (std::is_same_v<E, uint32_t>) {
+        block[t] = _mm512_maskz_loadu_epi32(lanes, x + t * row + e0);
+      } else {
+        block[t] = _mm512_castps_si512(load_as_float(lanes, x + t * row + e0));
+      }
     }
     transpose16(block);  // block[e]: column e0 + e, tokens in the lanes
     for (int64_t e = 0; e < std::min<int64_t>(16, row - e0); ++e) {
@@ -77,32 +107,100 @@ NANOMOE_AVX512 void to_columns(const T* x, int64_t row, int64_t count, float* co
   }
 }
 
-// diagonal_outer's rank-one part needs <right_ds, src_ts> for the 16 blocks from d0:
-// dots[(s * kTokens + t) * 16 + l] for every source block s.
-NANOMOE_AVX512 void outer_dots(const GateRows<float>& g, const float* columns, int64_t d0,
-                               float* dots) {
-  const int64_t r = g.rank;
+// The group's bfloat16 rows (count of them) paired over source blocks, tokens innermost: the pair
+// (x[t, 2p, c], x[t, 2p + 1, c]) at pairs[(p * rank + c) * kTokens + t], the first low; an odd
+// block count's last partner zero, rows past count zeros.
+NANOMOE_AVX512 void to_source_pairs(const uint16_t* x, int64_t blocks, int64_t rank, int64_t count,
+                                    uint32_t* pairs) {
+  const int64_t row = blocks * rank;
+  for (int64_t p = 0; p < (blocks + 1) / 2; ++p) {
+    const bool partner = 2 * p + 1 < blocks;
+    for (int64_t c0 = 0; c0 < rank; c0 += 16) {
+      const __mmask16 lanes = first_lanes(rank - c0);
+      __m512i block[16];
+      for (int t = 0; t < 16; ++t) {
+        block[t] = _mm512_setzero_si512();
+        if (t >= count) continue;
+        const uint16_t* first = x + t * row + 2 * p * rank + c0;
+        const __m512i low = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, first));
+        const __m512i high =
+            partner ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, first + rank))
+                    : _mm512_setzero_si512();
+        block[t] = _mm512_or_si512(low, _mm512_slli_epi32(high, 16));
+      }
+      transpose16(block);  // block[e]: rank position c0 + e, tokens in the lanes
+      for (int64_t e = 0; e < std::min<int64_t>(16, rank - c0); ++e) {
+        _mm512_mask_storeu_epi32(pairs + ((p * rank + c0 + e) * kTokens), first_lanes(kTokens),
+                                 block[e]);
+      }
+    }
+  }
+}
+
+// The operands of one group's sums, in the mixing's element type E (float32, or bfloat16 pairs):
+// the gate and left by block (s indexing source blocks, or pairs of them), the activations as
+// columns (to_columns, or to_source_pairs), and diagonal_outer's dot products with right, per 16
+// blocks from d0, dots[(s * kTokens + t) * 16 + l] (paired over source blocks as the gate is).
+template <typename E>
+struct GroupSums {
+  const E* gate;
+  const E* left;
+  const E* columns;
+  const E* dots;
+};
+
+// g's tensors by block in the element type E: float32, or bfloat16 in pairs.
+template <typename E>
+const E* in_lanes_of(const float* as_float, const uint32_t* in_pairs) {
+  if constexpr (std::is_same_v<E, uint32_t>) {
+    return in_pairs;
+  } else {
+    return as_float;
+  }
+}
+
+// diagonal_outer's <right_ds, src_ts> for the 16 blocks from d0 and every source block s, summed
+// over `depth` columns of right (by block: rank positions, or pairs of them) into float32
+// dots[(s * kTokens + t) * 16 + l].
+template <typename E>
+NANOMOE_AVX512 void outer_dots(const GateRows<float>& g, const E* right, const E* columns,
+                               int64_t depth, int64_t d0, float* dots) {
+  using Ops = Lanes<E>;
   for (int64_t s = 0; s < g.src_blocks; ++s) {
-    const float* right = g.right_by_block + s * r * g.dst_lanes + d0;
+    const E* weights = right + s * depth * g.dst_lanes + d0;
     __m512 acc[kTokens];
 #pragma GCC unroll 12
     for (int t = 0; t < kTokens; ++t) acc[t] = _mm512_setzero_ps();
-    for (int64_t c = 0; c < r; ++c) {
-      const __m512 weight = _mm512_loadu_ps(right + c * g.dst_lanes);
-      const float* at = columns + (s * r + c) * kTokens;
+    for (int64_t c = 0; c < depth; ++c) {
+      const auto weight = Ops::load(weights + c * g.dst_lanes);
+      const E* at = columns + (s * depth + c) * kTokens;
 #pragma GCC unroll 12
-      for (int t = 0; t < kTokens; ++t) {
-        acc[t] = _mm512_fmadd_ps(weight, _mm512_set1_ps(at[t]), acc[t]);
-      }
+      for (int t = 0; t < kTokens; ++t) acc[t] = Ops::madd(acc[t], weight, Ops::broadcast(at[t]));
     }
 #pragma GCC unroll 12
     for (int t = 0; t < kTokens; ++t) _mm512_storeu_ps(dots + (s * kTokens + t) * kLanes, acc[t]);
   }
 }
 
+// The float32 dots of outer_dots rounded to bfloat16 and paired over source blocks, as the
+// rank-one sums' second operand in pairs: lane l of pairs[p * kTokens + t] holds the dots of
+// blocks 2p and 2p + 1 (an odd count's last partner zero).
+NANOMOE_AVX512 void pair_dots(const float* dots, int64_t blocks, uint32_t* pairs) {
+  for (int64_t p = 0; p < (blocks + 1) / 2; ++p) {
+    for (int t = 0; t < kTokens; ++t) {
+      const __m512 first = _mm512_loadu_ps(dots + (2 * p * kTokens + t) * kLanes);
+      const __m512 second = 2 * p + 1 < blocks
+                                ? _mm512_loadu_ps(dots + ((2 * p + 1) * kTokens + t) * kLanes)
+                                : _mm512_setzero_ps();
+      _mm512_storeu_si512(pairs + (p * kTokens + t) * kLanes, pair_rounded(first, second));
+    }
+  }
+}
+
 // diagonal_outer's source blocks per pass of sums_at: as many as keep their dots (a vector per
 // token) and activations within two thirds of L1, since every rank position of the pass reads
-// them again; in passes of equal size.
+// them again; in passes of equal size. A pair of source blocks takes the bytes of one block in
+// float32, so pairs are counted as blocks.
 int64_t sources_per_pass(int64_t rank, int64_t sources) {
   constexpr int64_t kPassBytes = 32 * 1024;
   const int64_t per_source = kTokens * (rank + kLanes) * static_cast<int64_t>(sizeof(float));
@@ -120,16 +218,17 @@ template <int kVariant>
 constexpr int kPassVectors = kVariant == 2 ? 1 : kMostVectors;
 
 // The 16 * kVectors blocks from d0 at rank position c, for every token of the group, summed over
-// source blocks [s0, s1) into stage[((v * kTokens + t) * rank + c) * 16 + l] for vector v: added
-// to what the passes before left there unless s0 is 0, so every sum runs over the sources in
-// order.
-template <int kVariant, int kVectors>
-NANOMOE_AVX512 void sums_at(const GateRows<float>& g, const float* columns, int64_t d0, int64_t c,
-                            int64_t s0, int64_t s1, const float* dots, float* stage) {
+// sources [s0, s1) (blocks, or pairs of them) into stage[((v * kTokens + t) * rank + c) * 16 + l]
+// for vector v: added to what the passes before left there unless s0 is 0, so every sum runs over
+// the sources in order.
+template <int kVariant, int kVectors, typename E>
+NANOMOE_AVX512 void sums_at(const GateRows<float>& g, const GroupSums<E>& in, int64_t d0, int64_t c,
+                            int64_t s0, int64_t s1, float* stage) {
   static_assert(kVectors >= 1 && kVectors <= kPassVectors<kVariant>, "one or two vectors a pass");
+  using Ops = Lanes<E>;
   const int64_t r = g.rank, steps = g.steps();
-  const float* gate = g.mix_by_block + (kVariant == 0 ? 0 : c) * g.dst_lanes + d0;
-  const float* left = kVariant == 2 ? g.left_by_block + c * g.dst_lanes + d0 : nullptr;
+  const E* gate = in.gate + (kVariant == 0 ? 0 : c) * g.dst_lanes + d0;
+  const E* left = kVariant == 2 ? in.left + c * g.dst_lanes + d0 : nullptr;
   const auto stage_at = [&](int v, int t) { return stage + ((v * kTokens + t) * r + c) * kLanes; };
   __m512 acc[kTokens][kVectors];
 #pragma GCC unroll 12
@@ -140,27 +239,23 @@ NANOMOE_AVX512 void sums_at(const GateRows<float>& g, const float* columns, int6
     }
   }
   for (int64_t s = s0; s < s1; ++s) {
-    __m512 weight[kVectors];
+    typename Ops::Vec weight[kVectors];
 #pragma GCC unroll 2
-    for (int v = 0; v < kVectors; ++v) {
-      weight[v] = _mm512_loadu_ps(gate + s * steps * g.dst_lanes + v * kLanes);
-    }
-    const float* at = columns + (s * r + c) * kTokens;
+    for (int v = 0; v < kVectors; ++v)
+      weight[v] = Ops::load(gate + s * steps * g.dst_lanes + v * kLanes);
+    const E* at = in.columns + (s * r + c) * kTokens;
 #pragma GCC unroll 12
     for (int t = 0; t < kTokens; ++t) {
-      const __m512 activation = _mm512_set1_ps(at[t]);
+      const auto activation = Ops::broadcast(at[t]);
 #pragma GCC unroll 2
-      for (int v = 0; v < kVectors; ++v) {
-        acc[t][v] = _mm512_fmadd_ps(weight[v], activation, acc[t][v]);
-      }
+      for (int v = 0; v < kVectors; ++v) acc[t][v] = Ops::madd(acc[t][v], weight[v], activation);
     }
     if constexpr (kVariant == 2) {
-      const __m512 scale = _mm512_loadu_ps(left + s * r * g.dst_lanes);
-      const float* dot = dots + s * kTokens * kLanes;
+      const auto scale = Ops::load(left + s * r * g.dst_lanes);
+      const E* dot = in.dots + s * kTokens * kLanes;
 #pragma GCC unroll 12
-      for (int t = 0; t < kTokens; ++t) {
-        acc[t][0] = _mm512_fmadd_ps(scale, _mm512_loadu_ps(dot + t * kLanes), acc[t][0]);
-      }
+      for (int t = 0; t < kTokens; ++t)
+        acc[t][0] = Ops::madd(acc[t][0], scale, Ops::load(dot + t * kLanes));
     }
   }
 #pragma GCC unroll 12
@@ -182,30 +277,58 @@ NANOMOE_AVX512 void gather_run(const float* stage, int64_t run, const int32_t* o
   }
 }
 
-template <int kVariant, typename T>
+// E: float (float32 rows, or bfloat16 rows widened) or uint32_t (bfloat16 in pairs).
+template <int kVariant, typename E, typename T>
 NANOMOE_AVX512 void mix_tokens(const GateRows<float>& g, const T* src, T* dst, int64_t tokens) {
+  constexpr bool kPairs = std::is_same_v<E, uint32_t>;
   const int64_t r = g.rank, src_row = g.src_blocks * r, dst_row = g.dst_blocks * r;
-  thread_local std::vector<float> columns_buffer, stage_buffer, dots_buffer;
+  const int64_t sources = kPairs ? (g.src_blocks + 1) / 2 : g.src_blocks;
+  thread_local std::vector<E> columns_buffer;
+  thread_local std::vector<uint32_t> words_buffer, dot_pairs_buffer;
+  thread_local std::vector<float> stage_buffer, dots_buffer;
   thread_local std::vector<int32_t> order_buffer;
-  float* columns = thread_buffer(columns_buffer, src_row * kTokens);
+  E* columns = thread_buffer(columns_buffer, sources * r * kTokens);
   float* stage = thread_buffer(stage_buffer, kPassVectors<kVariant> * kTokens * r * kLanes);
   float* dots = thread_buffer(dots_buffer, kVariant == 2 ? g.src_blocks * kTokens * kLanes : 0);
+  // In pairs, diagonal_outer's dot products read the rows' 32-bit words (pairs of rank positions)
+  // as columns, and the rank-one sums their dots paired.
+  const bool words = kPairs && kVariant == 2;
+  uint32_t* row_words = thread_buffer(words_buffer, words ? src_row / 2 * kTokens : 0);
+  uint32_t* dot_pairs = thread_buffer(dot_pairs_buffer, words ? sources * kTokens * kLanes : 0);
   int32_t* order = thread_buffer(order_buffer, kLanes * r);
   for (int64_t e = 0; e < kLanes * r; ++e) order[e] = static_cast<int32_t>(e % r * kLanes + e / r);
-  const int64_t pass = kVariant == 2 ? sources_per_pass(r, g.src_blocks) : g.src_blocks;
+  const int64_t pass = kVariant == 2 ? sources_per_pass(r, sources) : sources;
+  const GroupSums<E> in{in_lanes_of<E>(g.mix_by_block, g.mix_pairs_by_block),
+                        in_lanes_of<E>(g.left_by_block, g.left_pairs_by_block), columns,
+                        in_lanes_of<E>(dots, dot_pairs)};
   for (int64_t t0 = 0; t0 < tokens; t0 += kTokens) {
     const int64_t group = std::min<int64_t>(kTokens, tokens - t0);
-    to_columns(src + t0 * src_row, src_row, group, columns);
+    if constexpr (kPairs) {
+      to_source_pairs(src + t0 * src_row, g.src_blocks, r, group, columns);
+      if (words) {
+        to_columns(reinterpret_cast<const uint32_t*>(src + t0 * src_row), src_row / 2, group,
+                   row_words);
+      }
+    } else {
+      to_columns(src + t0 * src_row, src_row, group, columns);
+    }
     for (int64_t d0 = 0; d0 < g.dst_blocks;) {
       const int vectors = g.dst_blocks - d0 > kLanes ? kPassVectors<kVariant> : 1;
-      if constexpr (kVariant == 2) outer_dots(g, columns, d0, dots);
-      for (int64_t s0 = 0; s0 < g.src_blocks; s0 += pass) {
-        const int64_t s1 = std::min(g.src_blocks, s0 + pass);
+      if constexpr (kVariant == 2) {
+        if constexpr (kPairs) {
+          outer_dots(g, g.right_pairs_by_block, row_words, r / 2, d0, dots);
+          pair_dots(dots, g.src_blocks, dot_pairs);
+        } else {
+          outer_dots(g, g.right_by_block, columns, r, d0, dots);
+        }
+      }
+      for (int64_t s0 = 0; s0 < sources; s0 += pass) {
+        const int64_t s1 = std::min(sources, s0 + pass);
         for (int64_t c = 0; c < r; ++c) {
           if (vectors == 1) {
-            sums_at<kVariant, 1>(g, columns, d0, c, s0, s1, dots, stage);
+            sums_at<kVariant, 1>(g, in, d0, c, s0, s1, stage);
           } else {
-            sums_at<kVariant, kPassVectors<kVariant>>(g, columns, d0, c, s0, s1, dots, stage);
+            sums_at<kVariant, kPassVectors<kVariant>>(g, in, d0, c, s0, s1, stage);
           }
         }
       }
@@ -375,11 +498,15 @@ NANOMOE_AVX512 void grads_tokens(const GateRows<float>& g, const T* src, const T
 }  // namespace
 
 void mix(const GateRows<float>& g, const float* src, float* dst, int64_t tokens) {
-  with_variant(g.variant, [&](auto v) { mix_tokens<decltype(v)::value>(g, src, dst, tokens); });
+  with_variant(g.variant,
+               [&](auto v) { mix_tokens<decltype(v)::value, float>(g, src, dst, tokens); });
 }
 
 void mix(const GateRows<float>& g, const uint16_t* src, uint16_t* dst, int64_t tokens) {
-  with_variant(g.variant, [&](auto v) { mix_tokens<decltype(v)::value>(g, src, dst, tokens); });
+  with_variant(g.variant, [&](auto v) {
+    if (g.mix_pairs_by_block) return mix_tokens<decltype(v)::value, uint32_t>(g, src, dst, tokens);
+    mix_tokens<decltype(v)::value, float>(g, src, dst, tokens);
+  });
 }
 
 void accumulate_grads(const GateRows<float>& g, const float* src, const float* grad_dst,

@@ -8,8 +8,19 @@
 
 namespace nanomoe::cpu::gate_by_block {
 
+// Whether bfloat16's gate g, laid out by block, also mixes by vdpbf16ps on pairs of bfloat16
+// (GateRows::mix_pairs_by_block), two multiply-adds a lane per instruction where the float32 FMAs
+// on widened rows did one: every scalar and diagonal gate, and diagonal_outer at even ranks (its
+// dot products pair rank positions within a source block; an odd rank's last pair would reach
+// into the next block). Its dot products are then rounded to bfloat16 before their rank-one sums,
+// as on AMX.
+inline bool mixes_in_pairs(const GateRows<float>& g) {
+  return g.variant != 2 || g.rank % 2 == 0;
+}
+
 // dst[t, d, :] = sum_s G_ds src[t, s, :] as gate_tile::mix, reading g.mix_by_block (and, for
-// diagonal_outer, left_by_block and right_by_block), which must be set.
+// diagonal_outer, left_by_block and right_by_block), which must be set; bfloat16 reads the pairs
+// (GateRows::mix_pairs_by_block) where they are set.
 void mix(const GateRows<float>& g, const float* src, float* dst, int64_t tokens);
 void mix(const GateRows<float>& g, const uint16_t* src, uint16_t* dst, int64_t tokens);
 

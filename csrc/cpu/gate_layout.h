@@ -24,6 +24,14 @@ struct GateRows {
   const acc_t* left_by_block;
   const acc_t* right_by_block;
   int64_t dst_lanes;
+  // bfloat16's gates laid out by block, again in pairs of bfloat16 (one 32-bit element each, the
+  // first low) for vdpbf16ps, set where gate_by_block::mixes_in_pairs says (else null): mix and
+  // left paired over source blocks, element (p, c, d) = entries (2p, c, d) and (2p + 1, c, d) at
+  // (p * steps + c) * dst_lanes + d (zeros past src_blocks); right over rank positions, element
+  // (s, q, d) = entries (s, 2q, d) and (s, 2q + 1, d) at (s * rank / 2 + q) * dst_lanes + d.
+  const uint32_t* mix_pairs_by_block;
+  const uint32_t* left_pairs_by_block;
+  const uint32_t* right_pairs_by_block;
   // The gate in bfloat16 for gate_amx.h, set where gate_amx::chosen says (else null).
   const uint16_t* amx_gate;
   // diagonal_outer's right and left in bfloat16 for its dot products from pairs, set where
