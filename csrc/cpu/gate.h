@@ -42,10 +42,10 @@ struct Gate {
   using acc_t = at::opmath_type<scalar_t>;
   Mixing mixing;
   at::Tensor mix, left, right;  // acc_t copies (the weights themselves when scalar_t is acc_t)
-  at::Tensor mix_by_block, left_by_block, right_by_block;  // see GateRows, when used
-  at::Tensor mix_pairs, left_pairs, right_pairs;           // likewise (the pairs by block)
-  at::Tensor amx_gate, dot_pairs;                          // likewise
-  GateRows<acc_t> rows;                                    // scalar, diagonal, diagonal_outer
+  at::Tensor mix_by_block, left_by_block, right_by_block;          // see GateRows, when used
+  at::Tensor mix_pairs, left_pairs, right_pairs, left_rank_pairs;  // likewise (in pairs)
+  at::Tensor amx_gate, dot_pairs;                                  // likewise
+  GateRows<acc_t> rows;  // scalar, diagonal, diagonal_outer
   // full: one (K_dst r, K_src r) matrix, permuted once per call; or, for fewer tokens than the
   // rank (where that copy of K^2 r^2 would cost more than the products), mix read in place.
   at::Tensor matrix;
@@ -138,12 +138,17 @@ struct Gate {
     if (left_by_block.defined()) {
       left_pairs = over_sources(left_by_block);
       // (s, c, d) -> (s, c / 2, d, c % 2); mixes_in_pairs holds the rank even.
-      right_pairs = right_by_block.view({sources, rows.rank / 2, 2, lanes})
-                        .permute({0, 1, 3, 2})
-                        .to(at::kBFloat16)
-                        .contiguous();
+      const auto over_ranks = [&](const at::Tensor& by_block) {
+        return by_block.view({sources, rows.rank / 2, 2, lanes})
+            .permute({0, 1, 3, 2})
+            .to(at::kBFloat16)
+            .contiguous();
+      };
+      right_pairs = over_ranks(right_by_block);
+      left_rank_pairs = over_ranks(left_by_block);
       rows.left_pairs_by_block = bits(left_pairs);
       rows.right_pairs_by_block = bits(right_pairs);
+      rows.left_rank_pairs_by_block = bits(left_rank_pairs);
     }
   }
 

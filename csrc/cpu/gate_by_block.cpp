@@ -357,56 +357,84 @@ template <int kVariant>
 constexpr int kGradSources = kVariant == 2 ? 4 : 8;
 constexpr int kDotTokens = 4;  // tokens per pass over a rank-one factor: 8 sums in flight
 
-// One pass's operands: the source rows as float32, grad_dst with the block innermost
-// (grad_t[(t * rank + c) * dst_lanes + d], padding zero), and for diagonal_outer, per 16 blocks
-// from d0, dots_right[(s * kGradTokens<2> + t) * 16 + l] = <right_(d0+l)s, x_ts> and dots_left
-// likewise with <left_(d0+l)s, grad_t(d0+l)>.
+// One pass's operands in the element type E: float32, a token a step; or bfloat16 in pairs, a pair
+// of tokens a step (the second token high, an odd count's last partner zero), where the gate is
+// laid out in pairs. x: the source rows, step p's at x + p * src_row; grad_t: grad_dst with the
+// block innermost, step p's (c, d) at (p * rank + c) * dst_lanes + d, padding zero. For
+// diagonal_outer, per 16 blocks from d0, dots_right[(s * kGradTokens<2> + p) * 16 + l] =
+// <right_(d0+l)s, x_ts> and dots_left likewise <left_(d0+l)s, grad_t(d0+l)>, each summed per token
+// over `depth` elements (rank positions, or pairs of them) from x_depth (token t's row at t *
+// K_src * depth: x itself, or the bfloat16 rows' 32-bit words) and grad_depth ((t, q, d) at (t *
+// depth + q) * dst_lanes + d: grad_t itself, or grad_dst's words by block).
+template <typename E>
 struct GradPass {
-  const float* x;
-  const float* grad_t;
-  float* dots_right;
-  float* dots_left;
-  int64_t tokens;
+  const E* x;
+  const E* grad_t;
+  const E* x_depth;
+  const E* grad_depth;
+  E* dots_right;
+  E* dots_left;
+  int64_t tokens, steps, depth;
 };
 
 NANOMOE_AVX512 inline void add_into(float* at, __m512 sum) {
   _mm512_storeu_ps(at, _mm512_add_ps(_mm512_loadu_ps(at), sum));
 }
 
-// The dots of source block s for kCount tokens from t, each summed over the rank in order.
-template <int kCount>
-NANOMOE_AVX512 void outer_grad_dots_of(const GateRows<float>& g, const GradPass& pass, int64_t d0,
-                                       int64_t s, int64_t t) {
-  const int64_t r = g.rank, src_row = g.src_blocks * r;
-  const float* right = g.right_by_block + s * r * g.dst_lanes + d0;
-  const float* left = g.left_by_block + s * r * g.dst_lanes + d0;
-  const float* x = pass.x + t * src_row + s * r;
-  const float* gy = pass.grad_t + t * r * g.dst_lanes + d0;
-  __m512 by_right[kCount], by_left[kCount];
-  for (int u = 0; u < kCount; ++u) by_right[u] = by_left[u] = _mm512_setzero_ps();
-  for (int64_t c = 0; c < r; ++c) {
-    const __m512 right_c = _mm512_loadu_ps(right + c * g.dst_lanes);
-    const __m512 left_c = _mm512_loadu_ps(left + c * g.dst_lanes);
-#pragma GCC unroll 4
-    for (int u = 0; u < kCount; ++u) {
-      by_right[u] = _mm512_fmadd_ps(right_c, _mm512_set1_ps(x[u * src_row + c]), by_right[u]);
-      by_left[u] =
-          _mm512_fmadd_ps(left_c, _mm512_loadu_ps(gy + (u * r + c) * g.dst_lanes), by_left[u]);
+// kCount tokens' dots of source block s from token t, into GradPass's dots: float32, or rounded
+// and paired over tokens (t even).
+template <int kCount, typename E>
+NANOMOE_AVX512 void store_dots(const __m512* sums, int64_t s, int64_t t, E* dots) {
+  if constexpr (std::is_same_v<E, uint32_t>) {
+    for (int u = 0; u < kCount; u += 2) {
+      const __m512 partner = u + 1 < kCount ? sums[u + 1] : _mm512_setzero_ps();
+      const int64_t at = (s * kGradTokens<2> + (t + u) / 2) * kLanes;
+      _mm512_storeu_si512(dots + at, pair_rounded(sums[u], partner));
     }
-  }
-  for (int u = 0; u < kCount; ++u) {
-    _mm512_storeu_ps(pass.dots_right + (s * kGradTokens<2> + t + u) * kLanes, by_right[u]);
-    _mm512_storeu_ps(pass.dots_left + (s * kGradTokens<2> + t + u) * kLanes, by_left[u]);
+  } else {
+    for (int u = 0; u < kCount; ++u) {
+      _mm512_storeu_ps(dots + (s * kGradTokens<2> + t + u) * kLanes, sums[u]);
+    }
   }
 }
 
-NANOMOE_AVX512 void outer_grad_dots(const GateRows<float>& g, const GradPass& pass, int64_t d0) {
+// The dots of source block s for kCount tokens from t (even where they are paired), each summed
+// over the depth in order.
+template <int kCount, typename E>
+NANOMOE_AVX512 void outer_grad_dots_of(const GateRows<float>& g, const GradPass<E>& pass,
+                                       int64_t d0, int64_t s, int64_t t) {
+  using Ops = Lanes<E>;
+  const int64_t depth = pass.depth, row = g.src_blocks * depth;
+  const E* right = in_lanes_of<E>(g.right_by_block, g.right_pairs_by_block);
+  const E* left = in_lanes_of<E>(g.left_by_block, g.left_rank_pairs_by_block);
+  right += s * depth * g.dst_lanes + d0;
+  left += s * depth * g.dst_lanes + d0;
+  const E* x = pass.x_depth + t * row + s * depth;
+  const E* gy = pass.grad_depth + t * depth * g.dst_lanes + d0;
+  __m512 by_right[kCount], by_left[kCount];
+  for (int u = 0; u < kCount; ++u) by_right[u] = by_left[u] = _mm512_setzero_ps();
+  for (int64_t q = 0; q < depth; ++q) {
+    const auto right_q = Ops::load(right + q * g.dst_lanes);
+    const auto left_q = Ops::load(left + q * g.dst_lanes);
+#pragma GCC unroll 4
+    for (int u = 0; u < kCount; ++u) {
+      by_right[u] = Ops::madd(by_right[u], right_q, Ops::broadcast(x[u * row + q]));
+      by_left[u] = Ops::madd(by_left[u], left_q, Ops::load(gy + (u * depth + q) * g.dst_lanes));
+    }
+  }
+  store_dots<kCount>(by_right, s, t, pass.dots_right);
+  store_dots<kCount>(by_left, s, t, pass.dots_left);
+}
+
+template <typename E>
+NANOMOE_AVX512 void outer_grad_dots(const GateRows<float>& g, const GradPass<E>& pass, int64_t d0) {
   for (int64_t s = 0; s < g.src_blocks; ++s) {
     int64_t t = 0;
     for (; t + kDotTokens <= pass.tokens; t += kDotTokens) {
       outer_grad_dots_of<kDotTokens>(g, pass, d0, s, t);
     }
-    for (; t < pass.tokens; ++t) outer_grad_dots_of<1>(g, pass, d0, s, t);
+    if (t + 2 <= pass.tokens) outer_grad_dots_of<2>(g, pass, d0, s, t), t += 2;
+    if (t < pass.tokens) outer_grad_dots_of<1>(g, pass, d0, s, t);
   }
 }
 
@@ -414,9 +442,10 @@ NANOMOE_AVX512 void outer_grad_dots(const GateRows<float>& g, const GradPass& pa
 // grad_dst[t, d, c] x[t, s, c] (scalar: over c too) and, for diagonal_outer, grad_left[d, s, c] +=
 // sum_t dots_right[t, d, s] grad_dst[t, d, c], grad_right[d, s, c] += sum_t dots_left[t, d, s]
 // x[t, s, c]; into sums laid out by block (see gate_by_block.h).
-template <int kVariant, int kCount>
-NANOMOE_AVX512 void grads_from(const GateRows<float>& g, const GradPass& pass, int64_t d0,
+template <int kVariant, int kCount, typename E>
+NANOMOE_AVX512 void grads_from(const GateRows<float>& g, const GradPass<E>& pass, int64_t d0,
                                int64_t s0, float* sums) {
+  using Ops = Lanes<E>;
   const int64_t r = g.rank, src_row = g.src_blocks * r, steps = g.steps();
   const int64_t per_grad = sums_per_grad(g);
   float* const first = sums + s0 * steps * g.dst_lanes + d0;  // entry (s0, 0, d0)
@@ -428,17 +457,17 @@ NANOMOE_AVX512 void grads_from(const GateRows<float>& g, const GradPass& pass, i
       if constexpr (kVariant != 0) mix[j] = _mm512_setzero_ps();
       if constexpr (kVariant == 2) left[j] = right[j] = _mm512_setzero_ps();
     }
-    for (int64_t t = 0; t < pass.tokens; ++t) {
-      const __m512 gy = _mm512_loadu_ps(pass.grad_t + (t * r + c) * g.dst_lanes + d0);
-      const float* x = pass.x + t * src_row + s0 * r + c;
+    for (int64_t p = 0; p < pass.steps; ++p) {
+      const auto gy = Ops::load(pass.grad_t + (p * r + c) * g.dst_lanes + d0);
+      const E* x = pass.x + p * src_row + s0 * r + c;
 #pragma GCC unroll 8
       for (int j = 0; j < kCount; ++j) {
-        const __m512 xs = _mm512_set1_ps(x[j * r]);
-        mix[j] = _mm512_fmadd_ps(gy, xs, mix[j]);
+        const auto xs = Ops::broadcast(x[j * r]);
+        mix[j] = Ops::madd(mix[j], gy, xs);
         if constexpr (kVariant == 2) {
-          const int64_t dot = ((s0 + j) * kGradTokens<2> + t) * kLanes;
-          left[j] = _mm512_fmadd_ps(_mm512_loadu_ps(pass.dots_right + dot), gy, left[j]);
-          right[j] = _mm512_fmadd_ps(_mm512_loadu_ps(pass.dots_left + dot), xs, right[j]);
+          const int64_t dot = ((s0 + j) * kGradTokens<2> + p) * kLanes;
+          left[j] = Ops::madd(left[j], Ops::load(pass.dots_right + dot), gy);
+          right[j] = Ops::madd(right[j], Ops::load(pass.dots_left + dot), xs);
         }
       }
     }
@@ -458,32 +487,83 @@ NANOMOE_AVX512 void grads_from(const GateRows<float>& g, const GradPass& pass, i
   }
 }
 
-template <int kVariant, typename T>
+// grad_dst's n rows (bfloat16 bits) with the block innermost, in pairs of tokens: step p's (c, d)
+// at grad_t[(p * rank + c) * dst_lanes + d] = (grad_dst[2p, d, c], grad_dst[2p + 1, d, c]); and
+// with words (diagonal_outer), its 32-bit words the same way: (t, q, d) at grad_words[(t * rank /
+// 2 + q) * dst_lanes + d] = (grad_dst[t, d, 2q], grad_dst[t, d, 2q + 1]). Padding zero.
+void grads_in_pairs(const GateRows<float>& g, const uint16_t* grad_dst, int64_t n, uint32_t* grad_t,
+                    uint32_t* grad_words) {
+  const int64_t r = g.rank, dst_row = g.dst_blocks * r, lanes = g.dst_lanes;
+  for (int64_t p = 0; p < (n + 1) / 2; ++p) {
+    const uint16_t* low = grad_dst + 2 * p * dst_row;
+    const uint16_t* high = 2 * p + 1 < n ? low + dst_row : nullptr;
+    for (int64_t c = 0; c < r; ++c) {
+      uint32_t* row = grad_t + (p * r + c) * lanes;
+      for (int64_t d = 0; d < g.dst_blocks; ++d) {
+        const uint32_t second = high ? high[d * r + c] : 0;
+        row[d] = low[d * r + c] | second << 16;
+      }
+      std::fill(row + g.dst_blocks, row + lanes, 0u);
+    }
+  }
+  if (!grad_words) return;
+  for (int64_t t = 0; t < n; ++t) {
+    const uint16_t* rows = grad_dst + t * dst_row;
+    for (int64_t q = 0; q < r / 2; ++q) {
+      uint32_t* row = grad_words + (t * r / 2 + q) * lanes;
+      for (int64_t d = 0; d < g.dst_blocks; ++d) {
+        row[d] = rows[d * r + 2 * q] | uint32_t(rows[d * r + 2 * q + 1]) << 16;
+      }
+      std::fill(row + g.dst_blocks, row + lanes, 0u);
+    }
+  }
+}
+
+// E: float (float32 rows, or bfloat16 rows widened) or uint32_t (bfloat16 in pairs of tokens).
+template <int kVariant, typename E, typename T>
 NANOMOE_AVX512 void grads_tokens(const GateRows<float>& g, const T* src, const T* grad_dst,
                                  int64_t tokens, float* sums) {
+  constexpr bool kPairs = std::is_same_v<E, uint32_t>;
   const int64_t r = g.rank, src_row = g.src_blocks * r, dst_row = g.dst_blocks * r;
-  constexpr bool kConvert = !std::is_same_v<T, float>;
-  thread_local std::vector<float> x_buffer, grad_buffer, grad_t_buffer, right_buffer, left_buffer;
+  constexpr bool kConvert = !kPairs && !std::is_same_v<T, float>;
   constexpr int64_t kTokensPerPass = kGradTokens<kVariant>;
+  constexpr int64_t kSteps = kPairs ? kTokensPerPass / 2 : kTokensPerPass;
+  thread_local std::vector<float> x_buffer, grad_buffer;
+  thread_local std::vector<E> grad_t_buffer, right_buffer, left_buffer;
+  thread_local std::vector<uint32_t> x_pairs_buffer, words_buffer;
   float* x_rows = thread_buffer(x_buffer, kConvert ? kTokensPerPass * src_row : 0);
   float* grad_rows = thread_buffer(grad_buffer, kConvert ? kTokensPerPass * dst_row : 0);
-  float* grad_t = thread_buffer(grad_t_buffer, kTokensPerPass * r * g.dst_lanes);
+  uint32_t* x_pairs = thread_buffer(x_pairs_buffer, kPairs ? kSteps * src_row : 0);
+  E* grad_t = thread_buffer(grad_t_buffer, kSteps * r * g.dst_lanes);
+  const bool words = kPairs && kVariant == 2;
+  uint32_t* grad_words =
+      thread_buffer(words_buffer, words ? kTokensPerPass * r / 2 * g.dst_lanes : 0);
   static_assert(kVariant != 2 || kTokensPerPass == kGradTokens<2>, "the dots are indexed so");
   const int64_t dots = kVariant == 2 ? g.src_blocks * kTokensPerPass * kLanes : 0;
-  float* dots_right = thread_buffer(right_buffer, dots);
-  float* dots_left = thread_buffer(left_buffer, dots);
+  E* dots_right = thread_buffer(right_buffer, dots);
+  E* dots_left = thread_buffer(left_buffer, dots);
   for (int64_t t0 = 0; t0 < tokens; t0 += kTokensPerPass) {
     const int64_t n = std::min(kTokensPerPass, tokens - t0);
-    const float* gy = as_float(grad_dst + t0 * dst_row, n * dst_row, grad_rows);
-    for (int64_t t = 0; t < n; ++t) {  // (d, c) -> (c, d): the blocks become the lanes
-      for (int64_t c = 0; c < r; ++c) {
-        float* row = grad_t + (t * r + c) * g.dst_lanes;
-        for (int64_t d = 0; d < g.dst_blocks; ++d) row[d] = gy[t * dst_row + d * r + c];
-        std::fill(row + g.dst_blocks, row + g.dst_lanes, 0.0f);  // so the padding sums are zeros
+    GradPass<E> pass{};
+    if constexpr (kPairs) {
+      pair_rows<false>(n, src_row, src + t0 * src_row, src_row,
+                       reinterpret_cast<uint16_t*>(x_pairs), 2 * src_row);
+      grads_in_pairs(g, grad_dst + t0 * dst_row, n, grad_t, words ? grad_words : nullptr);
+      pass = {x_pairs,    grad_t,      reinterpret_cast<const uint32_t*>(src + t0 * src_row),
+              grad_words, dots_right,  dots_left,
+              n,          (n + 1) / 2, r / 2};
+    } else {
+      const float* gy = as_float(grad_dst + t0 * dst_row, n * dst_row, grad_rows);
+      for (int64_t t = 0; t < n; ++t) {  // (d, c) -> (c, d): the blocks become the lanes
+        for (int64_t c = 0; c < r; ++c) {
+          float* row = grad_t + (t * r + c) * g.dst_lanes;
+          for (int64_t d = 0; d < g.dst_blocks; ++d) row[d] = gy[t * dst_row + d * r + c];
+          std::fill(row + g.dst_blocks, row + g.dst_lanes, 0.0f);  // so the padding sums are zeros
+        }
       }
+      const float* x = as_float(src + t0 * src_row, n * src_row, x_rows);
+      pass = {x, grad_t, x, grad_t, dots_right, dots_left, n, n, r};
     }
-    const GradPass pass{as_float(src + t0 * src_row, n * src_row, x_rows), grad_t, dots_right,
-                        dots_left, n};
     for (int64_t d0 = 0; d0 < g.dst_blocks; d0 += kLanes) {
       if constexpr (kVariant == 2) outer_grad_dots(g, pass, d0);
       int64_t s = 0;
@@ -511,14 +591,19 @@ void mix(const GateRows<float>& g, const uint16_t* src, uint16_t* dst, int64_t t
 
 void accumulate_grads(const GateRows<float>& g, const float* src, const float* grad_dst,
                       int64_t tokens, float* sums) {
-  with_variant(g.variant,
-               [&](auto v) { grads_tokens<decltype(v)::value>(g, src, grad_dst, tokens, sums); });
+  with_variant(g.variant, [&](auto v) {
+    grads_tokens<decltype(v)::value, float>(g, src, grad_dst, tokens, sums);
+  });
 }
 
 void accumulate_grads(const GateRows<float>& g, const uint16_t* src, const uint16_t* grad_dst,
                       int64_t tokens, float* sums) {
-  with_variant(g.variant,
-               [&](auto v) { grads_tokens<decltype(v)::value>(g, src, grad_dst, tokens, sums); });
+  with_variant(g.variant, [&](auto v) {
+    if (g.mix_pairs_by_block) {
+      return grads_tokens<decltype(v)::value, uint32_t>(g, src, grad_dst, tokens, sums);
+    }
+    grads_tokens<decltype(v)::value, float>(g, src, grad_dst, tokens, sums);
+  });
 }
 
 }  // namespace nanomoe::cpu::gate_by_block

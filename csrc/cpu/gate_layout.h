@@ -28,10 +28,12 @@ struct GateRows {
   // first low) for vdpbf16ps, set where gate_by_block::mixes_in_pairs says (else null): mix and
   // left paired over source blocks, element (p, c, d) = entries (2p, c, d) and (2p + 1, c, d) at
   // (p * steps + c) * dst_lanes + d (zeros past src_blocks); right over rank positions, element
-  // (s, q, d) = entries (s, 2q, d) and (s, 2q + 1, d) at (s * rank / 2 + q) * dst_lanes + d.
+  // (s, q, d) = entries (s, 2q, d) and (s, 2q + 1, d) at (s * rank / 2 + q) * dst_lanes + d, and
+  // left so too (for the weight gradients' dot products).
   const uint32_t* mix_pairs_by_block;
   const uint32_t* left_pairs_by_block;
   const uint32_t* right_pairs_by_block;
+  const uint32_t* left_rank_pairs_by_block;
   // The gate in bfloat16 for gate_amx.h, set where gate_amx::chosen says (else null).
   const uint16_t* amx_gate;
   // diagonal_outer's right and left in bfloat16 for its dot products from pairs, set where
