@@ -172,8 +172,9 @@ def test_bitwise_same_for_one_and_two_threads(tokens: int, mixing: str, dtype: t
 # Many blocks at small ranks: the elementwise gates mix with destination blocks as the vector lanes
 # (gate_by_block.cpp), 12 tokens a group, 16 blocks a pass: block counts under, at and over 16,
 # K_out != K_in both ways, ranks 1 to 15 (and 20, over 16 but filling lanes worse than 64 blocks);
-# the full gate is one (K_out r, K_in r) product. diagonal_outer also where blocks and rank fill the
-# lanes equally, up to rank 32: (16, 32, 16), (32, 16, 32) and (16, 23, 16); it sums over its
+# the full gate is one (K_out r, K_in r) product. diagonal_outer (and, without AMX, bfloat16's every
+# gate) also where blocks and rank fill the lanes equally, up to rank 32: (16, 32, 16), (32, 16, 32)
+# and (16, 23, 16); diagonal_outer sums over its
 # source blocks in passes sized to L1, two at (64, 64, 4), (64, 32, 15) and (32, 16, 32) and a
 # shorter last one at (16, 23, 16): 12 then 11. bfloat16 mixes there by vdpbf16ps on pairs of
 # source blocks (odd K_in: the last partner zero), diagonal_outer at even ranks only (rank 15 keeps

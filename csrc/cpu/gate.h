@@ -84,8 +84,10 @@ struct Gate {
     g.rows.left = outer ? g.left.template const_data_ptr<acc_t>() : nullptr;
     g.rows.right = outer ? g.right.template const_data_ptr<acc_t>() : nullptr;
     if constexpr (std::is_same_v<acc_t, float>) {
+      const bool in_pairs =
+          std::is_same_v<scalar_t, c10::BFloat16> && for_kernels && !gate_amx::chosen(g.rows);
       if (for_kernels &&
-          mixes_by_block(g.rows.variant, dims.rank, g.rows.dst_blocks, dims.tokens)) {
+          mixes_by_block(g.rows.variant, dims.rank, g.rows.dst_blocks, dims.tokens, in_pairs)) {
         g.lay_out_by_block(transposed);
       }
     }

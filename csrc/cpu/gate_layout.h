@@ -58,27 +58,34 @@ inline double filled_lanes(int64_t n) {
   return double(n) / double((n + kGateLanes - 1) / kGateLanes * kGateLanes);
 }
 
-// diagonal_outer mixes by block also where blocks and rank fill the lanes equally, at ranks from 16
-// up to this one: by block its rank-one part's dot products <right_ds, x_s> are plain multiply-adds
-// with 16 blocks in the lanes, where with rank positions as the lanes each one ends in a lane
-// reduction. Measured (4096 tokens, float32 and bfloat16, alternating in one process): the
-// forward 1.3x to 2.5x faster and forward+backward 1.2x to 1.65x at ranks 16 and 32 with 16 to 64
-// blocks; at rank 64 with 16 blocks the same within noise, at rank 128 forward+backward 6 to 10%
-// slower.
-constexpr int64_t kOuterByBlockMaxRank = 32;
+// Where blocks and rank fill the lanes equally, at ranks from 16 up to this one, diagonal_outer
+// mixes by block, and so does bfloat16's every gate where it mixes in pairs (gate_by_block.h; no
+// tile unit takes the gate). By block, diagonal_outer's dot products <right_ds, x_s> are plain
+// multiply-adds with 16 blocks in the lanes, where with rank positions as the lanes each one ends
+// in a lane reduction. Measured (4096 tokens, float32 and bfloat16, alternating in one process):
+// the forward 1.3x to 2.5x faster and forward+backward 1.2x to 1.65x at ranks 16 and 32 with 16 to
+// 64 blocks; at rank 64 with 16 blocks the same within noise, at rank 128 forward+backward 6 to
+// 10% slower. The scalar and diagonal gates in pairs (vdpbf16ps) against float32 FMAs on widened
+// rows by rank position: forward 0.79x and 0.82x, forward+backward 0.70x and 0.77x at K = 64,
+// r = 16; at K = 32, r = 32 0.96x to 1.01x forward, 0.86x to 1.00x forward+backward (NOTES,
+// version 104). In float32 by block measured 1.06x to 1.15x there, so float32's stay by rank.
+constexpr int64_t kLanesAlikeMaxRank = 32;
 
 // Whether the AVX-512 mixing runs with destination blocks as its vector lanes (a product of the
 // (dst, src) gate with the (src, tokens) activations per rank position: one GEMM-shaped step)
 // rather than rank positions, for a call of `tokens` tokens: when the rank fills fewer lanes than
-// the blocks do (below kByBlockTokens tokens, part of each group is padding); for diagonal_outer
-// (variant 2) at ranks 16 to kOuterByBlockMaxRank, no more. Decided once per call, never per token
+// the blocks do (below kByBlockTokens tokens, part of each group is padding); where they fill them
+// alike, at ranks 16 to kLanesAlikeMaxRank, for diagonal_outer (variant 2) and, in_pairs (a
+// bfloat16 gate no tile unit takes), for every variant. Decided once per call, never per token
 // tile: diagonal_outer's two layouts sum its dot products in different orders, so a choice per
 // tile would make the bits depend on how the threads cut the tokens.
-inline bool mixes_by_block(int variant, int64_t rank, int64_t dst_blocks, int64_t tokens) {
+inline bool mixes_by_block(int variant, int64_t rank, int64_t dst_blocks, int64_t tokens,
+                           bool in_pairs) {
   const double group = double(tokens < kByBlockTokens ? tokens : kByBlockTokens) / kByBlockTokens;
   const double block_lanes = group * filled_lanes(dst_blocks), rank_lanes = filled_lanes(rank);
-  const bool outer_ranks = variant == 2 && rank >= kGateLanes && rank <= kOuterByBlockMaxRank;
-  return block_lanes > rank_lanes || (outer_ranks && block_lanes >= rank_lanes);
+  const bool lanes_alike = (variant == 2 || in_pairs) && rank >= kGateLanes &&
+                           rank <= kLanesAlikeMaxRank && block_lanes >= rank_lanes;
+  return block_lanes > rank_lanes || lanes_alike;
 }
 
 // fn(std::integral_constant<int, variant>{}): the variant as a compile-time constant, for the
