@@ -129,6 +129,16 @@ NANOMOE_AVX512 inline __m512i pair_rounded(__m512 low, __m512 high) {
   return _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(high, low));
 }
 
+// Lanes [0, 16) of two bfloat16 rows side by side, one 32-bit pair per lane: first's bits low,
+// second's (zeros where second is null) high, lanes past `lanes` zero.
+NANOMOE_AVX512 inline __m512i paired_lanes(__mmask16 lanes, const uint16_t* first,
+                                           const uint16_t* second) {
+  const __m512i low = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, first));
+  if (!second) return low;
+  const __m512i high = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, second));
+  return _mm512_or_si512(low, _mm512_slli_epi32(high, 16));
+}
+
 // Rows k and k + 1 of src side by side, one 32-bit pair per column: the first row's bits low; pair
 // row k / 2 at dst + k / 2 * pair_stride. kSum: each row also added into the float32 column sums,
 // in order (a bfloat16's bits shifted up 16 are its float32).
@@ -141,16 +151,15 @@ NANOMOE_AVX512 void pair_rows(int64_t steps, int64_t cols, const uint16_t* src, 
     uint16_t* pairs = dst + k / 2 * pair_stride;
     for (int64_t c = 0; c < cols; c += 16) {
       const __mmask16 lanes = first_lanes(cols - c);
-      const __m512i low = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, first + c));
-      const __m512i high = second
-                               ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, second + c))
-                               : _mm512_setzero_si512();
-      const __m512i high_up = _mm512_slli_epi32(high, 16);
-      _mm512_mask_storeu_epi32(pairs + 2 * c, lanes, _mm512_or_si512(low, high_up));
+      const __m512i both = paired_lanes(lanes, first + c, second ? second + c : nullptr);
+      _mm512_mask_storeu_epi32(pairs + 2 * c, lanes, both);
       if constexpr (kSum) {
         __m512 sum = _mm512_add_ps(_mm512_maskz_loadu_ps(lanes, sums + c),
-                                   _mm512_castsi512_ps(_mm512_slli_epi32(low, 16)));
-        if (second) sum = _mm512_add_ps(sum, _mm512_castsi512_ps(high_up));
+                                   _mm512_castsi512_ps(_mm512_slli_epi32(both, 16)));
+        if (second) {
+          const __m512i high_bits = _mm512_set1_epi32(int(0xFFFF0000u));
+          sum = _mm512_add_ps(sum, _mm512_castsi512_ps(_mm512_and_si512(both, high_bits)));
+        }
         _mm512_mask_storeu_ps(sums + c, lanes, sum);
       }
     }

@@ -119,14 +119,9 @@ NANOMOE_AVX512 void to_source_pairs(const uint16_t* x, int64_t blocks, int64_t r
       const __mmask16 lanes = first_lanes(rank - c0);
       __m512i block[16];
       for (int t = 0; t < 16; ++t) {
-        block[t] = _mm512_setzero_si512();
-        if (t >= count) continue;
         const uint16_t* first = x + t * row + 2 * p * rank + c0;
-        const __m512i low = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, first));
-        const __m512i high =
-            partner ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, first + rank))
-                    : _mm512_setzero_si512();
-        block[t] = _mm512_or_si512(low, _mm512_slli_epi32(high, 16));
+        block[t] = t < count ? paired_lanes(lanes, first, partner ? first + rank : nullptr)
+                             : _mm512_setzero_si512();
       }
       transpose16(block);  // block[e]: rank position c0 + e, tokens in the lanes
       for (int64_t e = 0; e < std::min<int64_t>(16, rank - c0); ++e) {
