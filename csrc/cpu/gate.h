@@ -99,7 +99,7 @@ struct Gate {
       if (for_kernels && gate_amx::chosen(g.rows)) {
         g.lay_out_for_amx(w.mix);
       } else if (g.rows.mix_by_block && gate_by_block::mixes_in_pairs(g.rows)) {
-        g.lay_out_pairs_by_block();
+        g.lay_out_pairs_by_block(transposed);
       } else if (for_kernels && gate_tile::dots_from_pairs(g.rows, dims.tokens)) {
         const bool with_left = !transposed;  // for the weight gradients
         g.dot_pairs = at::empty({gate_tile::dot_pairs_size(g.rows, with_left)}, w.mix.options());
@@ -120,8 +120,9 @@ struct Gate {
   }
 
   // The layouts by block again in pairs of bfloat16 (GateRows::mix_pairs_by_block), exactly: the
-  // float32 copies hold bfloat16 values.
-  void lay_out_pairs_by_block() {
+  // float32 copies hold bfloat16 values. left by rank positions only for the forward gate, whose
+  // weight gradients are summed.
+  void lay_out_pairs_by_block(bool transposed) {
     const int64_t sources = rows.src_blocks, steps = rows.steps(), lanes = rows.dst_lanes;
     const auto bits = [](const at::Tensor& t) {
       return reinterpret_cast<const uint32_t*>(t.const_data_ptr());
@@ -147,10 +148,12 @@ struct Gate {
             .contiguous();
       };
       right_pairs = over_ranks(right_by_block);
-      left_rank_pairs = over_ranks(left_by_block);
       rows.left_pairs_by_block = bits(left_pairs);
       rows.right_pairs_by_block = bits(right_pairs);
-      rows.left_rank_pairs_by_block = bits(left_rank_pairs);
+      if (!transposed) {
+        left_rank_pairs = over_ranks(left_by_block);
+        rows.left_rank_pairs_by_block = bits(left_rank_pairs);
+      }
     }
   }
 

@@ -29,7 +29,7 @@ struct GateRows {
   // left paired over source blocks, element (p, c, d) = entries (2p, c, d) and (2p + 1, c, d) at
   // (p * steps + c) * dst_lanes + d (zeros past src_blocks); right over rank positions, element
   // (s, q, d) = entries (s, 2q, d) and (s, 2q + 1, d) at (s * rank / 2 + q) * dst_lanes + d, and
-  // left so too (for the weight gradients' dot products).
+  // left so too in the forward gate (for the weight gradients' dot products; else null).
   const uint32_t* mix_pairs_by_block;
   const uint32_t* left_pairs_by_block;
   const uint32_t* right_pairs_by_block;
