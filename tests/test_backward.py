@@ -177,10 +177,12 @@ def test_diagonal_outer_as_dense_matrix(tokens: int, dtype: torch.dtype, threads
 # hidden> (and the transposed gate's and the gate gradients' <left, grad_mixed>) from bfloat16
 # pairs from 32 tokens on (csrc/cpu/gate_tile.cpp, pair_dots): on AMX 32 tokens per product, the
 # rows past a multiple of 16 padded; without AMX by vdpbf16ps, 8 tokens at a time, the lanes two
-# pairs of rank positions per block where a side has 8 blocks or fewer. Below 32 tokens, AVX-512
-# FMAs on widened rows. All sum exact products in float32, so each token's output and grad_x must
+# pairs of rank positions per block where a side has 8 blocks or fewer; it then mixes by vdpbf16ps
+# on pairs of source blocks. Below 32 tokens, AVX-512 FMAs on widened rows. Both round the dot
+# products to bfloat16 and sum exact products in float32, so each token's output and grad_x must
 # agree with the same token run alone to within a rare rounding flip: 1e-3 relative, where leaving
-# out one rank position of the dot products measured 0.1 and over. The gate's gradients, whose
+# out one rank position of the dot products measured 0.1 and over (and leaving the dot products
+# unrounded below 32 tokens, over 1e-3). The gate's gradients, whose
 # bfloat16 rounding alone is 3e-3 here, are held to 1e-2 of the float64 reference (plain relative
 # error): the same omission measured 0.9 and over.
 @pytest.mark.parametrize("tokens", [32, 50, 100])

@@ -15,6 +15,7 @@
 #include <c10/util/BFloat16.h>
 
 #include <type_traits>
+#include <vector>
 
 #include "../checks.h"
 #include "gate_amx.h"
@@ -35,6 +36,24 @@ inline at::Tensor full_mix_matrix(const at::Tensor& mix) {
   return mix.permute({0, 2, 1, 3}).reshape({k_out * r, k_in * r});
 }
 
+// t (float32 copies of bfloat16 values) in pairs of bfloat16 along dimension `along`, exactly: its
+// entries 2p and 2p + 1 there side by side as the innermost dimension, the first low (an odd
+// count's last partner zero), so that each pair reads as one 32-bit element.
+inline at::Tensor paired_along(const at::Tensor& t, int64_t along) {
+  const int64_t count = t.size(along), after = t.dim() - 1 - along;
+  std::vector<int64_t> pad(2 * (after + 1),
+                           0);  // constant_pad_nd's order: the last dimension first
+  pad.back() = count % 2;
+  std::vector<int64_t> sizes = t.sizes().vec();
+  sizes[along] = (count + 1) / 2;
+  sizes.insert(sizes.begin() + along + 1, 2);
+  return at::constant_pad_nd(t, pad)
+      .reshape(sizes)
+      .movedim(along + 1, -1)
+      .to(at::kBFloat16)
+      .contiguous();
+}
+
 // The gate seen from one direction. For diagonal_outer, G_ds = diag(mix_ds) + left_ds right_ds^T;
 // transposing swaps the roles of mix_left and mix_right.
 template <typename scalar_t>
@@ -42,9 +61,9 @@ struct Gate {
   using acc_t = at::opmath_type<scalar_t>;
   Mixing mixing;
   at::Tensor mix, left, right;  // acc_t copies (the weights themselves when scalar_t is acc_t)
-  at::Tensor mix_by_block, left_by_block, right_by_block;          // see GateRows, when used
-  at::Tensor mix_pairs, left_pairs, right_pairs, left_rank_pairs;  // likewise (in pairs)
-  at::Tensor amx_gate, dot_pairs;                                  // likewise
+  at::Tensor mix_by_block, left_by_block, right_by_block;               // see GateRows, when used
+  at::Tensor mix_pairs, left_pairs, right_pairs, left_rank_pairs;       // likewise (in pairs)
+  at::Tensor amx_gate, dot_pairs, mix_source_pairs, left_source_pairs;  // likewise
   GateRows<acc_t> rows;  // scalar, diagonal, diagonal_outer
   // full: one (K_dst r, K_src r) matrix, permuted once per call; or, for fewer tokens than the
   // rank (where that copy of K^2 r^2 would cost more than the products), mix read in place.
@@ -105,6 +124,7 @@ struct Gate {
         g.dot_pairs = at::empty({gate_tile::dot_pairs_size(g.rows, with_left)}, w.mix.options());
         gate_tile::lay_out_dot_pairs(g.rows, with_left,
                                      reinterpret_cast<uint16_t*>(g.dot_pairs.mutable_data_ptr()));
+        g.lay_out_source_pairs(transposed);
       }
     }
     return g;
@@ -124,37 +144,43 @@ struct Gate {
   // weight gradients are summed.
   void lay_out_pairs_by_block(bool transposed) {
     const int64_t sources = rows.src_blocks, steps = rows.steps(), lanes = rows.dst_lanes;
-    const auto bits = [](const at::Tensor& t) {
-      return reinterpret_cast<const uint32_t*>(t.const_data_ptr());
-    };
-    // (s, c, d) -> (s / 2, c, d, s % 2), an odd count's last partner zero.
+    // (s, c, d) -> (s / 2, c, d, s % 2).
     const auto over_sources = [&](const at::Tensor& by_block) {
-      const at::Tensor even =
-          at::constant_pad_nd(by_block.view({sources, steps * lanes}), {0, 0, 0, sources % 2});
-      return even.view({(sources + 1) / 2, 2, steps, lanes})
-          .permute({0, 2, 3, 1})
-          .to(at::kBFloat16)
-          .contiguous();
+      return paired_along(by_block.view({sources, steps, lanes}), 0);
     };
     mix_pairs = over_sources(mix_by_block);
-    rows.mix_pairs_by_block = bits(mix_pairs);
+    rows.mix_pairs_by_block = bits_of(mix_pairs);
     if (left_by_block.defined()) {
       left_pairs = over_sources(left_by_block);
       // (s, c, d) -> (s, c / 2, d, c % 2); mixes_in_pairs holds the rank even.
       const auto over_ranks = [&](const at::Tensor& by_block) {
-        return by_block.view({sources, rows.rank / 2, 2, lanes})
-            .permute({0, 1, 3, 2})
-            .to(at::kBFloat16)
-            .contiguous();
+        return paired_along(by_block.view({sources, rows.rank, lanes}), 1);
       };
       right_pairs = over_ranks(right_by_block);
-      rows.left_pairs_by_block = bits(left_pairs);
-      rows.right_pairs_by_block = bits(right_pairs);
+      rows.left_pairs_by_block = bits_of(left_pairs);
+      rows.right_pairs_by_block = bits_of(right_pairs);
       if (!transposed) {
         left_rank_pairs = over_ranks(left_by_block);
-        rows.left_rank_pairs_by_block = bits(left_rank_pairs);
+        rows.left_rank_pairs_by_block = bits_of(left_rank_pairs);
       }
     }
+  }
+
+  // mix and left in pairs over source blocks (GateRows::mix_source_pairs): (dst, src, c) ->
+  // (dst, src / 2, c, src % 2). Forward, the tensors are (dst = i, src = j, c); transposed,
+  // (src = i, dst = j, c).
+  void lay_out_source_pairs(bool transposed) {
+    const auto over_sources = [&](const at::Tensor& t) {
+      return paired_along(transposed ? t.transpose(0, 1) : t, 1);
+    };
+    mix_source_pairs = over_sources(mix);
+    rows.mix_source_pairs = bits_of(mix_source_pairs);
+    left_source_pairs = over_sources(left);
+    rows.left_source_pairs = bits_of(left_source_pairs);
+  }
+
+  static const uint32_t* bits_of(const at::Tensor& pairs) {
+    return reinterpret_cast<const uint32_t*>(pairs.const_data_ptr());
   }
 
   // mix, left and right again with the destination block innermost (GateRows::mix_by_block).

@@ -45,9 +45,17 @@ struct GateRows {
   const uint16_t* right_pairs;
   const uint16_t* left_pairs;
   int64_t right_cols, left_cols;
+  // Where the dot products come from pairs (right_pairs set), mix and left again in pairs of
+  // bfloat16 over source blocks, for mixing by rank position with vdpbf16ps: element (d, p, c) =
+  // entries (d, 2p, c) and (d, 2p + 1, c), the first low, at (d * src_pairs() + p) * rank + c
+  // (zeros past src_blocks).
+  const uint32_t* mix_source_pairs;
+  const uint32_t* left_source_pairs;
 
   // Entries per (dst, src) pair of blocks: one for the scalar gate, one per rank position else.
   int64_t steps() const { return variant == 0 ? 1 : rank; }
+  // Pairs of source blocks, the last one's partner zero where they are odd.
+  int64_t src_pairs() const { return (src_blocks + 1) / 2; }
 };
 
 constexpr int64_t kGateLanes = 16;      // float32 lanes of an AVX-512 vector

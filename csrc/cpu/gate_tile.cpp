@@ -7,7 +7,8 @@
 // where bfloat16's gates are laid out for AMX (gate_amx::chosen), gate_amx.cpp.
 // Their source rows (converted to float32 once when they are bfloat16) and the gate stay in L1.
 // bfloat16's diagonal_outer takes its dot products from products of bfloat16 pairs (on AMX, else by
-// vdpbf16ps) where dots_from_pairs says.
+// vdpbf16ps) where dots_from_pairs says, and there mixes by vdpbf16ps too, on pairs of source
+// blocks (mix_tokens_in_pairs).
 // The weight gradients are summed in the layout of whichever of these kernels sums them.
 #include "gate_tile.h"
 
@@ -186,14 +187,6 @@ NANOMOE_AVX512 void right_dots(const GateRows<float>& g, const float* x, int64_t
   }
 }
 
-// diagonal_outer's dot products <right_ds, x_ts> for one destination block: at[s * per_src + t *
-// kPerToken].
-template <int64_t kPerToken>
-struct Dots {
-  const float* at;
-  int64_t per_src;
-};
-
 // Vector v of kVectors at from: the last one masked to lanes[v] where kMasked.
 template <bool kMasked, int kVectors>
 NANOMOE_AVX512 __attribute__((always_inline)) inline __m512 load_vector(int v,
@@ -204,13 +197,14 @@ NANOMOE_AVX512 __attribute__((always_inline)) inline __m512 load_vector(int v,
 }
 
 // diagonal_outer's lanes [c, c + 16 kVectors) of destination block d for kTokens tokens: float32
-// source rows at x + t * x_row. kMasked: the last vector holds the block's last lanes, up to 16.
-// Two vectors share each broadcast dot product and keep 16 sums in flight; with one, each pass
-// over the source blocks ended after 8 FMA latencies.
-template <int kTokens, int kVectors, bool kMasked, typename T, int64_t kPerToken>
+// source rows at x + t * x_row, their dot products with right_d at dots (right_dots' layout).
+// kMasked: the last vector holds the block's last lanes, up to 16. Two vectors share each
+// broadcast dot product and keep 16 sums in flight; with one, each pass over the source blocks
+// ended after 8 FMA latencies.
+template <int kTokens, int kVectors, bool kMasked, typename T>
 NANOMOE_AVX512 __attribute__((always_inline)) inline void mix_lanes(const GateRows<float>& g,
                                                                     const float* x, int64_t x_row,
-                                                                    Dots<kPerToken> dots, T* y,
+                                                                    const float* dots, T* y,
                                                                     int64_t y_row, int64_t d,
                                                                     int64_t c) {
   const int64_t r = g.rank;
@@ -245,10 +239,9 @@ NANOMOE_AVX512 __attribute__((always_inline)) inline void mix_lanes(const GateRo
 #pragma GCC unroll 2
     for (int v = 0; v < kVectors; ++v)
       left[v] = load_vector<kMasked, kVectors>(v, lanes, g.left + pair + c + 16 * v);
-    const float* dots_s = dots.at + s * dots.per_src;
 #pragma GCC unroll 8
     for (int t = 0; t < kTokens; ++t) {
-      const __m512 dot = _mm512_set1_ps(dots_s[t * kPerToken]);
+      const __m512 dot = _mm512_set1_ps(dots[s * kTokens + t]);
 #pragma GCC unroll 2
       for (int v = 0; v < kVectors; ++v) acc[t][v] = _mm512_fmadd_ps(left[v], dot, acc[t][v]);
     }
@@ -263,10 +256,10 @@ NANOMOE_AVX512 __attribute__((always_inline)) inline void mix_lanes(const GateRo
 }
 
 // diagonal_outer's destination block d for kTokens tokens, 32 lanes at a time, then 16.
-template <int kTokens, typename T, int64_t kPerToken>
+template <int kTokens, typename T>
 NANOMOE_AVX512 __attribute__((always_inline)) inline void mix_block(const GateRows<float>& g,
                                                                     const float* x, int64_t x_row,
-                                                                    Dots<kPerToken> dots, T* y,
+                                                                    const float* dots, T* y,
                                                                     int64_t y_row, int64_t d) {
   const int64_t r = g.rank;
   int64_t c = 0;
@@ -375,23 +368,29 @@ constexpr int64_t amx_dot_at(int64_t blocks, int64_t a, int64_t b) {
   return ((b / kAmxCols * blocks + a) * kAmxTokens) * kAmxCols + b % kAmxCols;
 }
 
-// kTokens tokens mixed into every destination block. diagonal_outer's dot products: from amx_dots
-// where given (dots_by_amx's sums, at the group's first token), else right_dots' per block, into
-// dots.
+// values[0, count) rounded to bfloat16 (to nearest even), in place.
+NANOMOE_AVX512 inline void round_to_bfloat16(float* values, int64_t count) {
+  for (int64_t i = 0; i < count; i += 16) {
+    const __mmask16 lanes = first_lanes(count - i);
+    const __m256i rounded = (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(lanes, values + i));
+    const __m512i wide = _mm512_slli_epi32(_mm512_cvtepu16_epi32(rounded), 16);
+    _mm512_mask_storeu_ps(values + i, lanes, _mm512_castsi512_ps(wide));
+  }
+}
+
+// kTokens tokens mixed into every destination block, from float32 rows: diagonal_outer's dot
+// products by right_dots, into dots (rounded to bfloat16 where the mixed rows are, as in pairs:
+// mix_group_in_pairs).
 template <int kVariant, int kTokens, typename T>
 NANOMOE_AVX512 void mix_group(const GateRows<float>& g, const float* x, int64_t x_row, float* dots,
-                              const float* amx_dots, T* y, int64_t y_row) {
+                              T* y, int64_t y_row) {
   if constexpr (kVariant != 2) {
     mix_shared_group<kVariant, kTokens>(g, x, x_row, y, y_row);
   } else {
     for (int64_t d = 0; d < g.dst_blocks; ++d) {
-      if (amx_dots) {
-        const Dots<kAmxCols> at{amx_dots + amx_dot_at(g.src_blocks, 0, d), kAmxTokens * kAmxCols};
-        mix_block<kTokens>(g, x, x_row, at, y, y_row, d);
-        continue;
-      }
       right_dots<kTokens>(g, x, x_row, d, dots);
-      mix_block<kTokens>(g, x, x_row, Dots<1>{dots, kTokens}, y, y_row, d);
+      if constexpr (!std::is_same_v<T, float>) round_to_bfloat16(dots, g.src_blocks * kTokens);
+      mix_block<kTokens>(g, x, x_row, dots, y, y_row, d);
     }
   }
 }
@@ -400,14 +399,13 @@ NANOMOE_AVX512 void mix_group(const GateRows<float>& g, const float* x, int64_t 
 // registers).
 template <int kVariant, int kTokens = kGroupTokens, typename T>
 NANOMOE_AVX512 void mix_group_of(int64_t tokens, const GateRows<float>& g, const float* x,
-                                 int64_t x_row, float* dots, const float* amx_dots, T* y,
-                                 int64_t y_row) {
+                                 int64_t x_row, float* dots, T* y, int64_t y_row) {
   assert(tokens <= kTokens && "a group is at most kGroupTokens tokens");
   if constexpr (kTokens > 1) {
     if (tokens < kTokens)
-      return mix_group_of<kVariant, kTokens - 1>(tokens, g, x, x_row, dots, amx_dots, y, y_row);
+      return mix_group_of<kVariant, kTokens - 1>(tokens, g, x, x_row, dots, y, y_row);
   }
-  mix_group<kVariant, kTokens>(g, x, x_row, dots, amx_dots, y, y_row);
+  mix_group<kVariant, kTokens>(g, x, x_row, dots, y, y_row);
 }
 
 // rows (`tokens` of them, row_stride apart) as `count` rows: in place where count is tokens, else
@@ -531,9 +529,198 @@ NANOMOE_AVX512 void pair_dots(const uint16_t* pairs, int64_t cols, int64_t used,
   }
 }
 
+// ---- bfloat16's diagonal_outer in pairs of source blocks -------------------------------------
+
+// Where the dot products come from pairs, bfloat16's diagonal_outer mixes by rank position with
+// vdpbf16ps, each step adding two source blocks: G_ds x_s + G_(d, s+1) x_(s+1) as mix's pair
+// (GateRows::mix_source_pairs) times the rows' pair, plus left's pair times the dot products'
+// pair, the dot products rounded to bfloat16 (as on AMX and by block). float32 FMAs on widened
+// rows did one source block a step.
+
+// A group's `count` bfloat16 rows (at rows + t * row) paired over source blocks: token t's pair p,
+// rank position c, at pairs + (t * src_pairs + p) * rank + c. 32 rank positions a step, two
+// permutes of the two rows' loads.
+NANOMOE_AVX512 void pair_sources(const GateRows<float>& g, const uint16_t* rows, int64_t row,
+                                 int64_t count, uint32_t* pairs) {
+  const int64_t r = g.rank;
+  // 16-bit lane 2i of the first half: first[i], 2i + 1: second[i] (index 32 + i); then i + 16.
+  const __m512i low_half =
+      _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
+                       37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i high_half = _mm512_add_epi16(low_half, _mm512_set1_epi16(16));
+  for (int64_t t = 0; t < count; ++t) {
+    for (int64_t p = 0; p < g.src_pairs(); ++p) {
+      const uint16_t* first = rows + t * row + 2 * p * r;
+      const bool second = 2 * p + 1 < g.src_blocks;
+      uint32_t* out = pairs + (t * g.src_pairs() + p) * r;
+      for (int64_t c = 0; c < r; c += 32) {
+        const __mmask32 lanes = first_lanes32(r - c);
+        const __m512i a = _mm512_maskz_loadu_epi16(lanes, first + c);
+        const __m512i b =
+            second ? _mm512_maskz_loadu_epi16(lanes, first + r + c) : _mm512_setzero_si512();
+        _mm512_mask_storeu_epi32(out + c, first_lanes(r - c),
+                                 _mm512_permutex2var_epi16(a, low_half, b));
+        _mm512_mask_storeu_epi32(out + c + 16, first_lanes(r - c - 16),
+                                 _mm512_permutex2var_epi16(a, high_half, b));
+      }
+    }
+  }
+}
+
+// Destination blocks' lanes of the dot products in pairs (a multiple of 16).
+int64_t dot_lanes(const GateRows<float>& g) {
+  return (g.dst_blocks + 15) / 16 * 16;
+}
+
+// A group's `count` tokens' dot products from pairs (dots_by_amx's layout, from the group's first
+// token, at sums), rounded to bfloat16 and paired over source blocks: token t's pair p for
+// destination block d at pairs + (t * src_pairs + p) * dot_lanes + d.
+NANOMOE_AVX512 void pair_dot_sums(const GateRows<float>& g, const float* sums, int64_t count,
+                                  uint32_t* pairs) {
+  for (int64_t t = 0; t < count; ++t) {
+    for (int64_t p = 0; p < g.src_pairs(); ++p) {
+      const bool second = 2 * p + 1 < g.src_blocks;
+      for (int64_t b0 = 0; b0 < g.dst_blocks; b0 += 16) {
+        const __mmask16 lanes = first_lanes(g.dst_blocks - b0);
+        const auto row = [&](int64_t s) NANOMOE_AVX512 {
+          return _mm512_maskz_loadu_ps(lanes,
+                                       sums + amx_dot_at(g.src_blocks, s, b0) + t * kAmxCols);
+        };
+        const __m512 high = second ? row(2 * p + 1) : _mm512_setzero_ps();
+        _mm512_storeu_si512(pairs + (t * g.src_pairs() + p) * dot_lanes(g) + b0,
+                            pair_rounded(row(2 * p), high));
+      }
+    }
+  }
+}
+
+// Lanes [c, c + 16 kVectors) of destination block d for kTokens tokens from their pairs
+// (pair_sources' and pair_dot_sums' layouts), as mix_lanes.
+template <int kTokens, int kVectors, bool kMasked>
+NANOMOE_AVX512 __attribute__((always_inline)) inline void mix_pair_lanes(const GateRows<float>& g,
+                                                                         const uint32_t* x_pairs,
+                                                                         const uint32_t* dot_pairs,
+                                                                         uint16_t* y, int64_t y_row,
+                                                                         int64_t d, int64_t c) {
+  const int64_t r = g.rank, pairs = g.src_pairs();
+  __mmask16 lanes[kVectors];
+#pragma GCC unroll 2
+  for (int v = 0; v < kVectors; ++v) {
+    lanes[v] = kMasked && v == kVectors - 1 ? first_lanes(r - c - 16 * v) : __mmask16(0xFFFF);
+  }
+  const auto load = [&](int v, const uint32_t* from) NANOMOE_AVX512 {
+    return (__m512bh)_mm512_castps_si512(
+        load_vector<kMasked, kVectors>(v, lanes, reinterpret_cast<const float*>(from)));
+  };
+  __m512 acc[kTokens][kVectors];
+#pragma GCC unroll 8
+  for (int t = 0; t < kTokens; ++t) {
+#pragma GCC unroll 2
+    for (int v = 0; v < kVectors; ++v) acc[t][v] = _mm512_setzero_ps();
+  }
+  for (int64_t p = 0; p < pairs; ++p) {
+    const int64_t at = (d * pairs + p) * r + c;
+    __m512bh weight[kVectors], left[kVectors];
+#pragma GCC unroll 2
+    for (int v = 0; v < kVectors; ++v) {
+      weight[v] = load(v, g.mix_source_pairs + at + 16 * v);
+      left[v] = load(v, g.left_source_pairs + at + 16 * v);
+    }
+#pragma GCC unroll 8
+    for (int t = 0; t < kTokens; ++t) {
+      const uint32_t* x = x_pairs + (t * pairs + p) * r + c;
+      const __m512bh dot =
+          (__m512bh)_mm512_set1_epi32(int(dot_pairs[(t * pairs + p) * dot_lanes(g) + d]));
+#pragma GCC unroll 2
+      for (int v = 0; v < kVectors; ++v) {
+        acc[t][v] = _mm512_dpbf16_ps(acc[t][v], weight[v], load(v, x + 16 * v));
+        acc[t][v] = _mm512_dpbf16_ps(acc[t][v], left[v], dot);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int t = 0; t < kTokens; ++t) {
+#pragma GCC unroll 2
+    for (int v = 0; v < kVectors; ++v) {
+      store_lanes(y + t * y_row + d * r + c + 16 * v, lanes[v], acc[t][v]);
+    }
+  }
+}
+
+// kTokens tokens from their pairs into every destination block, 32 lanes at a time, then 16.
+template <int kTokens>
+NANOMOE_AVX512 void mix_pairs_group(const GateRows<float>& g, const uint32_t* x_pairs,
+                                    const uint32_t* dot_pairs, uint16_t* y, int64_t y_row) {
+  const int64_t r = g.rank;
+  for (int64_t d = 0; d < g.dst_blocks; ++d) {
+    int64_t c = 0;
+    for (; c + 32 <= r; c += 32) {
+      mix_pair_lanes<kTokens, 2, false>(g, x_pairs, dot_pairs, y, y_row, d, c);
+    }
+    if (c + 16 < r) {
+      mix_pair_lanes<kTokens, 2, true>(g, x_pairs, dot_pairs, y, y_row, d, c);
+    } else if (c < r) {
+      mix_pair_lanes<kTokens, 1, true>(g, x_pairs, dot_pairs, y, y_row, d, c);
+    }
+  }
+}
+
+// mix_pairs_group for 1 to kGroupTokens tokens (fixed at compile time, so the sums stay in
+// registers).
+template <int kTokens = kGroupTokens>
+NANOMOE_AVX512 void mix_pairs_group_of(int64_t tokens, const GateRows<float>& g,
+                                       const uint32_t* x_pairs, const uint32_t* dot_pairs,
+                                       uint16_t* y, int64_t y_row) {
+  if constexpr (kTokens > 1) {
+    if (tokens < kTokens) {
+      return mix_pairs_group_of<kTokens - 1>(tokens, g, x_pairs, dot_pairs, y, y_row);
+    }
+  }
+  mix_pairs_group<kTokens>(g, x_pairs, dot_pairs, y, y_row);
+}
+
+// bfloat16's diagonal_outer for a group of `count` (at most kGroupTokens) tokens in pairs of
+// source blocks: rows at src + t * src_row, their dot products from pairs at sums (dots_by_amx's
+// layout, from the group's first token), into dst + t * dst_row.
+NANOMOE_AVX512 void mix_group_in_pairs(const GateRows<float>& g, const uint16_t* src,
+                                       const float* sums, int64_t count, uint16_t* dst) {
+  assert(g.mix_source_pairs && "the gate has its source pairs where its dots come from pairs");
+  const int64_t x_size = kGroupTokens * g.src_pairs() * g.rank;
+  thread_local std::vector<uint32_t> buffer;  // the rows' pairs, then the dot products'
+  uint32_t* x_pairs = thread_buffer(buffer, x_size + kGroupTokens * g.src_pairs() * dot_lanes(g));
+  uint32_t* dot_pairs = x_pairs + x_size;
+  pair_sources(g, src, g.src_blocks * g.rank, count, x_pairs);
+  pair_dot_sums(g, sums, count, dot_pairs);
+  mix_pairs_group_of(count, g, x_pairs, dot_pairs, dst, g.dst_blocks * g.rank);
+}
+
+// bfloat16's diagonal_outer where its dot products come from pairs: kAmxTokens tokens' dot
+// products at a time, then their groups mixed in pairs.
+NANOMOE_AVX512 void mix_tokens_in_pairs(const GateRows<float>& g, const uint16_t* src,
+                                        uint16_t* dst, int64_t tokens) {
+  const int64_t src_row = g.src_blocks * g.rank, dst_row = g.dst_blocks * g.rank;
+  thread_local std::vector<float> sums_buffer;
+  thread_local std::vector<uint16_t> padded_buffer;
+  float* sums = thread_buffer(sums_buffer, amx_dots_size(g.src_blocks, g.right_cols));
+  uint16_t* padded = thread_buffer(padded_buffer, kAmxTokens * src_row);
+  std::optional<amx::Tiles> tiles;
+  if (amx::available()) tiles.emplace();
+  for (int64_t t0 = 0; t0 < tokens; t0 += kAmxTokens) {
+    const int64_t in_chunk = std::min(kAmxTokens, tokens - t0);
+    pair_dots(g.right_pairs, g.right_cols, g.dst_blocks, g.src_blocks, g.rank, src + t0 * src_row,
+              src_row, in_chunk, padded, sums);
+    for (int64_t t = t0; t < t0 + in_chunk; t += kGroupTokens) {
+      const int64_t group = std::min<int64_t>(kGroupTokens, t0 + in_chunk - t);
+      mix_group_in_pairs(g, src + t * src_row, sums + (t - t0) * kAmxCols, group,
+                         dst + t * dst_row);
+    }
+  }
+}
+
+// The rest from float32 rows (bfloat16's widened a group at a time).
 template <int kVariant, typename T>
 NANOMOE_AVX512 void mix_tokens(const GateRows<float>& g, const T* src, T* dst, int64_t tokens) {
-  const int64_t r = g.rank, src_row = g.src_blocks * r, dst_row = g.dst_blocks * r;
+  const int64_t src_row = g.src_blocks * g.rank, dst_row = g.dst_blocks * g.rank;
   constexpr bool kConvert = !std::is_same_v<T, float>;
   // A group's dot products, then its float32 copies of bfloat16 rows: written before they are read,
   // so kept between calls rather than allocated and zeroed for each tile.
@@ -541,35 +728,10 @@ NANOMOE_AVX512 void mix_tokens(const GateRows<float>& g, const T* src, T* dst, i
   const int64_t dots_size = kVariant == 2 ? kGroupTokens * g.src_blocks : 0;
   float* dots = thread_buffer(buffer, (kConvert ? kGroupTokens * src_row : 0) + dots_size);
   float* converted = dots + dots_size;
-  // The dot products from pairs: kAmxTokens tokens at a time, their groups mixed after.
-  float* amx_dots = nullptr;
-  uint16_t* padded = nullptr;
-  std::optional<amx::Tiles> tiles;
-  if constexpr (kVariant == 2 && std::is_same_v<T, uint16_t>) {
-    if (g.right_pairs) {
-      thread_local std::vector<float> sums_buffer;
-      thread_local std::vector<uint16_t> padded_buffer;
-      amx_dots = thread_buffer(sums_buffer, amx_dots_size(g.src_blocks, g.right_cols));
-      padded = thread_buffer(padded_buffer, kAmxTokens * src_row);
-      if (amx::available()) tiles.emplace();
-    }
-  }
-  const int64_t chunk = amx_dots ? kAmxTokens : kGroupTokens;
-  for (int64_t t0 = 0; t0 < tokens; t0 += chunk) {
-    const int64_t in_chunk = std::min(chunk, tokens - t0);
-    if constexpr (std::is_same_v<T, uint16_t>) {
-      if (amx_dots) {
-        pair_dots(g.right_pairs, g.right_cols, g.dst_blocks, g.src_blocks, r, src + t0 * src_row,
-                  src_row, in_chunk, padded, amx_dots);
-      }
-    }
-    for (int64_t t = t0; t < t0 + in_chunk; t += kGroupTokens) {
-      const int64_t group = std::min<int64_t>(kGroupTokens, t0 + in_chunk - t);
-      const float* x = as_float(src + t * src_row, group * src_row, converted);
-      mix_group_of<kVariant>(group, g, x, src_row, dots,
-                             amx_dots ? amx_dots + (t - t0) * kAmxCols : nullptr, dst + t * dst_row,
-                             dst_row);
-    }
+  for (int64_t t = 0; t < tokens; t += kGroupTokens) {
+    const int64_t group = std::min<int64_t>(kGroupTokens, tokens - t);
+    const float* x = as_float(src + t * src_row, group * src_row, converted);
+    mix_group_of<kVariant>(group, g, x, src_row, dots, dst + t * dst_row, dst_row);
   }
 }
 
@@ -918,11 +1080,12 @@ MixLayoutSums in_mix_layout(const GateRows<float>& g, float* sums) {
 
 // The three passes of passes_together: the weight gradients a group at a time (hidden and
 // grad_mixed widened once, by accumulate_grads_as), then mixed and grad_hidden mixed from the same
-// float32 rows; diagonal_outer's with the weight gradients' dot products, <right_ds, hidden_ts>
-// for mixed and <left_ds, grad_mixed_td> for grad_hidden (the transposed gate's right is left).
-// The same bits as the passes apart: the same sums per group, the same dot products (one
-// tile-unit product per 32 tokens either way), and each token's mixed sums run over the source
-// blocks in the same order whatever its group.
+// float32 rows; diagonal_outer's from the bfloat16 rows in pairs (mix_group_in_pairs, as apart)
+// with the weight gradients' dot products, <right_ds, hidden_ts> for mixed and
+// <left_ds, grad_mixed_td> for grad_hidden (the transposed gate's right is left). The same bits as
+// the passes apart: the same sums per group, the same dot products (one product from pairs per 32
+// tokens either way), and each token's mixed sums run over the source blocks in the same order
+// whatever its group.
 template <int kVariant>
 NANOMOE_AVX512 void passes_together_as(const GateRows<float>& g, const GateRows<float>& g_t,
                                        const uint16_t* hidden, const uint16_t* grad_mixed,
@@ -934,10 +1097,16 @@ NANOMOE_AVX512 void passes_together_as(const GateRows<float>& g, const GateRows<
                                   const float* grad_rows, const PassDots& dots) NANOMOE_AVX512 {
     // diagonal_outer's mixing reads its dot products in the paired layout (passes_together).
     assert((kVariant != 2 || dots.paired) && "diagonal_outer together needs its dots from pairs");
-    mix_group_of<kVariant>(count, g, hidden_rows, hidden_row, nullptr, dots.right,
-                           mixed + t * mixed_row, mixed_row);
-    mix_group_of<kVariant>(count, g_t, grad_rows, mixed_row, nullptr, dots.left,
-                           grad_hidden + t * hidden_row, hidden_row);
+    if constexpr (kVariant == 2) {
+      mix_group_in_pairs(g, hidden + t * hidden_row, dots.right, count, mixed + t * mixed_row);
+      mix_group_in_pairs(g_t, grad_mixed + t * mixed_row, dots.left, count,
+                         grad_hidden + t * hidden_row);
+    } else {
+      mix_group_of<kVariant>(count, g, hidden_rows, hidden_row, nullptr, mixed + t * mixed_row,
+                             mixed_row);
+      mix_group_of<kVariant>(count, g_t, grad_rows, mixed_row, nullptr,
+                             grad_hidden + t * hidden_row, hidden_row);
+    }
   };
   accumulate_grads_as<kVariant>(g, hidden, grad_mixed, tokens, grads.mix, grads.left, grads.right,
                                 mix_group_pass);
@@ -987,6 +1156,7 @@ void mix(const GateRows<float>& g, const float* src, float* dst, int64_t tokens)
 void mix(const GateRows<float>& g, const uint16_t* src, uint16_t* dst, int64_t tokens) {
   if (g.amx_gate) return gate_amx::mix(g, src, dst, tokens);
   if (g.mix_by_block) return gate_by_block::mix(g, src, dst, tokens);
+  if (g.right_pairs) return mix_tokens_in_pairs(g, src, dst, tokens);
   with_variant(g.variant, [&](auto v) { mix_tokens<decltype(v)::value>(g, src, dst, tokens); });
 }
 

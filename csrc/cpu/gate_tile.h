@@ -22,7 +22,10 @@ void mix(const GateRows<float>& g, const uint16_t* src, uint16_t* dst, int64_t t
 // (read in place) by block s's right, into float32 sums; on the tile unit where AMX runs, else by
 // vdpbf16ps (the float32 FMAs on widened rows took 1.1x the forward's time: NOTES, version 98).
 // Where mix runs its own kernel here (g laid out neither by block nor for gate_amx) and the call
-// has 32 tokens or more; accumulate_grads takes its <left_ds, grad_dst[t, d]> there too.
+// has 32 tokens or more; accumulate_grads takes its <left_ds, grad_dst[t, d]> there too. There
+// the mixing itself runs by vdpbf16ps on pairs of source blocks (GateRows::mix_source_pairs), the
+// dot products rounded to bfloat16 (below 32 tokens they are rounded too, so that a token's
+// output hardly depends on the tokens beside it; NOTES, version 107).
 // lay_out_dot_pairs writes dot_pairs_size(g, with_left) elements: g.right as GateRows::right_pairs
 // and, with_left (a forward gate, whose weight gradients may be summed), g.left as left_pairs, and
 // points g at them.
@@ -49,7 +52,8 @@ void grads_to_mix(const GateRows<float>& g, const float* sums, float* grad_mix, 
 // forward gate, g_t the transposed one, mixed here, the gradients in mix's layout; diagonal_outer's
 // dot products from pairs both ways): per 8 tokens, hidden and grad_mixed widened to float32
 // once, then the weight gradients added to sums (as accumulate_grads), mixed = G hidden (as mix)
-// and grad_hidden = G^T grad_mixed from them; diagonal_outer's dot products made once per 32
+// and grad_hidden = G^T grad_mixed from them (diagonal_outer's from the bfloat16 rows, in pairs
+// of source blocks, as mix); diagonal_outer's dot products made once per 32
 // tokens for the gradients and the mixing both. Apart, each pass widened the rows it read:
 // 0.976 to 0.989 the backward's time (NOTES, version 81; diagonal_outer, version 84). The same
 // bits as the three passes.
