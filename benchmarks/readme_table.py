@@ -8,9 +8,12 @@ variant's multiply-adds over the best GEMM rate ``nn.Linear`` reached in that dt
 run (at a throughput size: its one-token calls are bound by the weights' bytes), or its bytes
 (x, y, weights) over the machine's copy bandwidth, whichever is longer (benchmarks/NOTES.md).
 
-A result file of ``speed.py --suite blocks`` gets its own table instead: per variant, the kernel's
-forward / forward+backward time as a multiple of the LowRankLinear of the same parameter count
-(and of the same rank, in brackets); a variant whose gate costs more than dense has no cell.
+A result file of ``speed.py --suite blocks`` gets its own two tables instead: per variant, the
+kernel's forward / forward+backward time as a multiple of the LowRankLinear of the same parameter
+count (and of the same rank, in brackets); then the kernel's forward multiply-adds as a multiple of
+that LowRankLinear's, and its forward arithmetic rate as a fraction of that LowRankLinear's: how
+much of a time ratio is more work, and how much is slower work. A variant whose gate costs more
+than dense has no cell.
 
     python benchmarks/readme_table.py benchmarks/results/speed-cpu.json
     python benchmarks/readme_table.py benchmarks/results/speed-cpu-blocks-amx.json
@@ -19,6 +22,7 @@ forward / forward+backward time as a multiple of the LowRankLinear of the same p
 import argparse
 import json
 from pathlib import Path
+from typing import Callable
 
 ELEMENTWISE = ("scalar", "diagonal", "diagonal_outer")
 
@@ -108,13 +112,21 @@ def floors_table(rows: list[dict], copy_gb_per_s: float) -> str:
     return "\n".join(lines)
 
 
-def _equal_params(kernel: dict) -> str:
+def _equal_params(kernel: dict, twin: dict) -> str:
     same_params = (kernel["forward_vs_same_params"], kernel["forward_backward_vs_same_params"])
     same_rank = (kernel["forward_vs_lowrank"], kernel["forward_backward_vs_lowrank"])
     return "{:.2f} / {:.2f} ({:.2f} / {:.2f})".format(*same_params, *same_rank)
 
 
-def blocks_table(rows: list[dict]) -> str:
+def _work_and_rate(kernel: dict, twin: dict) -> str:
+    work = kernel["forward_flops"] / twin["forward_flops"]
+    rate = kernel["forward_tflop_per_s"] / twin["forward_tflop_per_s"]
+    return f"{work:.2f}x, {100 * rate:.0f}%"
+
+
+def blocks_table(rows: list[dict], cell: Callable[[dict, dict], str]) -> str:
+    """One row per size and dtype, one cell per variant: cell(kernel, its equal-parameter
+    LowRankLinear), or ``-`` where the variant was not timed (its gate costs more than dense)."""
     mixings = (*ELEMENTWISE, "full")
     lines = [
         "| size (B x in x out x rank x K) | dtype | " + " | ".join(mixings) + " |",
@@ -124,7 +136,8 @@ def blocks_table(rows: list[dict]) -> str:
         cells = [size, dtype]
         for mixing in mixings:
             kernel = layers.get(f"nanomoe {mixing}")
-            cells.append("-" if kernel is None else _equal_params(kernel))
+            twin = layers.get(f"LowRankLinear = {mixing}")
+            cells.append("-" if kernel is None or twin is None else cell(kernel, twin))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -135,7 +148,9 @@ def main() -> None:
     results = json.loads(parser.parse_args().results.read_text())
     rows = results["rows"]
     if any(row.get("forward_vs_same_params") is not None for row in rows):  # older files lack it
-        print(blocks_table(rows))
+        print(blocks_table(rows, _equal_params))
+        print()
+        print(blocks_table(rows, _work_and_rate))
         return
     print(speed_table(rows))
     print()

@@ -153,8 +153,16 @@ def test_blocks_suite_times_low_rank_at_each_variants_parameters(tmp_path: Path)
     assert rows["nanomoe scalar"]["forward_vs_lowrank"] > 0
     command = [sys.executable, str(ROOT / "benchmarks" / "readme_table.py"), str(out)]
     table = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-    line = next(line for line in table.splitlines() if line.startswith("| 3x16x16x2x8"))
-    assert line.count("|") == 7 and line.endswith("| - | - |")  # outer and full over dense
+    times, work = [line for line in table.splitlines() if line.startswith("| 3x16x16x2x8")]
+    for line in (times, work):
+        assert line.count("|") == 7 and line.endswith("| - | - |")  # outer and full over dense
+    # the second table: multiply-adds as a multiple of the twin's, then the arithmetic rate
+    kernel, twin = rows["nanomoe scalar"], rows["LowRankLinear = scalar"]
+    rate = kernel["forward_tflop_per_s"] / twin["forward_tflop_per_s"]
+    scalar_cell = work.split(" | ")[2]
+    assert (
+        scalar_cell == f"{kernel['forward_flops'] / twin['forward_flops']:.2f}x, {100 * rate:.0f}%"
+    )
 
 
 def test_fit_speed_script_runs(tmp_path: Path) -> None:
