@@ -29,8 +29,7 @@ constexpr int kTileTokens = 12;  // register tile rows: 12 x 2 accumulators + 2 
 // useful multiply-add (a broadcast of the input), against about once per two useful ones of the
 // whole tile on a whole panel, and once per useful one on a half-empty panel.
 constexpr int kNarrowTileTokens = 2 * kTileTokens;
-constexpr int kDotTokens = 4;  // project_rows: up to 4 tokens x 4 rows = 16 accumulators
-constexpr int kDotRows = 4;
+constexpr int kDotRows = 4;  // project_rows: up to kDotTokens x 4 rows = 16 accumulators
 
 int64_t panels_of(int64_t rows) {
   return (rows + kPanelRows - 1) / kPanelRows;

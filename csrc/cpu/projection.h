@@ -96,8 +96,10 @@ void accumulate_columns(int64_t tokens, int64_t cols, const float* in, int64_t s
 void accumulate_columns(int64_t tokens, int64_t cols, const uint16_t* in, int64_t stride,
                         float* sums);
 
-// The same product read straight from the weight rows, no packing: dot products along each row.
-// For a few tokens, where the weights dominate and packing them would cost more than it saves.
+// The same product read straight from the weight rows, no packing: dot products along each row,
+// kDotTokens tokens at a time. For a few tokens, where the weights dominate and packing them would
+// cost more than it saves.
+constexpr int64_t kDotTokens = 4;
 void project_rows(int64_t tokens, const float* in, int64_t in_stride, const WeightRows<float>& w,
                   const float* bias, float* out, int64_t out_stride);
 void project_rows(int64_t tokens, const uint16_t* in, int64_t in_stride,
