@@ -228,12 +228,12 @@ void many_tokens(const Layer<scalar_t>& layer, const Weights& w, const Tensor& x
     T* mid = Layer<scalar_t>::data(mixed);
     std::optional<amx::Tiles> tile_unit;  // nothing below configures the tile unit otherwise
     hold_tile_unit<T>(tile_unit);
-    // Tokens [first, first + count) of the tile, chunk by chunk, block by block.
     // By dots, a few tokens go through every block before the next ones: each block reads two
     // cache lines of every token's row, and a chunk of 24 rows (8 KiB apart at 4096 features) left
     // the dots waiting on those loads (NOTES, version 109: at K = 64, r = 4 the forward 0.68x its
     // time in bfloat16, 0.82x in float32).
     const int64_t down_chunk = down_by_dots ? projection::kDotTokens : chunk;
+    // Tokens [first, first + count) of the tile, chunk by chunk, block by block.
     const auto down_by_blocks = [&](int64_t first, int64_t count) {
       for_each_chunk(first, first + count, down_chunk, [&](int64_t c0, int64_t n) {
         const T* x_first = x + (begin + c0) * x_stride;
